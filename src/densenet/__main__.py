@@ -1,0 +1,5 @@
+import sys
+
+from densenet.cli import main
+
+sys.exit(main())

@@ -1,0 +1,5 @@
+"""Subcommands of the ``densenet`` CLI. Each module has ``register(subparsers)``."""
+
+from densenet.commands import list_models, summary
+
+COMMANDS = (list_models, summary)
