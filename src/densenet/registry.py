@@ -31,11 +31,13 @@ def get_spec(name: str) -> ModelSpec:
 def create_model(
     name: str,
     *,
-    weights: str | os.PathLike[str] | None = None,
+    weights: str | os.PathLike[str] | Checkpoint | None = None,
     num_classes: int | None = None,
     **overrides: object,
 ) -> DenseNet:
     """Build the preset ``name``, with any config field overridden, and load ``weights`` if given.
+
+    ``weights`` is a file path, a URL, or a :class:`Checkpoint` already read.
 
     With weights, the head keeps the checkpoint's number of classes unless ``num_classes`` asks for
     another, in which case the backbone is loaded and a fresh head is initialised.
@@ -45,11 +47,11 @@ def create_model(
         return DenseNet(
             config.replace(num_classes=config.num_classes if num_classes is None else num_classes)
         )
-    checkpoint = read_checkpoint(weights)
+    checkpoint = weights if isinstance(weights, Checkpoint) else read_checkpoint(weights)
     if checkpoint.config is not None:
-        _check_same_architecture(config, checkpoint.config, weights)
+        _check_same_architecture(config, checkpoint.config, checkpoint.source)
     model = DenseNet(config.replace(num_classes=checkpoint.num_classes or config.num_classes))
-    load_state_dict(model, checkpoint.state_dict, os.fspath(weights))
+    load_state_dict(model, checkpoint.state_dict, checkpoint.source)
     if num_classes is not None and num_classes != model.config.num_classes:
         model.reset_classifier(num_classes)
     return model
@@ -58,19 +60,22 @@ def create_model(
 def load_model(source: str | os.PathLike[str]) -> tuple[DenseNet, Checkpoint]:
     """Rebuild a model from a self-describing weights file; returns it with the file's metadata."""
     checkpoint = read_checkpoint(source)
+    return model_from_checkpoint(checkpoint), checkpoint
+
+
+def model_from_checkpoint(checkpoint: Checkpoint) -> DenseNet:
+    """The model a self-describing checkpoint (one that carries its config) holds."""
     if checkpoint.config is None:
         raise WeightsError(
-            f"{os.fspath(source)} carries no model config; use "
+            f"{checkpoint.source} carries no model config; use "
             "create_model(NAME, weights=FILE) to say which architecture it is"
         )
     model = DenseNet(checkpoint.config)
-    load_state_dict(model, checkpoint.state_dict, os.fspath(source))
-    return model, checkpoint
+    load_state_dict(model, checkpoint.state_dict, checkpoint.source)
+    return model
 
 
-def _check_same_architecture(
-    wanted: DenseNetConfig, stored: DenseNetConfig, source: str | os.PathLike[str]
-) -> None:
+def _check_same_architecture(wanted: DenseNetConfig, stored: DenseNetConfig, source: str) -> None:
     # The head size and dropout may legitimately differ (fine-tuning); nothing else may.
     ignore = {"num_classes", "drop_rate"}
     wanted_fields, stored_fields = wanted.to_dict(), stored.to_dict()
@@ -80,6 +85,4 @@ def _check_same_architecture(
         if key not in ignore and wanted_fields[key] != stored_fields[key]
     ]
     if different:
-        raise WeightsError(
-            f"{os.fspath(source)} holds a different architecture: {', '.join(different)}"
-        )
+        raise WeightsError(f"{source} holds a different architecture: {', '.join(different)}")

@@ -35,6 +35,7 @@ class Checkpoint:
     """Tensors read from a weights file, with the config and metadata when the file carries them."""
 
     state_dict: dict[str, Tensor]
+    source: str
     config: DenseNetConfig | None = None
     meta: dict[str, object] = field(default_factory=dict)
 
@@ -95,7 +96,7 @@ def read_checkpoint(source: str | os.PathLike[str]) -> Checkpoint:
     """Read weights from a local file or URL, in the project's format or torchvision's."""
     path = resolve_source(source)
     if path.suffix == ".safetensors":
-        return _read_safetensors(path)
+        return _read_safetensors(path, os.fspath(source))
     if path.suffix not in PICKLE_SUFFIXES:
         raise WeightsError(
             f"unknown weights format {path.suffix!r} for {path}; expected .safetensors or a "
@@ -110,10 +111,10 @@ def read_checkpoint(source: str | os.PathLike[str]) -> Checkpoint:
             f"cannot read {path} as a PyTorch checkpoint ({reason}); only plain tensors are "
             "loaded (weights_only=True): re-save it with torch.save(model.state_dict(), path)"
         ) from None
-    return Checkpoint(rename_legacy_keys(_unwrap(obj, path)))
+    return Checkpoint(rename_legacy_keys(_unwrap(obj, path)), os.fspath(source))
 
 
-def _read_safetensors(path: Path) -> Checkpoint:
+def _read_safetensors(path: Path, source: str) -> Checkpoint:
     try:
         state_dict = load_file(path)
         with open(path, "rb") as handle:
@@ -126,7 +127,7 @@ def _read_safetensors(path: Path) -> Checkpoint:
     if "config" in metadata:
         config = DenseNetConfig.from_dict(json.loads(metadata["config"]))
     meta = json.loads(metadata.get("meta", "{}"))
-    return Checkpoint(rename_legacy_keys(state_dict), config, meta)
+    return Checkpoint(rename_legacy_keys(state_dict), source, config, meta)
 
 
 def save_weights(
