@@ -1,0 +1,124 @@
+"""Data-parallel training across processes started by ``torchrun`` (gloo on CPU, NCCL on CUDA).
+
+torch's ``nn.SyncBatchNorm`` runs only on GPUs; :class:`SyncBatchNorm2d` here synchronises batch
+statistics on any device, so multi-process CPU training (and its tests) use the same code as CUDA.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+from torch import Tensor, nn
+
+from densenet.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    """Where this process stands among the processes of one training run."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Only the main process writes files and prints, so a run's outputs exist once."""
+        return self.rank == 0
+
+    def shard(self, global_batch: int) -> slice:
+        """This process's part of a global batch of ``global_batch`` samples."""
+        if global_batch % self.world_size:
+            raise ConfigError(
+                f"batch size {global_batch} does not split evenly over {self.world_size} processes;"
+                f" use a multiple of {self.world_size}"
+            )
+        per_rank = global_batch // self.world_size
+        return slice(self.rank * per_rank, (self.rank + 1) * per_rank)
+
+
+def init_distributed(device: torch.device, timeout_minutes: float = 10.0) -> DistributedContext:
+    """Join the process group that ``torchrun`` describes in the environment, if there is one."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return DistributedContext()
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        # A finite timeout turns a rank that died mid-collective into an error instead of a hang.
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+    return DistributedContext(dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"]))
+
+
+def all_ranks_agree(ok: bool, device: torch.device) -> bool:
+    """True when ``ok`` holds on every process; a no-op without a process group."""
+    if not dist.is_initialized():
+        return ok
+    flag = torch.tensor([0.0 if ok else 1.0], device=device)
+    dist.all_reduce(flag)
+    return flag.item() == 0
+
+
+class SyncBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training-mode statistics cover the whole global batch.
+
+    Each process contributes per-channel sums, sums of squares and counts to one all-reduce; the
+    all-reduce is differentiable, so gradients flow to every process's inputs exactly as in one
+    process holding the whole batch. Parameter and buffer names are BatchNorm2d's.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        dims = (0, 2, 3)
+        local = x.float()
+        count = torch.full((1,), x.numel() / x.shape[1], device=x.device)
+        stats = torch.cat([local.sum(dims), (local * local).sum(dims), count])
+        stats = dist_fn.all_reduce(stats)
+        channels = x.shape[1]
+        n = stats[-1]
+        mean = stats[:channels] / n
+        var = stats[channels : 2 * channels] / n - mean * mean
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                momentum = (
+                    1.0 / float(self.num_batches_tracked)
+                    if self.momentum is None
+                    else self.momentum
+                )
+                unbiased = var * (n / (n - 1))
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
+        shape = (1, channels, 1, 1)
+        scale = torch.rsqrt(var + self.eps)
+        out = (local - mean.view(shape)) * scale.view(shape)
+        if self.affine:
+            out = out * self.weight.view(shape) + self.bias.view(shape)
+        return out.to(x.dtype)
+
+
+def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
+    """Replace every BatchNorm2d in ``module`` with a :class:`SyncBatchNorm2d` holding its state."""
+    for name, child in module.named_children():
+        if type(child) is nn.BatchNorm2d:
+            sync = SyncBatchNorm2d(
+                child.num_features,
+                child.eps,
+                child.momentum,
+                child.affine,
+                child.track_running_stats,
+            ).to(child.running_mean.device)
+            sync.load_state_dict(child.state_dict())
+            setattr(module, name, sync)
+        else:
+            convert_sync_batchnorm(child)
+    return module
