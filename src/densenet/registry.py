@@ -5,10 +5,15 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import os
+from collections.abc import Sequence
+from pathlib import Path
 
+from densenet.download import is_url
 from densenet.errors import ConfigError, WeightsError
+from densenet.features import FeatureExtractor
 from densenet.model import DenseNet, DenseNetConfig
 from densenet.presets import PRESETS, ModelSpec
+from densenet.pretrained import find_published, unknown_source_error
 from densenet.weights import Checkpoint, load_state_dict, read_checkpoint
 
 
@@ -33,23 +38,53 @@ def create_model(
     *,
     weights: str | os.PathLike[str] | None = None,
     num_classes: int | None = None,
+    features_only: bool = False,
+    out_indices: Sequence[int] | None = None,
     **overrides: object,
-) -> DenseNet:
+) -> DenseNet | FeatureExtractor:
     """Build the preset ``name``, with any config field overridden, and load ``weights`` if given.
 
-    With weights, the head keeps the checkpoint's number of classes unless ``num_classes`` asks for
-    another, in which case the backbone is loaded and a fresh head is initialised.
+    ``weights`` is a local file, a URL (downloaded once into the cache) or the name of published
+    weights (``"tv_in1k"``, see ``densenet.pretrained.PUBLISHED``). With weights, the head keeps the
+    checkpoint's number of classes unless ``num_classes`` asks for another, in which case the
+    backbone is loaded and a fresh head is initialised. ``features_only`` returns a
+    :class:`FeatureExtractor` giving the feature maps of the levels in ``out_indices``.
     """
     config = get_spec(name).config.replace(**overrides)
     if weights is None:
-        return DenseNet(
-            config.replace(num_classes=config.num_classes if num_classes is None else num_classes)
-        )
-    checkpoint = read_checkpoint(weights)
+        if num_classes is not None:
+            config = config.replace(num_classes=num_classes)
+        model = DenseNet(config)
+    else:
+        model = _load_pretrained(name, config, weights, num_classes, features_only)
+    return FeatureExtractor(model, out_indices) if features_only else model
+
+
+def _load_pretrained(
+    name: str,
+    config: DenseNetConfig,
+    weights: str | os.PathLike[str],
+    num_classes: int | None,
+    features_only: bool,
+) -> DenseNet:
+    source = os.fspath(weights)
+    published = None
+    if not is_url(source) and not Path(source).exists():
+        published = find_published(name, source)
+        if published is None:
+            raise unknown_source_error(name, source)
+        source = published.url
+    checkpoint = read_checkpoint(source, published.hash if published else None)
     if checkpoint.config is not None:
-        _check_same_architecture(config, checkpoint.config, weights)
-    model = DenseNet(config.replace(num_classes=checkpoint.num_classes or config.num_classes))
-    load_state_dict(model, checkpoint.state_dict, os.fspath(weights))
+        _check_same_architecture(config, checkpoint.config, source)
+    foreign_backbone = checkpoint.num_classes is None and checkpoint.config is None
+    if foreign_backbone and num_classes is None and not features_only:
+        raise WeightsError(
+            f"{source} holds no classifier, only the backbone: pass num_classes=N for a new "
+            "head, num_classes=0 for none, or features_only=True"
+        )
+    model = DenseNet(config.replace(num_classes=checkpoint.num_classes or 0))
+    load_state_dict(model, checkpoint.state_dict, source)
     if num_classes is not None and num_classes != model.config.num_classes:
         model.reset_classifier(num_classes)
     return model
