@@ -1,9 +1,8 @@
 """Keras ``keras.applications`` DenseNet weights (.h5) as a state_dict of this project's model.
 
-Two HDF5 layouts hold them: the legacy one of the published ImageNet files and of Keras'
-``model.save("m.h5")`` (one group per layer, ``layer_names`` / ``weight_names`` attributes), and
-Keras 3's ``model.save_weights("m.weights.h5")`` (``layers/<name>/vars/<i>``). Keras reads both by
-layer order; here each layer is mapped by its name, which keras.applications fixes:
+The published ImageNet files and Keras' ``model.save("m.h5")`` share one HDF5 layout: a group per
+layer, listed by the ``layer_names`` / ``weight_names`` attributes. Keras reads them by layer order;
+here each layer is mapped by its name, which keras.applications fixes:
 ``conv1_conv`` (stem), ``conv{b+1}_block{l}_{0_bn,1_conv,1_bn,2_conv}`` (dense layers),
 ``pool{b+1}_{bn,conv}`` (transitions), ``bn`` (final norm) and ``predictions`` (classifier).
 """
@@ -51,7 +50,7 @@ def read_keras_h5(path: Path) -> dict[str, Tensor]:
 
 
 def _read_layers(handle, path: Path) -> dict[str, list[np.ndarray]]:
-    """Layer name -> its weight arrays in Keras' order, for either HDF5 layout."""
+    """Layer name -> its weight arrays, in Keras' order."""
     root = handle.get("model_weights", handle)
     if "layer_names" in root.attrs:
         layers = {}
@@ -64,12 +63,11 @@ def _read_layers(handle, path: Path) -> dict[str, list[np.ndarray]]:
                 layers[name.replace("/", "_")] = arrays
         return layers
     if "layers" in root:
-        layers = {}
-        for name, group in root["layers"].items():
-            if "vars" in group and len(group["vars"]):
-                count = len(group["vars"])
-                layers[name] = [np.asarray(group["vars"][str(i)]) for i in range(count)]
-        return layers
+        raise WeightsError(
+            f"{path} is a Keras 3 .weights.h5 file, whose layers are named by type "
+            "(conv2d_7), not by role, so they cannot be mapped: in Keras, load it into "
+            "keras.applications.DenseNet121/169/201 and save with model.save('model.h5')"
+        )
     raise WeightsError(
         f"{path} is an HDF5 file but not Keras weights (no layer_names attribute, no layers group)"
     )
