@@ -27,7 +27,7 @@ def test_new_head_keeps_every_backbone_tensor(tmp_path):
 @pytest.mark.parametrize(
     "name, size, strides",
     [
-        ("densenet121", 64, [2, 4, 8, 16, 32]),
+        ("densenet121", 32, [2, 4, 8, 16, 32]),
         ("densenet_bc100_k12", 32, [1, 1, 2, 4]),
     ],
 )
@@ -47,7 +47,7 @@ def test_features_match_the_classifier_network_and_drop_unused_layers():
         (1, 256, 4),
         (4, 1024, 32),
     ]
-    x = torch.randn(1, 3, 64, 64)
+    x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         first, last = extractor(x)
         assert torch.equal(last, model.forward_features(x))
@@ -61,7 +61,7 @@ def test_features_only_with_pretrained_weights(tmp_path):
     source = randomize_batchnorm(create_model("densenet121")).eval()
     path = save_weights(source, tmp_path / "w.safetensors")
     extractor = create_model("densenet121", weights=path, features_only=True, out_indices=[4])
-    x = torch.randn(1, 3, 64, 64)
+    x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(extractor.eval()(x)[0], source.forward_features(x))
 
@@ -103,9 +103,10 @@ def test_parameter_groups_give_the_backbone_a_lower_rate():
 # --- The transfer proof --------------------------------------------------------------------------
 # A small DenseNet learns digits 0-4, then gets a few steps on a few examples of digits 5-9. The
 # same steps from a random start do markedly worse: what the backbone learnt on 0-4 transfers.
+# Measured over 5 splits: fine-tuned 64-71% test accuracy, from scratch 20-34% (chance: 20%).
 
-PRETRAIN_STEPS, FINETUNE_STEPS, EXAMPLES_PER_CLASS = 150, 25, 10
-MARGIN = 0.10  # fine-tuned test accuracy must beat from-scratch by at least 10 points, every seed
+PRETRAIN_STEPS, FINETUNE_STEPS, EXAMPLES_PER_CLASS = 60, 15, 10
+MARGIN = 0.20  # fine-tuned must beat from-scratch by 20 points on every split (observed: 34-51)
 
 
 def digits(first: int):
@@ -148,12 +149,21 @@ def small_digit_net():
     )  # fmt: skip
 
 
-def test_backbone_trained_on_digits_0_to_4_transfers_to_5_to_9(tmp_path):
+@pytest.fixture
+def one_thread():
+    # Steps of an 8x8 network are too small to share between threads: one is several times faster.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_backbone_trained_on_digits_0_to_4_transfers_to_5_to_9(tmp_path, one_thread):
     torch.manual_seed(0)
     x_source, y_source = digits(0)
     source = small_digit_net()
     train(source, source.parameters(), x_source, y_source, PRETRAIN_STEPS)
-    assert accuracy(source, x_source, y_source) > 0.9
+    assert accuracy(source, x_source, y_source) > 0.95
     path = save_weights(source, tmp_path / "digits04.safetensors")
 
     x_target, y_target = digits(5)
