@@ -72,6 +72,17 @@ def test_bad_out_indices(out_indices):
         create_model("densenet121", features_only=True, out_indices=out_indices)
 
 
+def test_out_indices_without_features_only():
+    with pytest.raises(ConfigError, match="needs features_only=True"):
+        create_model("densenet121", out_indices=(1, 2))
+
+
+def test_feature_extractor_rejects_bad_input():
+    extractor = create_model("densenet121", features_only=True)
+    with pytest.raises(ConfigError, match="at least 29 px"):
+        extractor(torch.randn(1, 3, 16, 16))
+
+
 def test_freeze_backbone_trains_only_the_head():
     model = randomize_batchnorm(create_model("densenet_bc100_k12", block_config=(2, 2, 2)))
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -106,7 +117,7 @@ def test_parameter_groups_give_the_backbone_a_lower_rate():
 # Measured over 5 splits: fine-tuned 64-71% test accuracy, from scratch 20-34% (chance: 20%).
 
 PRETRAIN_STEPS, FINETUNE_STEPS, EXAMPLES_PER_CLASS = 60, 15, 10
-MARGIN = 0.20  # fine-tuned must beat from-scratch by 20 points on every split (observed: 34-51)
+MARGIN = 0.20  # fine-tuned must beat from-scratch by 20 points on every split (observed: 34-48)
 
 
 def digits(first: int):

@@ -106,6 +106,11 @@ def test_named_weights_download_from_the_table(cache, monkeypatch, tmp_path):
     for source in ("tv_in1k", "densenet121.tv_in1k"):
         model = create_model("densenet121", weights=source)
         assert torch.equal(model.classifier.weight, reference.classifier.weight)
+    output = tmp_path / "converted.safetensors"
+    assert main(["convert", "densenet121.tv_in1k", "--output", str(output)]) == 0
+    meta = load_model(output)[1].meta
+    assert meta["published"] == "densenet121.tv_in1k" and meta["top1"] == 74.434
+    assert meta["preprocessing"]["resize_size"] == 256
     copy = path.with_name("copy.pth")  # not cached yet, so it is downloaded and checked
     copy.write_bytes(path.read_bytes())
     tampered = dataclasses.replace(fake, url=copy.as_uri(), hash="md5:" + "0" * 32)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from densenet.errors import ConfigError
@@ -85,7 +86,8 @@ class FeatureExtractor(nn.Module):
         return [info.stride for info in self.feature_info]
 
     def forward(self, x: Tensor) -> list[Tensor]:
-        DenseNet.check_input(self, x)  # uses only self.config, which this module shares
+        if not torch.jit.is_scripting() and not torch.compiler.is_compiling():
+            DenseNet.check_input(self, x)  # reads only self.config, which this module shares
         outputs = []
         for name, module in self.features.named_children():
             x = module(x)

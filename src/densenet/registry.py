@@ -50,6 +50,8 @@ def create_model(
     backbone is loaded and a fresh head is initialised. ``features_only`` returns a
     :class:`FeatureExtractor` giving the feature maps of the levels in ``out_indices``.
     """
+    if out_indices is not None and not features_only:
+        raise ConfigError("out_indices selects feature maps: it needs features_only=True")
     config = get_spec(name).config.replace(**overrides)
     if weights is None:
         if num_classes is not None:
