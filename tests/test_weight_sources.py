@@ -124,7 +124,8 @@ def test_named_weights_download_from_the_table(cache, monkeypatch, tmp_path):
     [
         ("densenet121", "tv_in1kk", "did you mean 'tv_in1k'"),
         ("densenet121", "densenet169.tv_in1k", "are for densenet169, not densenet121"),
-        ("densenet161", "nowhere.pth", "not a file, a URL or a published name"),
+        ("densenet161", "nowhere", "not a file, a URL or a published name"),
+        ("densenet161", "nowhere.pth", "weights file not found: nowhere.pth"),
     ],
 )
 def test_unknown_weights_name_is_explained(name, source, message):

@@ -6,7 +6,6 @@ import difflib
 import fnmatch
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 from densenet.download import is_url
 from densenet.errors import ConfigError, WeightsError
@@ -14,7 +13,7 @@ from densenet.features import FeatureExtractor
 from densenet.model import DenseNet, DenseNetConfig
 from densenet.presets import PRESETS, ModelSpec
 from densenet.pretrained import find_published, unknown_source_error
-from densenet.weights import Checkpoint, load_state_dict, read_checkpoint
+from densenet.weights import Checkpoint, load_state_dict, looks_like_a_file, read_checkpoint
 
 
 def list_models(pattern: str = "*") -> list[str]:
@@ -71,7 +70,7 @@ def _load_pretrained(
 ) -> DenseNet:
     source = os.fspath(weights)
     published = None
-    if not is_url(source) and not Path(source).exists():
+    if not is_url(source) and not looks_like_a_file(source):
         published = find_published(name, source)
         if published is None:
             raise unknown_source_error(name, source)

@@ -46,6 +46,13 @@ class Checkpoint:
         return None if weight is None else int(weight.shape[0])
 
 
+def looks_like_a_file(source: str) -> bool:
+    """Whether ``source`` is meant as a path (so "not found" is the error), not a weights name."""
+    path = Path(source)
+    suffixes = (".safetensors", *PICKLE_SUFFIXES, *KERAS_SUFFIXES)
+    return path.exists() or len(path.parts) > 1 or path.suffix in suffixes
+
+
 def resolve_source(source: str | os.PathLike[str], expected_hash: str | None = None) -> Path:
     """A local path for ``source``: the path itself, or a URL downloaded once into the cache."""
     text = os.fspath(source)
