@@ -11,12 +11,15 @@ from densenet import ConfigError, DenseNet, create_model, load_model, save_weigh
 from densenet.features import FeatureExtractor
 from densenet.finetune import freeze_backbone, parameter_groups
 
+# densenet121's stem, growth rate and stage count with fewer layers: quick, same structure.
+SHALLOW = {"block_config": (2, 2, 2, 2)}
+
 
 def test_new_head_keeps_every_backbone_tensor(tmp_path):
-    source = randomize_batchnorm(create_model("densenet121"))
+    source = randomize_batchnorm(create_model("densenet121", **SHALLOW))
     path = tmp_path / "w.pth"
     torch.save(source.state_dict(), path)
-    model = create_model("densenet121", weights=path, num_classes=12)
+    model = create_model("densenet121", **SHALLOW, weights=path, num_classes=12)
     assert model.classifier.out_features == 12 and model.config.num_classes == 12
     ours, theirs = model.state_dict(), source.state_dict()
     backbone = [key for key in theirs if not key.startswith("classifier.")]
@@ -58,9 +61,11 @@ def test_features_match_the_classifier_network_and_drop_unused_layers():
 
 
 def test_features_only_with_pretrained_weights(tmp_path):
-    source = randomize_batchnorm(create_model("densenet121")).eval()
+    source = randomize_batchnorm(create_model("densenet121", **SHALLOW)).eval()
     path = save_weights(source, tmp_path / "w.safetensors")
-    extractor = create_model("densenet121", weights=path, features_only=True, out_indices=[4])
+    extractor = create_model(
+        "densenet121", **SHALLOW, weights=path, features_only=True, out_indices=[4]
+    )
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(extractor.eval()(x)[0], source.forward_features(x))
@@ -69,16 +74,16 @@ def test_features_only_with_pretrained_weights(tmp_path):
 @pytest.mark.parametrize("out_indices", [(5,), (2, 1), (1, 1), (), ("1",)])
 def test_bad_out_indices(out_indices):
     with pytest.raises(ConfigError, match="out_indices"):
-        create_model("densenet121", features_only=True, out_indices=out_indices)
+        create_model("densenet121", **SHALLOW, features_only=True, out_indices=out_indices)
 
 
 def test_out_indices_without_features_only():
     with pytest.raises(ConfigError, match="needs features_only=True"):
-        create_model("densenet121", out_indices=(1, 2))
+        create_model("densenet121", **SHALLOW, out_indices=(1, 2))
 
 
 def test_feature_extractor_rejects_bad_input():
-    extractor = create_model("densenet121", features_only=True)
+    extractor = create_model("densenet121", **SHALLOW, features_only=True)
     with pytest.raises(ConfigError, match="at least 29 px"):
         extractor(torch.randn(1, 3, 16, 16))
 
