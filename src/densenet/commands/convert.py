@@ -11,7 +11,7 @@ from densenet.download import is_url
 from densenet.errors import ConfigError
 from densenet.pretrained import PUBLISHED, find_published
 from densenet.registry import create_model, load_model
-from densenet.weights import read_checkpoint, save_weights
+from densenet.weights import looks_like_a_file, read_checkpoint, save_weights
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--output must end in .safetensors, got {args.output}")
     source = os.fspath(args.source)
     published = PUBLISHED.get(source)
-    if published is None and args.model and not is_url(source) and not Path(source).exists():
+    if published is None and args.model and not is_url(source) and not looks_like_a_file(source):
         published = find_published(args.model, source)
     meta: dict[str, object] = {"converted_from": source}
     if published is not None:
