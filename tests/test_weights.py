@@ -7,6 +7,7 @@ from safetensors.torch import save_file
 
 from conftest import randomize_batchnorm
 from densenet import WeightsError, create_model, load_model, save_weights
+from densenet.download import cached_path
 from densenet.weights import read_checkpoint
 
 LEGACY = re.compile(
@@ -111,16 +112,17 @@ def test_truncated_safetensors(tmp_path):
 def test_missing_file_and_unknown_suffix(tmp_path):
     with pytest.raises(WeightsError, match="not found"):
         read_checkpoint(tmp_path / "nope.pth")
-    (tmp_path / "w.h5").write_bytes(b"x")
+    (tmp_path / "w.onnx").write_bytes(b"x")
     with pytest.raises(WeightsError, match="unknown weights format"):
-        read_checkpoint(tmp_path / "w.h5")
+        read_checkpoint(tmp_path / "w.onnx")
 
 
 def test_file_url_is_downloaded_once_into_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("DENSENET_CACHE", str(tmp_path / "cache"))
     path = save_weights(small(), tmp_path / "m.safetensors")
     model = create_model("densenet_bc100_k12", block_config=(2, 2, 2), weights=path.as_uri())
-    assert (tmp_path / "cache" / "m.safetensors").exists()
+    assert cached_path(path.as_uri()).is_relative_to(tmp_path / "cache")
+    assert cached_path(path.as_uri()).exists()
     assert torch.equal(model.features.conv0.weight, load_model(path)[0].features.conv0.weight)
 
 

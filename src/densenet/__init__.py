@@ -1,20 +1,26 @@
 """DenseNet (Huang et al., CVPR 2017): every variant of the paper, in PyTorch."""
 
 from densenet.errors import ConfigError, DenseNetError, WeightsError
+from densenet.features import FeatureExtractor, FeatureInfo
 from densenet.model import DenseNet, DenseNetConfig
 from densenet.presets import PRESETS, ModelSpec, Preprocessing
+from densenet.pretrained import PUBLISHED, PublishedWeights
 from densenet.registry import create_model, get_spec, list_models, load_model
 from densenet.weights import Checkpoint, read_checkpoint, save_weights
 
 __all__ = [
     "PRESETS",
+    "PUBLISHED",
     "Checkpoint",
     "ConfigError",
     "DenseNet",
     "DenseNetConfig",
     "DenseNetError",
+    "FeatureExtractor",
+    "FeatureInfo",
     "ModelSpec",
     "Preprocessing",
+    "PublishedWeights",
     "WeightsError",
     "create_model",
     "get_spec",

@@ -5,11 +5,15 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import os
+from collections.abc import Sequence
 
+from densenet.download import is_url
 from densenet.errors import ConfigError, WeightsError
+from densenet.features import FeatureExtractor
 from densenet.model import DenseNet, DenseNetConfig
 from densenet.presets import PRESETS, ModelSpec
-from densenet.weights import Checkpoint, load_state_dict, read_checkpoint
+from densenet.pretrained import find_published, unknown_source_error
+from densenet.weights import Checkpoint, load_state_dict, looks_like_a_file, read_checkpoint
 
 
 def list_models(pattern: str = "*") -> list[str]:
@@ -33,25 +37,64 @@ def create_model(
     *,
     weights: str | os.PathLike[str] | Checkpoint | None = None,
     num_classes: int | None = None,
+    features_only: bool = False,
+    out_indices: Sequence[int] | None = None,
     **overrides: object,
-) -> DenseNet:
+) -> DenseNet | FeatureExtractor:
     """Build the preset ``name``, with any config field overridden, and load ``weights`` if given.
 
-    ``weights`` is a file path, a URL, or a :class:`Checkpoint` already read.
-
-    With weights, the head keeps the checkpoint's number of classes unless ``num_classes`` asks for
-    another, in which case the backbone is loaded and a fresh head is initialised.
+    ``weights`` is a local file, a URL (downloaded once into the cache), the name of published
+    weights (``"tv_in1k"``, see ``densenet.pretrained.PUBLISHED``) or a :class:`Checkpoint` already
+    read. With weights, the head keeps the checkpoint's number of classes unless ``num_classes``
+    asks for another, in which case the backbone is loaded and a fresh head is initialised.
+    ``features_only`` returns a :class:`FeatureExtractor` giving the feature maps of the levels in
+    ``out_indices``.
     """
+    if out_indices is not None and not features_only:
+        raise ConfigError("out_indices selects feature maps: it needs features_only=True")
     config = get_spec(name).config.replace(**overrides)
     if weights is None:
-        return DenseNet(
-            config.replace(num_classes=config.num_classes if num_classes is None else num_classes)
-        )
-    checkpoint = weights if isinstance(weights, Checkpoint) else read_checkpoint(weights)
+        if num_classes is not None:
+            config = config.replace(num_classes=num_classes)
+        model = DenseNet(config)
+    else:
+        model = _load_pretrained(name, config, weights, num_classes, features_only)
+    return FeatureExtractor(model, out_indices) if features_only else model
+
+
+def _read_weights(name: str, weights: str | os.PathLike[str] | Checkpoint) -> Checkpoint:
+    """Read ``weights`` given as a checkpoint, a file, a URL or a published name for ``name``."""
+    if isinstance(weights, Checkpoint):
+        return weights
+    source = os.fspath(weights)
+    published = None
+    if not is_url(source) and not looks_like_a_file(source):
+        published = find_published(name, source)
+        if published is None:
+            raise unknown_source_error(name, source)
+        source = published.url
+    return read_checkpoint(source, published.hash if published else None)
+
+
+def _load_pretrained(
+    name: str,
+    config: DenseNetConfig,
+    weights: str | os.PathLike[str] | Checkpoint,
+    num_classes: int | None,
+    features_only: bool,
+) -> DenseNet:
+    checkpoint = _read_weights(name, weights)
+    source = checkpoint.source
     if checkpoint.config is not None:
-        _check_same_architecture(config, checkpoint.config, checkpoint.source)
-    model = DenseNet(config.replace(num_classes=checkpoint.num_classes or config.num_classes))
-    load_state_dict(model, checkpoint.state_dict, checkpoint.source)
+        _check_same_architecture(config, checkpoint.config, source)
+    foreign_backbone = checkpoint.num_classes is None and checkpoint.config is None
+    if foreign_backbone and num_classes is None and not features_only:
+        raise WeightsError(
+            f"{source} holds no classifier, only the backbone: pass num_classes=N for a new "
+            "head, num_classes=0 for none, or features_only=True"
+        )
+    model = DenseNet(config.replace(num_classes=checkpoint.num_classes or 0))
+    load_state_dict(model, checkpoint.state_dict, source)
     if num_classes is not None and num_classes != model.config.num_classes:
         model.reset_classifier(num_classes)
     return model

@@ -1,4 +1,4 @@
-"""Reading and writing weights: the project's safetensors format and torchvision checkpoints.
+"""Reading and writing weights: the project's safetensors format and foreign checkpoints.
 
 The project's format is a single ``.safetensors`` file whose header metadata holds the model config
 and its preprocessing as JSON, so the file alone rebuilds the model.
@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,11 +17,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from densenet.download import fetch, is_url
 from densenet.errors import WeightsError
+from densenet.keras_weights import is_hdf5, read_keras_h5
 from densenet.model import DenseNetConfig
 
 FORMAT_TAG = "densenet/1"
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
+KERAS_SUFFIXES = (".h5", ".hdf5")
 
 # torchvision's pre-0.3 checkpoints name dense-layer submodules "norm.1", "conv.2", ...
 _LEGACY_KEY = re.compile(
@@ -45,26 +47,18 @@ class Checkpoint:
         return None if weight is None else int(weight.shape[0])
 
 
-def cache_dir() -> Path:
-    root = os.environ.get("DENSENET_CACHE") or Path.home() / ".cache" / "densenet"
-    return Path(root)
+def looks_like_a_file(source: str) -> bool:
+    """Whether ``source`` is meant as a path (so "not found" is the error), not a weights name."""
+    path = Path(source)
+    suffixes = (".safetensors", *PICKLE_SUFFIXES, *KERAS_SUFFIXES)
+    return path.exists() or len(path.parts) > 1 or path.suffix in suffixes
 
 
-def resolve_source(source: str | os.PathLike[str]) -> Path:
+def resolve_source(source: str | os.PathLike[str], expected_hash: str | None = None) -> Path:
     """A local path for ``source``: the path itself, or a URL downloaded once into the cache."""
     text = os.fspath(source)
-    scheme = urllib.parse.urlparse(text).scheme
-    if scheme in ("http", "https", "file"):
-        target = cache_dir() / Path(urllib.parse.urlparse(text).path).name
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                torch.hub.download_url_to_file(text, str(target), progress=False)
-            except OSError as error:
-                raise WeightsError(
-                    f"could not download {text}: {error}; download it by hand and pass its path"
-                ) from None
-        return target
+    if is_url(text):
+        return fetch(text, expected_hash, progress=True)
     path = Path(text)
     if not path.is_file():
         raise WeightsError(f"weights file not found: {path}")
@@ -92,15 +86,19 @@ def rename_legacy_keys(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     return renamed
 
 
-def read_checkpoint(source: str | os.PathLike[str]) -> Checkpoint:
-    """Read weights from a local file or URL, in the project's format or torchvision's."""
-    path = resolve_source(source)
+def read_checkpoint(source: str | os.PathLike[str], expected_hash: str | None = None) -> Checkpoint:
+    """Read weights from a local file or URL: the project's safetensors, a torchvision or timm
+    checkpoint (pickle or safetensors), or a Keras .h5 file."""
+    path = resolve_source(source, expected_hash)
     if path.suffix == ".safetensors":
         return _read_safetensors(path, os.fspath(source))
+    if path.suffix in KERAS_SUFFIXES or is_hdf5(path):
+        return Checkpoint(read_keras_h5(path), os.fspath(source))
     if path.suffix not in PICKLE_SUFFIXES:
         raise WeightsError(
-            f"unknown weights format {path.suffix!r} for {path}; expected .safetensors or a "
-            f"PyTorch checkpoint ({', '.join(PICKLE_SUFFIXES)})"
+            f"unknown weights format {path.suffix!r} for {path}; this reads .safetensors, Keras "
+            f".h5 and PyTorch state_dicts ({', '.join(PICKLE_SUFFIXES)}): in PyTorch save one with "
+            "torch.save(model.state_dict(), 'weights.pth'), then `densenet convert` it"
         )
     try:
         # weights_only refuses arbitrary pickled objects: a checkpoint can't run code on load.
