@@ -1,6 +1,8 @@
 """DenseNet (Huang et al., CVPR 2017): every variant of the paper, in PyTorch."""
 
 from densenet.errors import ConfigError, DenseNetError, WeightsError
+from densenet.export import ExportError, export_model
+from densenet.inference import optimize_for_inference
 from densenet.model import DenseNet, DenseNetConfig
 from densenet.presets import PRESETS, ModelSpec, Preprocessing
 from densenet.registry import create_model, get_spec, list_models, load_model
@@ -13,13 +15,16 @@ __all__ = [
     "DenseNet",
     "DenseNetConfig",
     "DenseNetError",
+    "ExportError",
     "ModelSpec",
     "Preprocessing",
     "WeightsError",
     "create_model",
+    "export_model",
     "get_spec",
     "list_models",
     "load_model",
+    "optimize_for_inference",
     "read_checkpoint",
     "save_weights",
 ]
