@@ -1,8 +1,8 @@
 import pytest
 import torch
-from conftest import randomize_batchnorm
 from torch import nn
 
+from conftest import randomize_batchnorm
 from densenet import ConfigError, DenseNet, create_model, optimize_for_inference
 from densenet.inference import ClampedReLU
 

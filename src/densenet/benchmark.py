@@ -50,7 +50,7 @@ class Candidate:
 
 
 def torchvision_twin(model: DenseNet) -> nn.Module | None:
-    """torchvision's DenseNet with ``model``'s weights, or None where torchvision can't express it."""
+    """torchvision's DenseNet with ``model``'s weights; None where torchvision can't build it."""
     config = model.config
     if config.stem != "imagenet" or config.compression != 0.5 or config.bn_size == 0:
         return None
@@ -61,7 +61,14 @@ def torchvision_twin(model: DenseNet) -> nn.Module | None:
         bn_size=config.bn_size,
         num_classes=config.num_classes,
     )
-    twin.load_state_dict(model.state_dict())
+    # torchvision names the final BN "norm5" whatever the number of blocks.
+    final_norm = f"features.norm{len(config.block_config) + 1}."
+    twin.load_state_dict(
+        {
+            key.replace(final_norm, "features.norm5."): value
+            for key, value in model.state_dict().items()
+        }
+    )
     return twin.eval()
 
 
@@ -182,12 +189,11 @@ def machine_description(device: torch.device) -> Iterator[str]:
     if device.type == "cuda":
         yield f"device: {torch.cuda.get_device_name(device)}"
     cpu = platform.processor() or "unknown CPU"
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as handle:
+        for line in handle:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
     yield f"cpu: {cpu}, torch threads: {torch.get_num_threads()}"
     yield (
         f"torch {torch.__version__}, torchvision {torchvision.__version__}, "

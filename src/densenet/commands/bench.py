@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import sys
 from pathlib import Path
 
 import torch
@@ -57,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
 
     lines = [f"# densenet bench {args.name}, input {size[0]}x{size[1]}, device {device}", ""]
     lines += [f"- {line}" for line in machine_description(device)]
-    lines += [f"- command: `densenet {shlex.join(sys.argv[1:])}`", ""]
+    lines += [f"- command: `{_command_line(args)}`", ""]
     print("\n".join(lines), flush=True)
 
     configurations = candidates(model, device, args.precision, args.compile)
@@ -92,7 +91,9 @@ def run(args: argparse.Namespace) -> int:
 def _row(timing: Timing, so_far: list[Timing]) -> str:
     """One result, with ratios against the torchvision runs timed before it in this batch size."""
     default = next((t for t in so_far if t.name == TORCHVISION_DEFAULT), None)
-    stock = [t for t in so_far if t.name.startswith("torchvision") and t.precision == timing.precision]
+    stock = [
+        t for t in so_far if t.name.startswith("torchvision") and t.precision == timing.precision
+    ]
     best = min(stock, key=lambda t: t.seconds_per_batch) if stock else None
 
     def ratio(reference: Timing | None) -> str:
@@ -105,3 +106,18 @@ def _row(timing: Timing, so_far: list[Timing]) -> str:
         f"| {timing.seconds_per_batch * 1e3:.1f} | {timing.images_per_second:.1f} "
         f"| {ratio(default)} | {ratio(best)} |"
     )
+
+
+def _command_line(args: argparse.Namespace) -> str:
+    """The command that reproduces this run, with every setting spelled out."""
+    words = ["densenet", "bench", args.name, "--batch", *map(str, args.batch)]
+    words += ["--precision", *args.precision, "--device", args.device]
+    words += ["--warmup", str(args.warmup), "--min-runs", str(args.min_runs)]
+    words += ["--seconds", f"{args.seconds:g}"]
+    if args.compile:
+        words.append("--compile")
+    if args.input_size:
+        words += ["--input-size", *map(str, args.input_size)]
+    if args.output:
+        words += ["--output", str(args.output)]
+    return shlex.join(words)

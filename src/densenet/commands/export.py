@@ -14,7 +14,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="export for deployment (ONNX, TorchScript, torch.export) and check the result",
     )
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--weights", help="a .safetensors file written by densenet (self-describing)")
+    source.add_argument(
+        "--weights", help="a .safetensors file written by densenet (self-describing)"
+    )
     source.add_argument(
         "--model", help="a preset name, with freshly initialised weights (for trying deployment)"
     )
