@@ -1,7 +1,7 @@
 """Inference speed of our networks next to torchvision's DenseNet with the same weights.
 
-Each configuration is timed on the same input after warm-up (which includes torch.compile's
-compilation), repeating until a time budget is spent; the median time per batch is reported, so
+Every configuration is timed on the same input after warm-up (which includes torch.compile's
+compilation), in rounds until a time budget is spent; the median time per batch is reported, so
 one slow call from a neighbour on a shared machine does not skew the result.
 """
 
@@ -157,32 +157,43 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_candidate(
-    candidate: Candidate,
+def time_candidates(
+    found: list[Candidate],
     x: Tensor,
     *,
     warmup: int,
     min_runs: int,
     budget_seconds: float,
-) -> Timing:
-    """Median seconds per call of ``candidate`` on ``x``, after ``warmup`` untimed calls."""
-    if candidate.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+) -> list[Timing]:
+    """Median seconds per call of each candidate on ``x``, after ``warmup`` untimed calls.
+
+    Candidates take turns, one call each per round, so that load from other processes on a shared
+    machine falls on all of them alike instead of on whichever happened to run at the time.
+    """
+    inputs = {
+        layout: x.contiguous(memory_format=torch.channels_last) if layout else x.contiguous()
+        for layout in (False, True)
+    }
+    times: list[list[float]] = [[] for _ in found]
     with torch.inference_mode():
-        run = candidate.build()
-        for _ in range(warmup):
-            run(x)
+        runs = [candidate.build() for candidate in found]
+        for run, candidate in zip(runs, found, strict=True):
+            for _ in range(warmup):
+                run(inputs[candidate.channels_last])
         _synchronize(x.device)
-        times: list[float] = []
         started = time.perf_counter()
-        while len(times) < min_runs or time.perf_counter() - started < budget_seconds:
-            begin = time.perf_counter()
-            run(x)
-            _synchronize(x.device)
-            times.append(time.perf_counter() - begin)
-    return Timing(
-        candidate.name, candidate.precision, x.shape[0], statistics.median(times), len(times)
-    )
+        while len(times[0]) < min_runs or time.perf_counter() - started < budget_seconds:
+            for run, candidate, spent in zip(runs, found, times, strict=True):
+                begin = time.perf_counter()
+                run(inputs[candidate.channels_last])
+                _synchronize(x.device)
+                spent.append(time.perf_counter() - begin)
+    return [
+        Timing(
+            candidate.name, candidate.precision, x.shape[0], statistics.median(spent), len(spent)
+        )
+        for candidate, spent in zip(found, times, strict=True)
+    ]
 
 
 def machine_description(device: torch.device) -> Iterator[str]:

@@ -15,7 +15,7 @@ from densenet.benchmark import (
     candidates,
     machine_description,
     resolve_device,
-    time_candidate,
+    time_candidates,
 )
 from densenet.errors import ConfigError
 from densenet.registry import create_model, get_spec
@@ -38,7 +38,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls per configuration")
     parser.add_argument("--min-runs", type=int, default=5, help="timed calls at the least")
     parser.add_argument(
-        "--seconds", type=float, default=8.0, help="time budget per configuration and batch size"
+        "--seconds",
+        type=float,
+        default=8.0,
+        help="time budget per configuration and batch size (configurations take turns)",
     )
     parser.add_argument("--output", type=Path, help="also write the results as Markdown here")
     parser.set_defaults(run=run)
@@ -68,16 +71,14 @@ def run(args: argparse.Namespace) -> int:
     print(header, flush=True)
     for batch in args.batch:
         x = torch.randn(batch, model.config.in_channels, *size, device=device)
-        timings: list[Timing] = []
-        for candidate in configurations:
-            timing = time_candidate(
-                candidate,
-                x,
-                warmup=args.warmup,
-                min_runs=args.min_runs,
-                budget_seconds=args.seconds,
-            )
-            timings.append(timing)
+        timings = time_candidates(
+            configurations,
+            x,
+            warmup=args.warmup,
+            min_runs=args.min_runs,
+            budget_seconds=args.seconds * len(configurations),
+        )
+        for timing in timings:
             row = _row(timing, timings)
             table.append(row)
             print(row, flush=True)
