@@ -8,6 +8,7 @@ one slow call from a neighbour on a shared machine does not skew the result.
 from __future__ import annotations
 
 import contextlib
+import copy
 import platform
 import statistics
 import time
@@ -84,7 +85,10 @@ def _stock(
     """A stock nn.Module run the way PyTorch documents: layout, autocast and compile."""
 
     def build() -> Callable[[Tensor], Tensor]:
-        net = module.to(device, memory_format=torch.channels_last if channels_last else None)
+        # A copy: other candidates share ``module`` and must keep their own layout.
+        net = copy.deepcopy(module).to(
+            device, memory_format=torch.channels_last if channels_last else None
+        )
         net = torch.compile(net) if compile else net
 
         def run(x: Tensor) -> Tensor:
@@ -149,7 +153,9 @@ def candidates(
 def _optimized(
     model: DenseNet, device: torch.device, dtype: torch.dtype, compile: bool
 ) -> Callable[[], Callable[[Tensor], Tensor]]:
-    return lambda: optimize_for_inference(model.to(device), dtype=dtype, compile=compile)
+    return lambda: optimize_for_inference(
+        copy.deepcopy(model).to(device), dtype=dtype, compile=compile
+    )
 
 
 def _synchronize(device: torch.device) -> None:
