@@ -121,6 +121,10 @@ def test_bad_inputs_raise_config_errors():
         optimize_for_inference(model, dtype=torch.float16)
     with pytest.raises(ConfigError, match=r"densenet\.DenseNet"):
         optimize_for_inference(nn.Linear(2, 2))  # type: ignore[arg-type]
+    custom_head = _model(TINY)
+    custom_head.classifier = nn.Sequential(nn.Linear(custom_head.num_features, 5), nn.Tanh())
+    with pytest.raises(ConfigError, match="Sequential"):
+        optimize_for_inference(custom_head)
     with pytest.raises(ConfigError, match="input channels"):
         optimize_for_inference(model)(torch.randn(1, 1, 40, 40))
     with pytest.raises(ConfigError, match="too small"):

@@ -191,9 +191,15 @@ class FastHead(nn.Module):
         self.act, scale, shift = ClampedReLU.from_bn(norm)
         if isinstance(classifier, nn.Linear):
             weight, bias = _fold_input_affine(classifier.weight, scale, shift)
-            bias = bias + classifier.bias.double()
-        else:  # no classifier: the output is the pooled features themselves
+            if classifier.bias is not None:
+                bias = bias + classifier.bias.double()
+        elif isinstance(classifier, nn.Identity):  # the output is the pooled features themselves
             weight, bias = torch.diag(scale), shift
+        else:
+            raise ConfigError(
+                f"optimize_for_inference folds into an nn.Linear classifier or none (nn.Identity), "
+                f"not {type(classifier).__name__}; apply a custom head to the features yourself"
+            )
         self.fc = nn.Linear(weight.shape[1], weight.shape[0]).to(weight.device)
         with torch.no_grad():
             self.fc.weight.copy_(weight)
