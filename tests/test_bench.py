@@ -34,7 +34,11 @@ def test_bench_prints_and_writes_a_table(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "extra, message",
-    [(["--batch", "0"], "--batch"), (["--device", "cuda"], "CUDA")],
+    [
+        (["--batch", "0"], "--batch"),
+        (["--threads", "0"], "--threads"),
+        (["--device", "cuda"], "CUDA"),
+    ],
 )
 def test_bench_bad_input_is_one_line(extra, message, capsys):
     if "cuda" in extra and torch.cuda.is_available():

@@ -35,6 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"))
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument(
+        "--threads", type=int, help="torch.set_num_threads (default: torch's choice)"
+    )
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls per configuration")
     parser.add_argument("--min-runs", type=int, default=5, help="timed calls at the least")
     parser.add_argument(
@@ -52,6 +55,10 @@ def run(args: argparse.Namespace) -> int:
     if any(batch < 1 for batch in args.batch):
         raise ConfigError(f"--batch sizes must be >= 1, got {args.batch}")
     device = resolve_device(args.device)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     size = args.input_size or (spec.preprocessing.input_size,) * 2
     model = create_model(args.name).eval()
     model.config.stage_sizes(*size)
@@ -115,6 +122,8 @@ def _command_line(args: argparse.Namespace) -> str:
     words += ["--precision", *args.precision, "--device", args.device]
     words += ["--warmup", str(args.warmup), "--min-runs", str(args.min_runs)]
     words += ["--seconds", f"{args.seconds:g}"]
+    if args.threads is not None:
+        words += ["--threads", str(args.threads)]
     if args.compile:
         words.append("--compile")
     if args.input_size:
