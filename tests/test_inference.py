@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -129,3 +131,16 @@ def test_bad_inputs_raise_config_errors():
         optimize_for_inference(model)(torch.randn(1, 1, 40, 40))
     with pytest.raises(ConfigError, match="too small"):
         optimize_for_inference(model)(torch.randn(1, 3, 4, 4))
+
+
+@pytest.mark.skipif(
+    os.environ.get("DENSENET_TEST_COMPILE") != "1",
+    reason="torch.compile takes a minute on 2 cores; set DENSENET_TEST_COMPILE=1 to run",
+)
+def test_compiled_network_computes_the_same_function():
+    model = _model(TINY)
+    x = torch.randn(3, 3, 40, 40)
+    expected = _reference(model, x)
+    with torch.no_grad():
+        actual = optimize_for_inference(model, compile=True)(x)
+    assert _relative_error(actual, expected) <= 1e-5
