@@ -1,7 +1,9 @@
 """DenseNet (Huang et al., CVPR 2017): every variant of the paper, in PyTorch."""
 
 from densenet.errors import ConfigError, DenseNetError, WeightsError
+from densenet.export import ExportError, export_model
 from densenet.features import FeatureExtractor, FeatureInfo
+from densenet.inference import optimize_for_inference
 from densenet.model import DenseNet, DenseNetConfig
 from densenet.presets import PRESETS, ModelSpec, Preprocessing
 from densenet.pretrained import PUBLISHED, PublishedWeights
@@ -16,6 +18,7 @@ __all__ = [
     "DenseNet",
     "DenseNetConfig",
     "DenseNetError",
+    "ExportError",
     "FeatureExtractor",
     "FeatureInfo",
     "ModelSpec",
@@ -23,9 +26,11 @@ __all__ = [
     "PublishedWeights",
     "WeightsError",
     "create_model",
+    "export_model",
     "get_spec",
     "list_models",
     "load_model",
+    "optimize_for_inference",
     "read_checkpoint",
     "save_weights",
 ]
