@@ -71,8 +71,8 @@ def load_model(source: str | os.PathLike[str]) -> tuple[DenseNet, Checkpoint]:
 def _check_same_architecture(
     wanted: DenseNetConfig, stored: DenseNetConfig, source: str | os.PathLike[str]
 ) -> None:
-    # The head size and dropout may legitimately differ (fine-tuning); nothing else may.
-    ignore = {"num_classes", "drop_rate"}
+    # The head size, dropout and training memory mode may legitimately differ; nothing else may.
+    ignore = {"num_classes", "drop_rate", "memory_efficient"}
     wanted_fields, stored_fields = wanted.to_dict(), stored.to_dict()
     different = [
         f"{key}={stored_fields[key]!r} (model has {wanted_fields[key]!r})"
