@@ -77,6 +77,7 @@ def child(spec: dict) -> None:
     threading.Thread(target=_watch_memory, args=(int(spec["cap_gb"] * 2**30),), daemon=True).start()
     import torch
 
+    torch.set_num_threads(spec["threads"])
     dtype = getattr(torch, DTYPES[spec["dtype"]])
     layout = torch.channels_last if spec["channels_last"] else torch.contiguous_format
     torch.manual_seed(0)
@@ -134,6 +135,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         warmup=args.warmup,
         steps=args.steps,
         cap_gb=args.cap_gb,
+        threads=args.threads,
     )
     if args.preset:
         cases = [(args.preset, dict(base, preset=args.preset, fields=None))]
@@ -242,6 +244,7 @@ def main() -> None:
     parser.add_argument(
         "--impl", nargs="+", choices=IMPLEMENTATIONS, default=DEFAULT_IMPLEMENTATIONS
     )
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
     parser.add_argument("--cap-gb", type=float, default=7.0, help="per-process RSS cap (GiB)")
     parser.add_argument("--out", type=Path, help="write OUT.csv, OUT.md (and OUT.png for a sweep)")
     args = parser.parse_args()
@@ -259,8 +262,8 @@ def main() -> None:
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
         f"torch {torch.__version__}, torchvision {torchvision.__version__}, "
         f"{args.dtype} autocast, {'NCHW' if args.nchw else 'channels_last'}, batch {args.batch}, "
-        f"{args.size} px, {args.warmup} warm-up + {args.steps} timed SGD steps, "
-        f"each configuration in a fresh process.\nCommand: `{command}`"
+        f"{args.size} px, {args.threads} threads, {args.warmup} warm-up + {args.steps} timed SGD "
+        f"steps, each configuration in a fresh process.\nCommand: `{command}`"
     )
     rows = run(args)
     add_ratios(rows)

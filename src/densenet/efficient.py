@@ -8,8 +8,7 @@ the same function with three changes:
 * every feature map of a block is written once into one preallocated tensor; a layer's input is a
   slice of it, never a copy (no quadratic ``torch.cat``);
 * BN-ReLU-Conv is one autograd function that keeps only its input (that slice) and per-channel
-  statistics, and recomputes the cheap BN-ReLU in backward -- never the convolution -- into scratch
-  memory shared by every layer of the block;
+  statistics, and recomputes the cheap BN-ReLU in backward -- never the convolution;
 * in training mode BN normalises with batch statistics, and a channel's statistics are the same in
   every later layer that reads it: they are computed once, when the channel is produced.
 
@@ -54,7 +53,7 @@ class _BlockMemory:
     features: Tensor  # (N, C_out, H, W): the block input, then each layer's new channels
     mean: Tensor  # (C_out,) float32 batch mean of every channel of `features`
     var: Tensor  # (C_out,) float32 biased batch variance
-    scratch: Tensor  # flat; holds one BN-ReLU output at a time, forward and backward
+    scratch: Tensor  # flat; a dense copy of one layer's input at a time, forward and backward
     channels_last: bool
     filled: int = field(default=0)
 
@@ -77,7 +76,7 @@ class _BlockMemory:
             ),
             mean=torch.empty(out_channels, **stats),
             var=torch.empty(out_channels, **stats),
-            scratch=torch.empty(n * widest * h * w, dtype=compute_dtype, device=x.device),
+            scratch=torch.empty(n * widest * h * w, dtype=dtype, device=x.device),
             channels_last=channels_last,
         )
 
@@ -90,13 +89,20 @@ class _BlockMemory:
             self.var[start:end] = var
         self.filled = end
 
-    def scratch_like(self, x: Tensor) -> Tensor:
-        """A dense tensor of x's shape over the start of the scratch memory."""
+    def dense(self, x: Tensor) -> Tensor:
+        """x itself if it is dense, else a dense copy of it in the scratch memory.
+
+        A slice of the block tensor is strided, and BN kernels on strided tensors are many times
+        slower than one copy followed by the dense kernel.
+        """
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
+        if x.is_contiguous(memory_format=layout):
+            return x
         n, c, h, w = x.shape
         flat = self.scratch[: n * c * h * w]
         if self.channels_last:
-            return flat.view(n, h, w, c).permute(0, 3, 1, 2)
-        return flat.view(n, c, h, w)
+            return flat.view(n, h, w, c).permute(0, 3, 1, 2).copy_(x)
+        return flat.view(n, c, h, w).copy_(x)
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -137,9 +143,8 @@ def _norm_relu_conv(
     is handed back to them.
     """
     _update_running_stats(norm, mean, var, count=x.shape[0] * x.shape[2] * x.shape[3])
-    invstd = torch.rsqrt(var + norm.eps)
     return _NormReluConv.apply(
-        memory, x, mean, invstd, norm.weight, norm.bias, conv.weight, conv.padding, *inputs
+        memory, x, mean, var, norm.eps, norm.weight, norm.bias, conv.weight, conv.padding, *inputs
     )
 
 
@@ -155,13 +160,17 @@ def _update_running_stats(norm: nn.BatchNorm2d, mean: Tensor, var: Tensor, count
 
 
 def _normalize_relu(
-    x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor, bias: Tensor, out: Tensor
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    eps: float,
+    weight: Tensor,
+    bias: Tensor,
+    dtype: torch.dtype,
 ) -> Tensor:
-    """relu(batch_norm(x)) written into ``out``, computed in float32 like BatchNorm's kernels."""
-    scale = weight.float() * invstd
-    shift = bias.float() - mean * scale
-    torch.addcmul(shift.view(1, -1, 1, 1), x, scale.view(1, -1, 1, 1), out=out)
-    return out.relu_()
+    """relu(batch_norm(x)) with given batch statistics: BN's own kernel, in inference mode."""
+    z = torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, False).relu_()
+    return z.to(dtype)
 
 
 class _NormReluConv(torch.autograd.Function):
@@ -173,27 +182,30 @@ class _NormReluConv(torch.autograd.Function):
         memory: _BlockMemory,
         x: Tensor,
         mean: Tensor,
-        invstd: Tensor,
+        var: Tensor,
+        eps: float,
         bn_weight: Tensor,
         bn_bias: Tensor,
         conv_weight: Tensor,
         padding: tuple[int, int],
         *inputs: Tensor,
     ) -> Tensor:
-        z = _normalize_relu(x, mean, invstd, bn_weight, bn_bias, memory.scratch_like(x))
+        dtype = _compute_dtype(x)
+        z = _normalize_relu(memory.dense(x), mean, var, eps, bn_weight, bn_bias, dtype)
         # Not save_for_backward: later layers write other channels of the same block tensor, which
         # would trip autograd's version check. The channels x covers are never written again.
-        ctx.x, ctx.memory, ctx.padding = x, memory, list(padding)
+        ctx.x, ctx.memory, ctx.padding, ctx.eps, ctx.dtype = x, memory, list(padding), eps, dtype
         ctx.channels = [t.shape[1] for t in inputs]
-        ctx.save_for_backward(mean, invstd, bn_weight, bn_bias, conv_weight)
-        return F.conv2d(z, conv_weight.to(z.dtype), padding=padding)
+        ctx.save_for_backward(mean, var, bn_weight, bn_bias, conv_weight)
+        return F.conv2d(z, conv_weight.to(dtype), padding=padding)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        mean, invstd, bn_weight, bn_bias, conv_weight = ctx.saved_tensors
-        x, memory = ctx.x, ctx.memory
-        z = _normalize_relu(x, mean, invstd, bn_weight, bn_bias, memory.scratch_like(x))
+        mean, var, bn_weight, bn_bias, conv_weight = ctx.saved_tensors
+        x = ctx.memory.dense(ctx.x)
+        z = _normalize_relu(x, mean, var, ctx.eps, bn_weight, bn_bias, ctx.dtype)
+        invstd = torch.rsqrt(var + ctx.eps)
         grad_z, grad_conv_weight, _ = torch.ops.aten.convolution_backward(
             grad_out.to(z.dtype),
             z,
@@ -212,6 +224,7 @@ class _NormReluConv(torch.autograd.Function):
             grad_z, x, bn_weight, None, None, mean, invstd, True, 0.0, [True, True, True]
         )
         return (
+            None,
             None,
             None,
             None,
