@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from densenet import efficient
 from densenet.errors import ConfigError
 
 Stem = Literal["imagenet", "cifar"]
@@ -25,7 +26,9 @@ class DenseNetConfig:
 
     ``bn_size`` = 0 gives the paper's plain layer H = BN-ReLU-Conv3x3; otherwise each layer is the
     bottleneck BN-ReLU-Conv1x1(bn_size*k)-BN-ReLU-Conv3x3(k) (DenseNet-B). ``compression`` < 1 makes
-    transitions shrink channels to floor(theta*m) (DenseNet-C).
+    transitions shrink channels to floor(theta*m) (DenseNet-C). ``memory_efficient`` trains the
+    dense blocks with activation memory linear in depth (:mod:`densenet.efficient`); the function,
+    the parameters and evaluation stay the same.
     """
 
     growth_rate: int = 32
@@ -37,6 +40,7 @@ class DenseNetConfig:
     num_classes: int = 1000
     in_channels: int = 3
     stem: Stem = "imagenet"
+    memory_efficient: bool = False
 
     def __post_init__(self) -> None:
         # Lists from JSON or the command line become tuples so configs stay hashable and comparable.
@@ -64,6 +68,10 @@ class DenseNetConfig:
             raise ConfigError(f"drop_rate must be in [0, 1), got {self.drop_rate!r}")
         if self.stem not in ("imagenet", "cifar"):
             raise ConfigError(f"stem must be 'imagenet' or 'cifar', got {self.stem!r}")
+        if not isinstance(self.memory_efficient, bool):
+            raise ConfigError(
+                f"memory_efficient must be true or false, got {self.memory_efficient!r}"
+            )
 
     def replace(self, **changes: object) -> DenseNetConfig:
         known = {f.name for f in dataclasses.fields(self)}
@@ -149,15 +157,24 @@ class DenseBlock(nn.ModuleDict):
     """Layer l receives [x_0, x_1, ..., x_{l-1}] concatenated along channels."""
 
     def __init__(
-        self, num_layers: int, in_channels: int, growth_rate: int, bn_size: int, drop_rate: float
+        self,
+        num_layers: int,
+        in_channels: int,
+        growth_rate: int,
+        bn_size: int,
+        drop_rate: float,
+        memory_efficient: bool = False,
     ) -> None:
         super().__init__()
+        self.memory_efficient = memory_efficient
         for i in range(num_layers):
             layer = DenseLayer(in_channels + i * growth_rate, growth_rate, bn_size, drop_rate)
             self.add_module(f"denselayer{i + 1}", layer)
         self.out_channels = in_channels + num_layers * growth_rate
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.memory_efficient and self.training:
+            return efficient.dense_block_forward(list(self.values()), x, self.out_channels)
         features = [x]
         for layer in self.values():
             features.append(layer(torch.cat(features, 1)))
@@ -210,7 +227,12 @@ class DenseNet(nn.Module):
         channels = stem_channels
         for i, num_layers in enumerate(config.block_config):
             block = DenseBlock(
-                num_layers, channels, config.growth_rate, config.bn_size, config.drop_rate
+                num_layers,
+                channels,
+                config.growth_rate,
+                config.bn_size,
+                config.drop_rate,
+                config.memory_efficient,
             )
             self.features.add_module(f"denseblock{i + 1}", block)
             channels = block.out_channels

@@ -119,8 +119,8 @@ def model_from_checkpoint(checkpoint: Checkpoint) -> DenseNet:
 
 
 def _check_same_architecture(wanted: DenseNetConfig, stored: DenseNetConfig, source: str) -> None:
-    # The head size and dropout may legitimately differ (fine-tuning); nothing else may.
-    ignore = {"num_classes", "drop_rate"}
+    # The head size, dropout and training memory mode may legitimately differ; nothing else may.
+    ignore = {"num_classes", "drop_rate", "memory_efficient"}
     wanted_fields, stored_fields = wanted.to_dict(), stored.to_dict()
     different = [
         f"{key}={stored_fields[key]!r} (model has {wanted_fields[key]!r})"

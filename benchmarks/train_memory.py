@@ -1,0 +1,286 @@
+"""Training speed and whole-process peak memory: ours (memory_efficient) against torchvision.
+
+Every (implementation, depth) runs in its own fresh Python process, so each peak RSS (the child's
+ru_maxrss) covers exactly one configuration. A training step is forward, cross-entropy loss,
+backward and an SGD update, timed after warm-up.
+
+    # target 1: DenseNet-121
+    python benchmarks/train_memory.py --preset densenet121 --batch 32 --size 224
+    # target 2: DenseNet-BC k=12, 41 layers per block (L=250), ImageNet stem, 128 px
+    python benchmarks/train_memory.py --bc-depth 250 --batch 64 --size 128
+    # depth sweep of that family, with CSV and plot
+    python benchmarks/train_memory.py --bc-depth 100 250 400 --batch 64 --size 128 --out results/x
+
+Implementations: ``torchvision`` (default path), ``torchvision-me`` (torchvision's
+memory_efficient=True, checkpointing) and ``ours`` (densenet's memory_efficient=True).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+IMPLEMENTATIONS = ("torchvision", "torchvision-me", "ours", "ours-standard")
+DEFAULT_IMPLEMENTATIONS = ("torchvision", "torchvision-me", "ours")
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def bc_config(depth: int) -> dict:
+    """DenseNet-BC, k=12, with ``depth`` = 6n + 4 layers over three blocks, 24 stem channels."""
+    if (depth - 4) % 6:
+        raise SystemExit(f"DenseNet-BC depth must be 6n + 4 (100, 250, 400, ...), got {depth}")
+    n = (depth - 4) // 6
+    return dict(growth_rate=12, block_config=(n, n, n), num_init_features=24, bn_size=4)
+
+
+def build(implementation: str, spec: dict):
+    import torchvision
+
+    from densenet import DenseNet, create_model
+
+    if spec["preset"]:
+        if implementation.startswith("torchvision"):
+            factory = getattr(torchvision.models, spec["preset"])
+            return factory(memory_efficient=implementation == "torchvision-me")
+        return create_model(spec["preset"], memory_efficient=implementation == "ours")
+    fields = dict(spec["fields"], num_classes=1000)
+    if implementation.startswith("torchvision"):
+        return torchvision.models.DenseNet(
+            **fields, memory_efficient=implementation == "torchvision-me"
+        )
+    return DenseNet(**fields, stem="imagenet", memory_efficient=implementation == "ours")
+
+
+def _watch_memory(limit_bytes: int) -> None:
+    # Keep a shared machine safe: leave as soon as this process grows past the cap.
+    page = os.sysconf("SC_PAGE_SIZE")
+    while True:
+        with open("/proc/self/statm") as f:
+            rss = int(f.read().split()[1]) * page
+        if rss > limit_bytes:
+            print(json.dumps({"error": f"over the {limit_bytes / 2**30:.1f} GiB cap"}), flush=True)
+            os._exit(3)
+        time.sleep(0.02)
+
+
+def child(spec: dict) -> None:
+    """Measure one configuration; print one JSON line."""
+    threading.Thread(target=_watch_memory, args=(int(spec["cap_gb"] * 2**30),), daemon=True).start()
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    dtype = getattr(torch, DTYPES[spec["dtype"]])
+    layout = torch.channels_last if spec["channels_last"] else torch.contiguous_format
+    torch.manual_seed(0)
+    model = build(spec["implementation"], spec).train().to(memory_format=layout)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x = torch.randn(spec["batch"], 3, spec["size"], spec["size"]).contiguous(memory_format=layout)
+    y = torch.randint(0, 1000, (spec["batch"],))
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(spec["warmup"]):
+        step()
+    start = time.perf_counter()
+    for _ in range(spec["steps"]):
+        step()
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(
+        json.dumps(
+            {
+                "img_per_s": spec["batch"] * spec["steps"] / seconds,
+                "peak_rss_gb": peak / 1e9,
+                "rss_before_first_step_gb": rss_before / 1e9,
+            }
+        ),
+        flush=True,
+    )
+
+
+def measure(spec: dict) -> dict:
+    result = subprocess.run(
+        [sys.executable, __file__, "--child", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    if not lines:
+        return {"error": (result.stderr.strip().splitlines() or ["no output"])[-1]}
+    return json.loads(lines[-1])
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    base = dict(
+        batch=args.batch,
+        size=args.size,
+        dtype=args.dtype,
+        channels_last=not args.nchw,
+        warmup=args.warmup,
+        steps=args.steps,
+        cap_gb=args.cap_gb,
+        threads=args.threads,
+    )
+    if args.preset:
+        cases = [(args.preset, dict(base, preset=args.preset, fields=None))]
+    else:
+        cases = [
+            (f"DenseNet-BC-{d} k=12", dict(base, preset=None, fields=bc_config(d), depth=d))
+            for d in sorted(args.bc_depth)
+        ]
+    rows, last_fit = [], {}
+    for label, spec in cases:
+        for implementation in args.impl:
+            row = {"model": label, "depth": spec.get("depth", ""), "implementation": implementation}
+            previous = last_fit.get(implementation)
+            # Deeper nets only while they fit: project quadratic growth from the last depth.
+            if previous and previous[1] * (spec["depth"] / previous[0]) ** 2 > args.cap_gb * 1.074:
+                row["error"] = f"skipped: projected over the {args.cap_gb} GiB cap"
+            else:
+                row.update(measure(dict(spec, implementation=implementation)))
+                if "error" not in row and spec.get("depth"):
+                    last_fit[implementation] = (spec["depth"], row["peak_rss_gb"])
+            rows.append(row)
+            print(_format_row(row), flush=True)
+    return rows
+
+
+def _format_row(row: dict) -> str:
+    if "error" in row:
+        return f"{row['model']:>22} {row['implementation']:>15}  {row['error']}"
+    return (
+        f"{row['model']:>22} {row['implementation']:>15} {row['img_per_s']:8.2f} img/s "
+        f"{row['peak_rss_gb']:6.2f} GB peak RSS"
+    )
+
+
+def add_ratios(rows: list[dict]) -> None:
+    by_model: dict[str, dict[str, dict]] = {}
+    for row in rows:
+        by_model.setdefault(row["model"], {})[row["implementation"]] = row
+    for row in rows:
+        peers = by_model[row["model"]]
+        default, me = peers.get("torchvision", {}), peers.get("torchvision-me", {})
+        if "img_per_s" in row and "img_per_s" in default:
+            row["speed_vs_tv_default"] = row["img_per_s"] / default["img_per_s"]
+        if "peak_rss_gb" in row and "peak_rss_gb" in me:
+            row["memory_vs_tv_me"] = row["peak_rss_gb"] / me["peak_rss_gb"]
+
+
+def markdown(rows: list[dict], header: str) -> str:
+    lines = [
+        header,
+        "",
+        "| model | implementation | img/s | peak RSS (GB) | RSS before 1st step (GB) "
+        "| speed / tv default | memory / tv memory_efficient |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        if "error" in row:
+            lines.append(f"| {row['model']} | {row['implementation']} | {row['error']} |||||")
+            continue
+        lines.append(
+            f"| {row['model']} | {row['implementation']} | {row['img_per_s']:.2f} "
+            f"| {row['peak_rss_gb']:.2f} | {row['rss_before_first_step_gb']:.2f} "
+            f"| {_ratio(row.get('speed_vs_tv_default'))} | {_ratio(row.get('memory_vs_tv_me'))} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (mem_ax, speed_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    for implementation in dict.fromkeys(row["implementation"] for row in rows):
+        points = [r for r in rows if r["implementation"] == implementation and "error" not in r]
+        depths = [r["depth"] for r in points]
+        mem_ax.plot(depths, [r["peak_rss_gb"] for r in points], "o-", label=implementation)
+        speed_ax.plot(depths, [r["img_per_s"] for r in points], "o-", label=implementation)
+    mem_ax.set(xlabel="depth L", ylabel="whole-process peak RSS (GB)", title="training memory")
+    speed_ax.set(xlabel="depth L", ylabel="images / s", title="training speed")
+    for ax in (mem_ax, speed_ax):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    model = parser.add_mutually_exclusive_group()
+    model.add_argument("--preset", help="a densenet preset that torchvision also has")
+    model.add_argument("--bc-depth", type=int, nargs="+", help="DenseNet-BC k=12 depth(s) L")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--dtype", choices=DTYPES, default="bf16", help="autocast dtype")
+    parser.add_argument("--nchw", action="store_true", help="NCHW instead of channels_last")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument(
+        "--impl", nargs="+", choices=IMPLEMENTATIONS, default=DEFAULT_IMPLEMENTATIONS
+    )
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
+    parser.add_argument("--cap-gb", type=float, default=7.0, help="per-process RSS cap (GiB)")
+    parser.add_argument("--out", type=Path, help="write OUT.csv, OUT.md (and OUT.png for a sweep)")
+    args = parser.parse_args()
+    if args.child:
+        child(json.loads(args.child))
+        return
+    if not args.preset and not args.bc_depth:
+        args.preset = "densenet121"
+
+    import torch
+    import torchvision
+
+    command = "python benchmarks/train_memory.py " + " ".join(sys.argv[1:])
+    header = (
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"torch {torch.__version__}, torchvision {torchvision.__version__}, "
+        f"{args.dtype} autocast, {'NCHW' if args.nchw else 'channels_last'}, batch {args.batch}, "
+        f"{args.size} px, {args.threads} threads, {args.warmup} warm-up + {args.steps} timed SGD "
+        f"steps, each configuration in a fresh process.\nCommand: `{command}`"
+    )
+    rows = run(args)
+    add_ratios(rows)
+    table = markdown(rows, header)
+    print()
+    print(table)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".md").write_text(table)
+        with args.out.with_suffix(".csv").open("w", newline="") as f:
+            fields = list(dict.fromkeys(key for row in rows for key in row))
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+        if args.bc_depth and len(args.bc_depth) > 1:
+            plot(rows, args.out.with_suffix(".png"), header.split("\n")[0])
+
+
+if __name__ == "__main__":
+    main()

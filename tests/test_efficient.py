@@ -1,0 +1,227 @@
+"""The memory-efficient training path computes exactly what the standard path computes."""
+
+import os
+import socket
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from conftest import randomize_batchnorm
+from densenet import ConfigError, DenseNet, DenseNetConfig, create_model
+
+CONFIGS = {
+    "bottleneck": dict(growth_rate=4, block_config=(3, 2), num_init_features=8, stem="cifar"),
+    "plain": dict(growth_rate=4, block_config=(3, 2), num_init_features=8, bn_size=0, stem="cifar"),
+    "one_block": dict(growth_rate=6, block_config=(4,), num_init_features=5, stem="cifar"),
+    "imagenet_three_blocks": dict(
+        growth_rate=4, block_config=(2, 3, 2), num_init_features=8, compression=0.5
+    ),
+    "dropout": dict(growth_rate=4, block_config=(2, 2), num_init_features=8, drop_rate=0.3),
+}
+INPUT_SIZE = {"imagenet_three_blocks": 40}
+
+
+def make_pair(fields: dict) -> tuple[DenseNet, DenseNet]:
+    """A standard model and a memory-efficient one with the same random parameters and stats."""
+    config = DenseNetConfig(num_classes=7, **fields)
+    standard = randomize_batchnorm(DenseNet(config)).train()
+    efficient = DenseNet(config.replace(memory_efficient=True)).train()
+    efficient.load_state_dict(standard.state_dict())  # strict: the names are the same
+    return standard, efficient
+
+
+def run_step(model: nn.Module, x: Tensor, weights: Tensor, seed: int = 0):
+    torch.manual_seed(seed)  # the same dropout masks on both paths
+    x = x.clone().requires_grad_()
+    out = model(x)
+    (out.float() * weights).sum().backward()
+    return out, x.grad
+
+
+def gradients(model: nn.Module) -> dict[str, Tensor]:
+    return {name: p.grad for name, p in model.named_parameters()}
+
+
+def max_diff(a: Tensor, b: Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_outputs_and_gradients_equal_the_standard_path(name):
+    standard, efficient = make_pair(CONFIGS[name])
+    size = INPUT_SIZE.get(name, 16)
+    x = torch.randn(4, 3, size, size)
+    weights = torch.randn(4, 7)
+    out_ref, grad_x_ref = run_step(standard, x, weights)
+    out, grad_x = run_step(efficient, x, weights)
+    assert max_diff(out, out_ref) <= 1e-5
+    assert max_diff(grad_x, grad_x_ref) <= 1e-5
+    reference = gradients(standard)
+    for param_name, grad in gradients(efficient).items():
+        assert grad is not None, f"{param_name} received no gradient"
+        assert max_diff(grad, reference[param_name]) <= 1e-5, param_name
+
+
+def test_the_efficient_path_is_taken_and_keeps_no_concatenation():
+    # If the block silently fell back to the standard path, the equivalence tests would pass anyway.
+    _, efficient = make_pair(CONFIGS["bottleneck"])
+    x = torch.randn(3, 3, 16, 16)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(
+        lambda t: saved.append(t.shape) or t, lambda t: t
+    ):
+        efficient.features.denseblock1(efficient.features.conv0(x))
+    widest_input = efficient.features.denseblock1.denselayer3.norm1.num_features
+    assert saved, "nothing saved: the block did not run in training mode"
+    activations = [shape for shape in saved if len(shape) == 4 and shape[0] == len(x)]
+    assert activations and all(shape[1] < widest_input for shape in activations)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_running_statistics_after_several_steps_equal_the_standard_path(momentum):
+    standard, efficient = make_pair(CONFIGS["bottleneck"])
+    for model in (standard, efficient):
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.momentum = momentum
+    optimizers = [
+        torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (standard, efficient)
+    ]
+    for step in range(3):
+        x, weights = torch.randn(4, 3, 16, 16), torch.randn(4, 7)
+        for model, optimizer in zip((standard, efficient), optimizers, strict=True):
+            optimizer.zero_grad()
+            run_step(model, x, weights, seed=step)
+            optimizer.step()
+    reference = standard.state_dict()
+    for key, value in efficient.state_dict().items():
+        assert max_diff(value, reference[key]) <= 1e-5, key
+        if key.endswith("num_batches_tracked"):
+            assert value.item() == 3, key  # one update per forward pass, none from backward
+
+
+def test_eval_mode_is_the_standard_path():
+    standard, efficient = make_pair(CONFIGS["bottleneck"])
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(efficient.eval()(x), standard.eval()(x))
+
+
+def test_training_without_gradients_updates_statistics_like_the_standard_path():
+    standard, efficient = make_pair(CONFIGS["plain"])
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        assert max_diff(efficient(x), standard(x)) <= 1e-5
+    assert (
+        max_diff(
+            efficient.features.denseblock2.denselayer2.norm1.running_var,
+            standard.features.denseblock2.denselayer2.norm1.running_var,
+        )
+        <= 1e-6
+    )
+
+
+def relative_error(values: list[Tensor], reference: list[Tensor]) -> float:
+    diff = torch.cat(
+        [(v.float() - r.float()).flatten() for v, r in zip(values, reference, strict=True)]
+    )
+    return (diff.norm() / torch.cat([r.float().flatten() for r in reference]).norm()).item()
+
+
+# Reduced precision is compared with the float32 result: our error may be at most 1.5x the standard
+# path's own (plus 0.5%); on a tiny batch BN's backward amplifies rounding, so both are ~1-10%.
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_autocast_channels_last_is_as_accurate_as_the_standard_path(dtype, device):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    standard, efficient = make_pair(CONFIGS["bottleneck"])
+    reference = DenseNet(standard.config).to(device)
+    reference.load_state_dict(standard.state_dict())
+    x = torch.randn(4, 3, 16, 16, device=device)
+    weights = torch.randn(4, 7, device=device)
+    results = {"reference": run_step(reference.train(), x, weights)}
+    x = x.contiguous(memory_format=torch.channels_last)
+    for name, model in (("standard", standard), ("efficient", efficient)):
+        model.to(device, memory_format=torch.channels_last)
+        with torch.autocast(device, dtype=dtype):
+            results[name] = run_step(model, x, weights)
+    assert results["efficient"][0].dtype == results["standard"][0].dtype == dtype
+
+    def error(name: str, model: nn.Module) -> float:
+        grads = [*results[name], *(p.grad for p in model.parameters())]
+        return relative_error(
+            grads, [*results["reference"], *(p.grad for p in reference.parameters())]
+        )
+
+    assert error("efficient", efficient) <= 1.5 * error("standard", standard) + 0.005
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_fp32_on_cuda_equals_the_standard_path():
+    standard, efficient = make_pair(CONFIGS["bottleneck"])
+    standard, efficient = standard.cuda(), efficient.cuda()
+    x, weights = torch.randn(4, 3, 16, 16, device="cuda"), torch.randn(4, 7, device="cuda")
+    with torch.backends.cudnn.flags(enabled=True, deterministic=True, allow_tf32=False):
+        torch.backends.cuda.matmul.allow_tf32 = False
+        out_ref, _ = run_step(standard, x, weights)
+        out, _ = run_step(efficient, x, weights)
+    assert max_diff(out, out_ref) <= 1e-5
+    reference = gradients(standard)
+    for name, grad in gradients(efficient).items():
+        assert max_diff(grad, reference[name]) <= 1e-5, name
+
+
+def test_distributed_data_parallel_sees_each_gradient_once(tmp_path):
+    # DDP raises if a parameter's gradient is produced twice or never (without
+    # find_unused_parameters), so one step through it checks the autograd graph's shape.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        standard, efficient = make_pair(CONFIGS["bottleneck"])
+        ddp = DistributedDataParallel(efficient)
+        x, weights = torch.randn(4, 3, 16, 16), torch.randn(4, 7)
+        run_step(standard, x, weights)
+        for _ in range(2):
+            ddp.zero_grad()
+            run_step(ddp, x, weights)
+    finally:
+        torch.distributed.destroy_process_group()
+    reference = gradients(standard)
+    for name, grad in gradients(efficient).items():
+        assert max_diff(grad, reference[name]) <= 1e-5, name
+
+
+def test_every_preset_accepts_the_flag_with_unchanged_state_dict_names():
+    model = create_model("densenet121", memory_efficient=True)
+    assert model.config.memory_efficient
+    assert list(model.state_dict()) == list(create_model("densenet121").state_dict())
+
+
+def test_bad_flag_value_is_a_config_error():
+    with pytest.raises(ConfigError, match="memory_efficient"):
+        DenseNetConfig(memory_efficient="yes")
+
+
+def test_single_value_per_channel_is_rejected_like_batchnorm():
+    _, efficient = make_pair(CONFIGS["one_block"])
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        efficient.features.denseblock1(torch.randn(1, 5, 1, 1))
+
+
+def test_batchnorm_with_its_own_statistics_is_refused_not_bypassed():
+    from densenet.distributed import convert_sync_batchnorm
+    from densenet.finetune import freeze_backbone
+
+    for prepare in (convert_sync_batchnorm, freeze_backbone):
+        model = prepare(
+            create_model("densenet_bc100_k12", block_config=(2, 2, 2), memory_efficient=True)
+        )
+        model.train()
+        with pytest.raises(ConfigError, match="plain BatchNorm2d"):
+            model(torch.randn(2, 3, 32, 32))
