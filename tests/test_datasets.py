@@ -135,3 +135,18 @@ def test_normalize_is_bitwise_totensor_then_normalize():
         eval_transform(preprocessing)(image)[None]
     )
     assert torch.equal(ours[0], reference)
+
+
+def test_download_failure_is_one_clear_error(tmp_path, monkeypatch):
+    import urllib.error
+
+    import torchvision.datasets
+
+    from densenet.datasets import download
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    with pytest.raises(DatasetError, match="could not download cifar10 into"):
+        download("cifar10", tmp_path)

@@ -205,3 +205,20 @@ def test_unreadable_images_in_an_image_folder_are_skipped_and_counted(tmp_path, 
     meta = densenet.load_model(run / "final.safetensors")[1].meta
     assert meta["class_names"] == ["cat", "dog"]
     assert meta["preprocessing"]["resize_size"] == 37 and meta["model"] is None
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_on_cpu(cifar, tmp_path, precision):
+    run = tmp_path / "run"
+    assert train_cifar(cifar, run, "--epochs", "1", "--precision", precision) == 0
+    assert f'precision = "{precision}"' in (run / "config.toml").read_text()
+    assert float(read_metrics(run)[0]["test_loss"]) > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_training_on_cuda_resolves_precision_and_layout(cifar, tmp_path):
+    run = tmp_path / "run"
+    argv = ["--epochs", "1", "--device", "cuda", "--precision", "auto", "--memory-format", "auto"]
+    assert train_cifar(cifar, run, *argv) == 0
+    config = (run / "config.toml").read_text()
+    assert 'device = "cuda"' in config and 'precision = "' in config

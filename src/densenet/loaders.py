@@ -128,17 +128,19 @@ def eval_transform(preprocessing: Preprocessing) -> transforms.Compose:
     )
 
 
-def train_transform(preprocessing: Preprocessing, augment: str) -> transforms.Compose:
+def train_transform(preprocessing: Preprocessing, augment: str, padding: int) -> transforms.Compose:
     if augment == "none":
         return eval_transform(preprocessing)
     interpolation = transforms.InterpolationMode(preprocessing.interpolation)
-    return transforms.Compose(
-        [
-            transforms.RandomResizedCrop(preprocessing.input_size, interpolation=interpolation),
-            transforms.RandomHorizontalFlip(),
-            transforms.PILToTensor(),
+    if augment == "random_resized_crop_flip":
+        crop = [transforms.RandomResizedCrop(preprocessing.input_size, interpolation=interpolation)]
+    else:  # the CIFAR-style crop, after the evaluation resize
+        crop = [
+            transforms.Resize(preprocessing.resize_size, interpolation=interpolation),
+            transforms.RandomCrop(preprocessing.input_size, padding=padding),
         ]
-    )
+    flip = [transforms.RandomHorizontalFlip()] if augment.endswith("flip") else []
+    return transforms.Compose([*crop, *flip, transforms.PILToTensor()])
 
 
 class ImageFiles(torch.utils.data.Dataset):
@@ -241,7 +243,10 @@ def make_batches(
         return TensorBatches(
             data, batch_size, device, train=train, seed=seed, augment=augment, padding=padding
         )
-    transform = train_transform(preprocessing, augment) if train else eval_transform(preprocessing)
+    if train:
+        transform = train_transform(preprocessing, augment, padding)
+    else:
+        transform = eval_transform(preprocessing)
     return FolderBatches(
         data,
         batch_size,

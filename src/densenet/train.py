@@ -80,6 +80,11 @@ def resolve_config(config: TrainConfig, data: DataSetup) -> TrainConfig:
                 "change that"
             )
         changes["input_size"] = changes["resize_size"] = size
+        if config.augment == "random_resized_crop_flip":
+            raise ConfigError(
+                f"augment random_resized_crop_flip is for ImageFolder data; {config.dataset} "
+                "takes none, crop or crop_flip"
+            )
         if not config.mean:
             # Per-channel statistics of the training images, on the 0-1 scale.
             pixels = data.train.images.transpose(0, 1).flatten(1).double() / 255
@@ -151,12 +156,9 @@ def _train(config: TrainConfig, run: RunDirectory, resume: bool, progress: bool)
     num_classes = len(data.class_names)
 
     torch.manual_seed(config.seed)
-    model = build_model(config, data.in_channels, num_classes)
-    model = (
-        model.to(device, memory_format=torch.channels_last)
-        if (config.memory_format == "channels_last")
-        else model.to(device)
-    )
+    model = build_model(config, data.in_channels, num_classes).to(device)
+    if config.memory_format == "channels_last":
+        model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(
         model.parameters(),
         lr=config.lr,
