@@ -150,3 +150,23 @@ def test_download_failure_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
     with pytest.raises(DatasetError, match="could not download cifar10 into"):
         download("cifar10", tmp_path)
+
+
+def test_image_folder_batches_are_the_same_with_or_without_workers(tmp_path):
+    from densenet.loaders import make_batches
+
+    write_image_folder(tmp_path)
+    data = load_split("imagefolder", tmp_path, "train")
+    preprocessing = Preprocessing(24, 28, (0.5,) * 3, (0.5,) * 3)
+
+    def epoch(workers, start_step=0):
+        batches = make_batches(data, 3, torch.device("cpu"), train=True, workers=workers, seed=1,
+                               preprocessing=preprocessing, in_channels=3,
+                               augment="random_resized_crop_flip")  # fmt: skip
+        return list(batches.epoch(4, start_step))
+
+    serial, parallel, resumed = epoch(0), epoch(2), epoch(2, start_step=1)
+    assert len(serial) == 2 and serial[0].images.shape == (3, 3, 24, 24)
+    for a, b in zip(serial, parallel, strict=True):
+        assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    assert torch.equal(resumed[0].images, serial[1].images)

@@ -204,13 +204,14 @@ class FolderBatches:
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         n = len(self.files)
         order = epoch_order(n, self.seed, epoch) if self.train else torch.arange(n)
-        batches = [
+        # A generator: an ImageNet epoch's million (index, seed) pairs are made as they are needed.
+        batches = (
             [
                 (int(i), mix_seed(self.seed, epoch, step, int(i)))
                 for i in batch_indices(order, step, self.batch_size)
             ]
             for step in range(start_step, len(self))
-        ]
+        )
         loader = DataLoader(
             self.files,
             batch_sampler=batches,
