@@ -170,3 +170,13 @@ def test_image_folder_batches_are_the_same_with_or_without_workers(tmp_path):
     for a, b in zip(serial, parallel, strict=True):
         assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
     assert torch.equal(resumed[0].images, serial[1].images)
+
+
+def test_channel_stats_match_torch_on_the_whole_tensor():
+    from densenet.datasets import channel_stats
+
+    images = torch.randint(0, 256, (50, 3, 6, 5), dtype=torch.uint8)
+    mean, std = channel_stats(images, chunk=7)
+    pixels = images.transpose(0, 1).flatten(1).double() / 255
+    assert mean == pytest.approx(pixels.mean(1).tolist(), abs=1e-6)
+    assert std == pytest.approx(pixels.std(1, correction=0).tolist(), abs=1e-6)

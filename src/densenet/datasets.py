@@ -108,6 +108,22 @@ def download(name: str, data_dir: str | Path, *, svhn_extra: bool = True) -> Non
         raise DatasetError(f"could not download {name} into {data_dir}: {error}") from None
 
 
+def channel_stats(images: Tensor, chunk: int = 4096) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of uint8 images on the 0-1 scale, a chunk at a time (SVHN's
+    600k images would take 15 GB as one float64 tensor)."""
+    channels = images.shape[1]
+    total = torch.zeros(channels, dtype=torch.float64)
+    squares = torch.zeros(channels, dtype=torch.float64)
+    for part in images.split(chunk):
+        pixels = part.transpose(0, 1).flatten(1).double() / 255
+        total += pixels.sum(1)
+        squares += pixels.square().sum(1)
+    count = images.numel() / channels
+    mean = total / count
+    std = (squares / count - mean.square()).sqrt()
+    return [round(float(v), 6) for v in mean], [round(float(v), 6) for v in std]
+
+
 def _digits(split: str) -> TensorData:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split

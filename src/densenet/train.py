@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from densenet.datasets import Data, TensorData, download, load_split
+from densenet.datasets import Data, TensorData, channel_stats, download, load_split
 from densenet.errors import CheckpointError, ConfigError, DatasetError, TrainingError
 from densenet.evaluate import evaluate, topk_correct
 from densenet.hardware import (
@@ -86,10 +86,8 @@ def resolve_config(config: TrainConfig, data: DataSetup) -> TrainConfig:
                 "takes none, crop or crop_flip"
             )
         if not config.mean:
-            # Per-channel statistics of the training images, on the 0-1 scale.
-            pixels = data.train.images.transpose(0, 1).flatten(1).double() / 255
-            changes["mean"] = [round(float(v), 6) for v in pixels.mean(1)]
-            changes["std"] = [round(float(v), 6) for v in pixels.std(1)]
+            mean, std = channel_stats(data.train.images)
+            changes["mean"], changes["std"] = mean, std
     else:
         if not config.mean:
             raise ConfigError("ImageFolder data needs mean and std (e.g. --mean 0.485 0.456 ...)")
