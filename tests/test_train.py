@@ -206,6 +206,16 @@ def test_unreadable_images_in_an_image_folder_are_skipped_and_counted(tmp_path, 
     assert meta["class_names"] == ["cat", "dog"]
     assert meta["preprocessing"]["resize_size"] == 37 and meta["model"] is None
 
+    weights = str(run / "final.safetensors")
+    argv = ["eval", "--weights", weights, "--dataset", "imagefolder", "--split", "train"]
+    assert (
+        main([*argv, "--data-dir", str(tmp_path / "data"), "--workers", "0", "--precision", "fp32"])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "(8 images, fp32)" in out and "1 unreadable images were skipped" in out
+    assert (run / "confusion-imagefolder-train.png").is_file()
+
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_trains_on_cpu(cifar, tmp_path, precision):
