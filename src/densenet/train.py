@@ -265,21 +265,22 @@ def _train(config: TrainConfig, run: RunDirectory, resume: bool, progress: bool)
                 sums["top1"] += float((logits.argmax(1) == batch.labels).sum())
                 sums["top5"] += float(topk_correct(logits, batch.labels, 5).sum())
                 sums["count"] += n
+            done = step + 1
+            every = config.checkpoint_every
+            if every and done < steps and (epoch * steps + done) % every == 0:
+                save(epoch, done)
+            # Everything but waiting for the batch counts as compute (checkpoints included).
             tick = time.perf_counter()
             sums["compute_seconds"] += tick - fetched
-            bar.update(1)
             seen = max(sums["count"], 1)
             elapsed = sums["compute_seconds"] + sums["data_seconds"]
+            bar.update(1)
             bar.set_postfix(
                 loss=f"{sums['loss'] / seen:.3f}",
                 acc=f"{100 * sums['top1'] / seen:.1f}%",
                 img_s=f"{sums['count'] / max(elapsed, 1e-9):.0f}",
                 refresh=False,
             )
-            done = step + 1
-            every = config.checkpoint_every
-            if every and done < steps and (epoch * steps + done) % every == 0:
-                save(epoch, done)
         bar.close()
 
         result = evaluate(
