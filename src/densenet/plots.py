@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from densenet.checkpoint import atomic_write
 
@@ -23,6 +24,7 @@ def plot_curves(history: list[dict[str, float]], path: Path) -> None:
     for axes in (loss_axes, acc_axes):
         axes.grid(alpha=0.3)
         axes.legend()
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
 
 
