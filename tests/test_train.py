@@ -232,3 +232,15 @@ def test_training_on_cuda_resolves_precision_and_layout(cifar, tmp_path):
     assert train_cifar(cifar, run, *argv) == 0
     config = (run / "config.toml").read_text()
     assert 'device = "cuda"' in config and 'precision = "' in config
+
+
+def test_svhn_recipe_trains_on_train_plus_extra_with_dropout(tmp_path, capsys):
+    from fake_data import write_svhn
+
+    write_svhn(tmp_path / "data")
+    run = tmp_path / "run"
+    argv = ["train", "--dataset", "svhn", "--data-dir", str(tmp_path / "data"), "--out", str(run)]
+    assert main([*argv, "--epochs", "1", "--batch-size", "8", *TINY]) == 0
+    assert "on svhn: 24 train / 12 test images" in capsys.readouterr().out
+    model, checkpoint = densenet.load_model(run / "final.safetensors")
+    assert model.config.drop_rate == 0.2 and checkpoint.meta["preprocessing"]["std"] == [1.0] * 3
