@@ -51,8 +51,7 @@ def default_memory_format(device: torch.device, precision: str) -> str:
 
 
 def check_precision(device: torch.device, precision: str) -> None:
-    if precision == "fp16" and device.type == "cpu":
-        return  # supported, if slow: CPUs without AVX512-FP16 emulate it
+    # fp16 runs everywhere (slowly on CPUs without AVX512-FP16); bf16 needs GPU support.
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError("this GPU has no bf16 support; use --precision fp16 or fp32")
 

@@ -10,7 +10,14 @@ import typing
 from pathlib import Path
 
 from densenet.errors import ConfigError, DenseNetError
-from densenet.recipes import FIELD_TYPES, FIELDS, check_resume_overrides, list_recipes, resolve
+from densenet.recipes import (
+    FIELD_TYPES,
+    FIELDS,
+    check_resume_overrides,
+    list_recipes,
+    resolve,
+    tomllib,
+)
 from densenet.registry import get_spec
 from densenet.rundir import RunDirectory
 from densenet.train import train
@@ -70,8 +77,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _parse_model_overrides(items: list[str]) -> dict[str, object]:
-    from densenet.recipes import tomllib
-
     overrides = {}
     for item in items:
         key, sep, value = item.partition("=")
