@@ -199,7 +199,10 @@ def _train(config: TrainConfig, run: RunDirectory, resume: bool, progress: bool)
         epoch, start_step = int(checkpoint["epoch"]), int(checkpoint["step"])
         history, best_top1 = list(checkpoint["history"]), float(checkpoint["best_top1"])
         sums = dict(checkpoint["sums"])
-        print(f"resuming {run.path} at epoch {epoch + 1}, step {start_step}/{steps}")
+        if epoch < config.epochs:
+            print(f"resuming {run.path} at epoch {epoch + 1}, step {start_step}/{steps}")
+        else:
+            print(f"{run.path} has finished its {config.epochs} epochs; writing its final files")
 
     def state(epoch: int, step: int) -> dict[str, object]:
         return {
