@@ -1,5 +1,14 @@
 """Subcommands of the ``densenet`` CLI. Each module has ``register(subparsers)``."""
 
-from densenet.commands import bench, convert, export, list_models, predict, summary
+from densenet.commands import (
+    bench,
+    convert,
+    eval,
+    export,
+    list_models,
+    predict,
+    summary,
+    train,
+)
 
-COMMANDS = (list_models, summary, predict, export, bench, convert)
+COMMANDS = (list_models, summary, train, eval, predict, export, bench, convert)
