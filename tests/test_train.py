@@ -244,3 +244,40 @@ def test_svhn_recipe_trains_on_train_plus_extra_with_dropout(tmp_path, capsys):
     assert "on svhn: 24 train / 12 test images" in capsys.readouterr().out
     model, checkpoint = densenet.load_model(run / "final.safetensors")
     assert model.config.drop_rate == 0.2 and checkpoint.meta["preprocessing"]["std"] == [1.0] * 3
+
+
+def test_memory_efficient_training_gives_the_same_run(cifar, tmp_path):
+    # A small lr: at lr 0.1 on random data a few steps amplify float rounding chaotically (in
+    # either path alike), which would hide what this checks: the flag reaches the model intact.
+    standard, efficient = tmp_path / "standard", tmp_path / "efficient"
+    settings = ("--deterministic", "--lr", "0.001")
+    assert train_cifar(cifar, standard, *settings) == 0
+    assert train_cifar(cifar, efficient, *settings, "--memory-efficient") == 0
+    a = load_file(standard / "final.safetensors")
+    b = load_file(efficient / "final.safetensors")
+    assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) <= 1e-5
+    _, checkpoint = densenet.load_model(efficient / "final.safetensors")
+    assert checkpoint.config.memory_efficient
+
+
+def test_finetune_with_a_frozen_backbone_trains_only_the_head(cifar, tmp_path):
+    pretrained = tmp_path / "pretrained"
+    assert train_cifar(cifar, pretrained) == 0
+    tuned = tmp_path / "tuned"
+    source = pretrained / "final.safetensors"
+    assert train_cifar(cifar, tuned, "--finetune", str(source), "--freeze-backbone") == 0
+    before, after = load_file(source), load_file(tuned / "final.safetensors")
+    # Frozen BN keeps no batch counter; every other backbone tensor must be untouched.
+    backbone = [k for k in after if not k.startswith("classifier")]
+    assert len(backbone) > 0.8 * len(before)
+    assert all(torch.equal(before[k], after[k]) for k in backbone)
+    densenet.load_model(tuned / "final.safetensors")  # and the file loads as a normal model
+    assert not torch.equal(before["classifier.weight"], after["classifier.weight"])
+
+
+def test_finetune_options_that_cannot_work_are_refused(cifar, tmp_path, capsys):
+    assert train_cifar(cifar, tmp_path / "a", "--freeze-backbone") == 2
+    assert "--finetune" in capsys.readouterr().err
+    missing = str(tmp_path / "missing.safetensors")
+    assert train_cifar(cifar, tmp_path / "b", "--finetune", missing) == 2
+    assert "not found" in capsys.readouterr().err

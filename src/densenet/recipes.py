@@ -50,6 +50,14 @@ class TrainConfig:
     # DenseNetConfig fields that differ from the preset (the data sets in_channels, num_classes).
     model_overrides: dict[str, object] = field(default_factory=dict)
     drop_rate: float = 0.0
+    # Linear-memory dense blocks (densenet.efficient): same results, far less activation memory.
+    memory_efficient: bool = False
+    # Start from these weights (file, URL or published name); the head is re-initialised when the
+    # number of classes differs.
+    finetune: str = ""
+    freeze_backbone: bool = False
+    # The backbone learns at lr * backbone_lr_scale (fine-tuning often wants it smaller).
+    backbone_lr_scale: float = 1.0
     epochs: int = 300
     # The global batch: with several processes each one takes an equal slice of it.
     batch_size: int = 64
@@ -109,6 +117,15 @@ class TrainConfig:
         if not all(0 < m <= 1 for m in self.lr_milestones):
             raise ConfigError(
                 f"lr_milestones are fractions of the run in (0, 1], got {list(self.lr_milestones)}"
+            )
+        if not 0.0 <= self.backbone_lr_scale <= 1.0:
+            raise ConfigError(f"backbone_lr_scale must be in [0, 1], got {self.backbone_lr_scale}")
+        if self.freeze_backbone and not self.finetune:
+            raise ConfigError("freeze_backbone needs pretrained weights: add --finetune SOURCE")
+        if self.freeze_backbone and self.memory_efficient:
+            raise ConfigError(
+                "a frozen backbone needs no activation memory for its gradients: drop "
+                "--memory-efficient or --freeze-backbone"
             )
         if len(self.mean) != len(self.std) or any(s <= 0 for s in self.std):
             raise ConfigError("mean and std must have one value per channel, and std > 0")

@@ -18,6 +18,7 @@ from tqdm import tqdm
 from densenet.datasets import Data, TensorData, channel_stats, download, load_split
 from densenet.errors import CheckpointError, ConfigError, DatasetError, TrainingError
 from densenet.evaluate import evaluate, topk_correct
+from densenet.finetune import freeze_backbone, parameter_groups
 from densenet.hardware import (
     autocast,
     check_precision,
@@ -111,13 +112,16 @@ def preprocessing_of(config: TrainConfig) -> Preprocessing:
 
 def build_model(config: TrainConfig, in_channels: int, num_classes: int) -> DenseNet:
     """The one place a training run's network is made: the preset plus the run's overrides."""
-    return create_model(
+    model = create_model(
         config.model,
+        weights=config.finetune or None,
         num_classes=num_classes,
         in_channels=in_channels,
         drop_rate=config.drop_rate,
+        memory_efficient=config.memory_efficient,
         **config.model_overrides,
     )
+    return freeze_backbone(model) if config.freeze_backbone else model
 
 
 def weights_meta(config: TrainConfig, data: DataSetup, **extra: object) -> dict[str, object]:
@@ -157,8 +161,11 @@ def _train(config: TrainConfig, run: RunDirectory, resume: bool, progress: bool)
     model = build_model(config, data.in_channels, num_classes).to(device)
     if config.memory_format == "channels_last":
         model = model.to(memory_format=torch.channels_last)
+    groups = parameter_groups(model, config.lr, config.backbone_lr_scale)
+    for group in groups:
+        group["lr_scale"] = group["lr"] / config.lr
     optimizer = torch.optim.SGD(
-        model.parameters(),
+        groups,
         lr=config.lr,
         momentum=config.momentum,
         nesterov=config.nesterov,
@@ -234,7 +241,7 @@ def _train(config: TrainConfig, run: RunDirectory, resume: bool, progress: bool)
     while epoch < config.epochs:
         lr = config.lr_at(epoch)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]
         bar = tqdm(
             total=steps,
             initial=start_step,

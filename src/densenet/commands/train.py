@@ -39,6 +39,10 @@ HELP = {
     "workers": "DataLoader worker processes for ImageFolder data",
     "checkpoint_every": "also checkpoint every N steps (0: at the end of each epoch only)",
     "deterministic": "deterministic algorithms only (bitwise-reproducible runs, may be slower)",
+    "memory_efficient": "dense blocks in memory linear in depth (same results)",
+    "finetune": "start from these weights: a file, URL or published name (see README)",
+    "freeze_backbone": "with --finetune: train only the classifier",
+    "backbone_lr_scale": "with --finetune: the backbone's lr is lr times this",
 }
 
 
