@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/densenet summary densenet121
+	$(BIN)/densenet train
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests

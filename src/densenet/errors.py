@@ -11,3 +11,15 @@ class ConfigError(DenseNetError, ValueError):
 
 class WeightsError(DenseNetError):
     """A weights file that cannot be read or does not fit the model."""
+
+
+class DatasetError(DenseNetError):
+    """A dataset that is missing, incomplete or unreadable."""
+
+
+class CheckpointError(DenseNetError):
+    """A training checkpoint or run directory that cannot be used to resume."""
+
+
+class TrainingError(DenseNetError):
+    """Training that cannot go on (a non-finite loss), with where to restart from."""

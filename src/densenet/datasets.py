@@ -1,0 +1,269 @@
+"""Reading datasets from disk: small ones into uint8 tensors in memory, ImageFolder as file lists.
+
+Each reader checks for the files it needs first and fails with the exact path expected and how to
+get the data; a file that exists but can't be parsed is reported as corrupt. ``--download`` uses
+torchvision's downloaders (which verify checksums) and then the same readers.
+"""
+
+from __future__ import annotations
+
+import pickle
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from densenet.errors import DatasetError
+
+DIGITS_TEST_FRACTION = 0.2
+# The held-out digits split never changes with the training seed: results stay comparable.
+DIGITS_SPLIT_SEED = 0
+
+CIFAR = {
+    "cifar10": {
+        "folder": "cifar-10-batches-py",
+        "train": [f"data_batch_{i}" for i in range(1, 6)],
+        "test": ["test_batch"],
+        "meta": ("batches.meta", "label_names"),
+        "labels": "labels",
+        "url": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+    },
+    "cifar100": {
+        "folder": "cifar-100-python",
+        "train": ["train"],
+        "test": ["test"],
+        "meta": ("meta", "fine_label_names"),
+        "labels": "fine_labels",
+        "url": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+    },
+}
+SVHN_FILES = {"train": "train_32x32.mat", "extra": "extra_32x32.mat", "test": "test_32x32.mat"}
+SVHN_URL = "http://ufldl.stanford.edu/housenumbers/"
+
+
+@dataclass
+class TensorData:
+    """A labelled image set held in memory: ``images`` uint8 (N, C, H, W), ``labels`` int64 (N,)."""
+
+    images: Tensor
+    labels: Tensor
+    class_names: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class FolderData:
+    """An ImageFolder split: (path, class index) pairs, read lazily by DataLoader workers."""
+
+    samples: list[tuple[str, int]]
+    class_names: list[str]
+    root: Path
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+Data = TensorData | FolderData
+
+
+def load_split(name: str, data_dir: str | Path, split: str, *, svhn_extra: bool = True) -> Data:
+    """The ``train`` or ``test`` split of dataset ``name`` (ImageFolder's test split is ``val``)."""
+    data_dir = Path(data_dir)
+    if name == "digits":
+        return _digits(split)
+    if name in CIFAR:
+        return _cifar(name, data_dir, split)
+    if name == "svhn":
+        parts = ["train", "extra"] if split == "train" and svhn_extra else [split]
+        return _svhn(data_dir, parts)
+    if name == "imagefolder":
+        return _image_folder(data_dir, "train" if split == "train" else "val")
+    raise DatasetError(f"unknown dataset {name!r}")
+
+
+def download(name: str, data_dir: str | Path, *, svhn_extra: bool = True) -> None:
+    """Fetch ``name`` into ``data_dir`` with torchvision's downloaders (checksums verified)."""
+    import torchvision.datasets as tvd
+
+    data_dir = Path(data_dir)
+    try:
+        if name == "cifar10":
+            tvd.CIFAR10(str(data_dir), download=True)
+        elif name == "cifar100":
+            tvd.CIFAR100(str(data_dir), download=True)
+        elif name == "svhn":
+            for split in ["train", "test"] + (["extra"] if svhn_extra else []):
+                tvd.SVHN(str(data_dir), split=split, download=True)
+        elif name == "imagefolder":
+            raise DatasetError(
+                "ImageFolder data cannot be downloaded; put images in DIR/train/CLASS/ and "
+                "DIR/val/CLASS/"
+            )
+    except (OSError, RuntimeError) as error:  # URLError is an OSError; bad checksums RuntimeError
+        raise DatasetError(f"could not download {name} into {data_dir}: {error}") from None
+
+
+def channel_stats(images: Tensor, chunk: int = 4096) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of uint8 images on the 0-1 scale, a chunk at a time (SVHN's
+    600k images would take 15 GB as one float64 tensor)."""
+    channels = images.shape[1]
+    total = torch.zeros(channels, dtype=torch.float64)
+    squares = torch.zeros(channels, dtype=torch.float64)
+    for part in images.split(chunk):
+        pixels = part.transpose(0, 1).flatten(1).double() / 255
+        total += pixels.sum(1)
+        squares += pixels.square().sum(1)
+    count = images.numel() / channels
+    mean = total / count
+    std = (squares / count - mean.square()).sqrt()
+    return [round(float(v), 6) for v in mean], [round(float(v), 6) for v in std]
+
+
+def _digits(split: str) -> TensorData:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    # 8x8 images with values 0..16: put them on the usual 0..255 scale of image files.
+    images = np.rint(digits.images * (255 / 16)).astype(np.uint8)[:, None]
+    train_x, test_x, train_y, test_y = train_test_split(
+        images,
+        digits.target,
+        test_size=DIGITS_TEST_FRACTION,
+        random_state=DIGITS_SPLIT_SEED,
+        stratify=digits.target,
+    )
+    x, y = (train_x, train_y) if split == "train" else (test_x, test_y)
+    return TensorData(torch.from_numpy(x), torch.from_numpy(y).long(), [str(i) for i in range(10)])
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """CIFAR batches are pickles; allow only the numpy types they contain, so no code can run."""
+
+    ALLOWED: typing.ClassVar[set[tuple[str, str]]] = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _read_pickle(path: Path) -> dict:
+    try:
+        with open(path, "rb") as handle:
+            data = _NumpyOnlyUnpickler(handle, encoding="latin1").load()
+    except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError) as error:
+        raise DatasetError(
+            f"{path} is corrupt ({type(error).__name__}: {error}); delete it and run again with "
+            "--download"
+        ) from None
+    if not isinstance(data, dict):
+        raise DatasetError(f"{path} is corrupt (not a CIFAR batch); delete it and use --download")
+    return data
+
+
+def _cifar(name: str, data_dir: Path, split: str) -> TensorData:
+    spec = CIFAR[name]
+    folder = data_dir / spec["folder"]
+    meta_file, names_key = spec["meta"]
+    needed = [*spec[split], meta_file]
+    missing = [f for f in needed if not (folder / f).is_file()]
+    if missing:
+        raise DatasetError(
+            f"{name} not found: expected {folder / missing[0]}; run with --download, or download "
+            f"{spec['url']} and extract it into {data_dir}"
+        )
+    images, labels = [], []
+    for file in spec[split]:
+        batch = _read_pickle(folder / file)
+        try:
+            data = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+            batch_labels = np.asarray(batch[spec["labels"]], dtype=np.int64)
+        except (KeyError, ValueError) as error:
+            raise DatasetError(
+                f"{folder / file} is corrupt (bad {error} entry); delete it and use --download"
+            ) from None
+        if len(data) != len(batch_labels):
+            raise DatasetError(
+                f"{folder / file} is corrupt: {len(data)} images, {len(batch_labels)} labels"
+            )
+        images.append(data)
+        labels.append(batch_labels)
+    class_names = [str(n) for n in _read_pickle(folder / meta_file).get(names_key, [])]
+    return _checked(
+        TensorData(
+            torch.from_numpy(np.concatenate(images)),
+            torch.from_numpy(np.concatenate(labels)),
+            class_names,
+        ),
+        folder,
+    )
+
+
+def _svhn(data_dir: Path, parts: list[str]) -> TensorData:
+    from scipy.io import loadmat
+
+    images, labels = [], []
+    for part in parts:
+        path = data_dir / SVHN_FILES[part]
+        if not path.is_file():
+            raise DatasetError(
+                f"svhn not found: expected {path}; run with --download, or download "
+                f"{SVHN_URL}{SVHN_FILES[part]} into {data_dir}"
+            )
+        try:
+            mat = loadmat(str(path))
+            # Stored as (H, W, C, N) with the digit 0 labelled 10.
+            x = np.ascontiguousarray(np.asarray(mat["X"], dtype=np.uint8).transpose(3, 2, 0, 1))
+            y = np.asarray(mat["y"], dtype=np.int64).reshape(-1) % 10
+        except Exception as error:  # scipy raises ValueError, MatReadError, KeyError, ...
+            raise DatasetError(
+                f"{path} is corrupt ({type(error).__name__}: {error}); delete it and run again "
+                "with --download"
+            ) from None
+        if x.shape[1:] != (3, 32, 32) or len(x) != len(y):
+            raise DatasetError(f"{path} is corrupt: images {x.shape[1:]} for {len(y)} labels")
+        images.append(x)
+        labels.append(y)
+    data = TensorData(
+        torch.from_numpy(np.concatenate(images)),
+        torch.from_numpy(np.concatenate(labels)),
+        [str(i) for i in range(10)],
+    )
+    return _checked(data, data_dir)
+
+
+def _checked(data: TensorData, where: Path) -> TensorData:
+    if len(data) == 0:
+        raise DatasetError(f"{where} holds no images")
+    num_classes = len(data.class_names)
+    if int(data.labels.min()) < 0 or int(data.labels.max()) >= num_classes:
+        raise DatasetError(f"{where} is corrupt: labels outside 0..{num_classes - 1}")
+    return data
+
+
+def _image_folder(data_dir: Path, split: str) -> FolderData:
+    from torchvision.datasets import ImageFolder
+
+    root = data_dir / split
+    if not root.is_dir():
+        raise DatasetError(
+            f"ImageFolder split not found: expected {root}/CLASS_NAME/IMAGE.jpg (one folder per "
+            f"class, under {data_dir}/train and {data_dir}/val)"
+        )
+    try:
+        # Only lists the files: images are opened (and bad ones counted) when batches are made.
+        folder = ImageFolder(str(root))
+    except (FileNotFoundError, OSError) as error:
+        raise DatasetError(f"{root}: {error}") from None
+    return FolderData(folder.samples, list(folder.classes), root)

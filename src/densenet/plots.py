@@ -1,0 +1,51 @@
+"""Figures of a run: training curves and confusion matrices (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from densenet.checkpoint import atomic_write
+
+
+def plot_curves(history: list[dict[str, float]], path: Path) -> None:
+    """Loss and top-1 accuracy per epoch, train and test."""
+    epochs = [row["epoch"] for row in history]
+    figure = Figure(figsize=(10, 4), layout="constrained")
+    loss_axes, acc_axes = figure.subplots(1, 2)
+    for split in ("train", "test"):
+        loss_axes.plot(epochs, [row[f"{split}_loss"] for row in history], marker=".", label=split)
+        acc_axes.plot(epochs, [row[f"{split}_top1"] for row in history], marker=".", label=split)
+    loss_axes.set(xlabel="epoch", ylabel="cross-entropy loss", title="loss")
+    acc_axes.set(xlabel="epoch", ylabel="top-1 accuracy (%)", title="accuracy")
+    for axes in (loss_axes, acc_axes):
+        axes.grid(alpha=0.3)
+        axes.legend()
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
+
+
+def plot_confusion(confusion: np.ndarray, class_names: list[str], path: Path, title: str) -> None:
+    """Rows are true classes, columns predictions; each row is normalised to sum to 1."""
+    rows = confusion.sum(axis=1, keepdims=True)
+    normalised = confusion / np.maximum(rows, 1)
+    size = min(4 + 0.35 * len(class_names), 20)
+    figure = Figure(figsize=(size + 1.5, size), layout="constrained")
+    axes = figure.subplots()
+    image = axes.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
+    figure.colorbar(image, ax=axes, label="share of the true class")
+    if len(class_names) <= 30:
+        ticks = range(len(class_names))
+        axes.set_xticks(ticks, class_names, rotation=90)
+        axes.set_yticks(ticks, class_names)
+        if len(class_names) <= 12:
+            for i in ticks:
+                for j in ticks:
+                    if confusion[i, j]:
+                        colour = "white" if normalised[i, j] > 0.5 else "black"
+                        axes.text(
+                            j, i, int(confusion[i, j]), ha="center", va="center", color=colour
+                        )
+    axes.set(xlabel="predicted", ylabel="true", title=title)
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
