@@ -80,6 +80,8 @@ class TrainConfig:
     # Also checkpoint every N optimizer steps (0: only at the end of each epoch).
     checkpoint_every: int = 0
     deterministic: bool = False
+    # With several processes: BatchNorm statistics over the global batch, not each process's share.
+    sync_bn: bool = False
 
     def __post_init__(self) -> None:
         for name in ("lr_milestones", "mean", "std"):
