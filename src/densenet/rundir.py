@@ -11,8 +11,8 @@ from pathlib import Path
 from torch import nn
 
 from densenet.checkpoint import atomic_write, load_checkpoint, save_checkpoint
-from densenet.errors import CheckpointError, ConfigError
 from densenet.distributed import current_context
+from densenet.errors import CheckpointError, ConfigError
 from densenet.plots import plot_curves
 from densenet.recipes import TrainConfig, load_config, save_config
 from densenet.weights import save_weights
