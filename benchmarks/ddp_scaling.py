@@ -67,32 +67,31 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/ddp_scaling.md"))
     args = parser.parse_args()
     cores = os.cpu_count() or 1
-    common = [
-        "--epochs",
-        str(args.epochs),
-        "--precision",
-        args.precision,
-        "--no-progress",
-        "--sync-bn",
-        "--batch-size",
-        "128",
-    ]
+    common = ["--epochs", str(args.epochs), "--precision", args.precision, "--no-progress"]
+    common += ["--batch-size", "128"]
     cases = [
-        ("1 process", 1, cores),
-        (f"{args.processes} processes (gloo)", args.processes, max(cores // args.processes, 1)),
+        ("1 process", 1, cores, []),
+        (f"{args.processes} processes (gloo)", args.processes, max(cores // args.processes, 1), []),
+        (
+            f"{args.processes} processes (gloo), --sync-bn",
+            args.processes,
+            max(cores // args.processes, 1),
+            ["--sync-bn"],
+        ),
     ]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for i, (name, processes, threads) in enumerate(cases):
-            rate = train(Path(tmp) / str(i), processes, threads, common)
-            rows.append((name, processes, threads, rate))
+        for i, (name, processes, threads, extra) in enumerate(cases):
+            rate = train(Path(tmp) / str(i), processes, threads, [*common, *extra])
+            rows.append((name, processes, threads, extra, rate))
             print(f"{name}, {threads} threads each: {rate:.0f} img/s", flush=True)
-    base = rows[0][3]
+    base = rows[0][4]
     lines = [
         "# Data-parallel scaling (digits recipe network, DenseNet-BC 3x3 blocks, batch 128)",
         "",
         f"- machine: {platform.processor() or platform.machine()}, {cores} CPU cores, no GPU",
-        f"- torch {torch.__version__}, precision {args.precision}, channels_last, --sync-bn",
+        f"- torch {torch.__version__}, precision {args.precision}, channels_last",
+        f"- load average when done (the machine is shared): {os.getloadavg()[0]:.1f}",
         f"- command: `flock /tmp/densenet-bench.lock .venv/bin/python benchmarks/ddp_scaling.py"
         f" --processes {args.processes} --epochs {args.epochs} --precision {args.precision}`",
         "- img/s: global training images per second of compute (metrics.csv), mean over epochs"
@@ -101,7 +100,7 @@ def main() -> None:
         "| run | processes | threads each | img/s | vs 1 process |",
         "|---|---|---|---|---|",
     ]
-    for name, processes, threads, rate in rows:
+    for name, processes, threads, _, rate in rows:
         lines.append(f"| {name} | {processes} | {threads} | {rate:.0f} | {rate / base:.2f}x |")
     args.out.write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out}")

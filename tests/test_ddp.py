@@ -16,7 +16,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from densenet import loaders
 from densenet.cli import main
+from densenet.datasets import load_split
+from densenet.distributed import DistributedContext
 from test_train import read_metrics
 
 ARGS = [
@@ -111,7 +114,21 @@ def test_a_diverging_run_stops_every_process_with_one_message(tmp_path):
     assert "process 1 stopped with the others; process 0 says why" in result.stderr
 
 
-def test_a_batch_that_does_not_split_over_the_processes_is_refused(tmp_path):
-    result = torchrun("--out", str(tmp_path / "odd"), *ARGS, "--batch-size", "255")
-    assert result.returncode != 0
-    assert "batch size 255 does not split evenly over 2 processes" in result.stderr
+@pytest.mark.parametrize("train", [True, False])
+def test_process_shards_put_together_are_the_one_process_batches(monkeypatch, train):
+    data = load_split("digits", "data", "train" if train else "test")
+
+    def batches(context):
+        monkeypatch.setattr(loaders, "current_context", lambda: context)
+        made = loaders.TensorBatches(
+            data, 96, torch.device("cpu"), train=train, augment="crop", padding=1
+        )
+        return list(made.epoch(1))
+
+    whole = batches(DistributedContext())
+    parts = [batches(DistributedContext(rank, 3)) for rank in range(3)]
+    # Disjoint, contiguous slices of every global batch, images augmented the same; the last
+    # evaluation batch (360 = 3 * 96 + 72) splits too.
+    for step, batch in enumerate(whole):
+        assert torch.equal(batch.images, torch.cat([p[step].images for p in parts]))
+        assert torch.equal(batch.labels, torch.cat([p[step].labels for p in parts]))
