@@ -4,6 +4,11 @@ Every source of randomness is a pure function of (seed, epoch, step): the data o
 augmentation (see loaders.py) and dropout (the global RNG is re-seeded before each step). Together
 with the optimizer state in the checkpoint, this makes a run resumed at any step compute exactly
 what the uninterrupted run computes.
+
+Under torchrun each process trains on its slice of every global batch; gradients are averaged by
+DistributedDataParallel and the step's loss and accuracy are summed over processes (distributed.py).
+The data, and so a run without dropout, do not depend on the number of processes; dropout masks
+are drawn per process.
 """
 
 from __future__ import annotations
