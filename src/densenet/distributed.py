@@ -6,14 +6,17 @@ statistics on any device, so multi-process CPU training (and its tests) use the 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from densenet.errors import ConfigError
 
@@ -53,9 +56,63 @@ def init_distributed(device: torch.device, timeout_minutes: float = 10.0) -> Dis
         return DistributedContext()
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            # NCCL binds each process to the GPU current when the group starts: one GPU per rank.
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         # A finite timeout turns a rank that died mid-collective into an error instead of a hang.
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
-    return DistributedContext(dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"]))
+    return current_context()
+
+
+def current_context() -> DistributedContext:
+    """This process's place in the running process group; a lone process without one."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return DistributedContext()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    return DistributedContext(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+@contextlib.contextmanager
+def distributed_session(device: torch.device) -> Iterator[DistributedContext]:
+    """:func:`init_distributed` for the duration of a command, leaving the group on the way out."""
+    started_here = not dist.is_initialized()
+    context = init_distributed(device)
+    try:
+        yield context
+    finally:
+        if started_here and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def rank_device(device: torch.device, context: DistributedContext) -> torch.device:
+    """The device this process computes on: with several processes, GPU ``local_rank``."""
+    if device.type != "cuda" or not context.enabled:
+        return device
+    return torch.device("cuda", context.local_rank)
+
+
+def data_parallel(model: nn.Module, context: DistributedContext, device: torch.device) -> nn.Module:
+    """``model`` wrapped to average gradients over all processes; unchanged in a lone process."""
+    if not context.enabled:
+        return model
+    device_ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids)
+
+
+def from_main(value: object) -> object:
+    """The main process's ``value`` (any picklable object), on every process."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_reduce_sum(tensor: Tensor) -> Tensor:
+    """``tensor`` summed over all processes, in place; unchanged without a process group."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor
 
 
 def all_ranks_agree(ok: bool, device: torch.device) -> bool:
@@ -70,23 +127,26 @@ def all_ranks_agree(ok: bool, device: torch.device) -> bool:
 class SyncBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose training-mode statistics cover the whole global batch.
 
-    Each process contributes per-channel sums, sums of squares and counts to one all-reduce; the
-    all-reduce is differentiable, so gradients flow to every process's inputs exactly as in one
-    process holding the whole batch. Parameter and buffer names are BatchNorm2d's.
+    Each process contributes its per-channel mean, variance and count to one all-gather, and the
+    parts are combined as deviations from the global mean (Chan et al.'s parallel variance), which
+    keeps float32 statistics as accurate as one process's; a difference of sums of squares would
+    lose digits to cancellation when a channel's mean is large next to its spread. The all-gather
+    is differentiable, so gradients flow to every process's inputs exactly as in one process
+    holding the whole batch. Parameter and buffer names are BatchNorm2d's.
     """
 
     def forward(self, x: Tensor) -> Tensor:
         if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
-        dims = (0, 2, 3)
         local = x.float()
-        count = torch.full((1,), x.numel() / x.shape[1], device=x.device)
-        stats = torch.cat([local.sum(dims), (local * local).sum(dims), count])
-        stats = dist_fn.all_reduce(stats)
         channels = x.shape[1]
-        n = stats[-1]
-        mean = stats[:channels] / n
-        var = stats[channels : 2 * channels] / n - mean * mean
+        local_var, local_mean = torch.var_mean(local, dim=(0, 2, 3), correction=0)
+        count = torch.full((1,), x.numel() / channels, device=x.device)
+        parts = torch.stack(dist_fn.all_gather(torch.cat([local_mean, local_var, count])))
+        means, variances, counts = parts[:, :channels], parts[:, channels:-1], parts[:, -1:]
+        n = counts.sum()
+        mean = (counts * means).sum(0) / n
+        var = (counts * (variances + (means - mean) ** 2)).sum(0) / n
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from densenet.distributed import all_reduce_sum
 from densenet.hardware import autocast, to_memory_format
 from densenet.loaders import FolderBatches, Normalize, TensorBatches
 
@@ -67,6 +68,10 @@ def evaluate(
             batch.labels * num_classes + logits.argmax(1), minlength=num_classes**2
         )
     model.train(was_training)
+    # With several processes each one saw a shard of the data (see loaders.shard_of): add them up.
+    for total in (loss_sum, top5, confusion):
+        all_reduce_sum(total)
+    skipped = int(all_reduce_sum(torch.tensor(skipped, device=device)))
     confusion = confusion.view(num_classes, num_classes).cpu()
     count = max(int(confusion.sum()), 1)
     return EvalResult(

@@ -13,13 +13,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
 from densenet.datasets import Data, FolderData, TensorData
+from densenet.distributed import current_context
 from densenet.presets import Preprocessing
 
 
@@ -38,36 +38,53 @@ def mix_seed(*parts: int) -> int:
     return seed
 
 
-def rank_and_world_size() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def epoch_order(n: int, seed: int, epoch: int) -> Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(mix_seed(seed, epoch)))
 
 
-def batch_indices(order: Tensor, step: int, batch_size: int) -> Tensor:
-    """This process's share of global batch ``step``: every world_size-th index of it."""
-    rank, world_size = rank_and_world_size()
-    return order[step * batch_size : (step + 1) * batch_size][rank::world_size]
+def global_batch(order: Tensor, step: int, batch_size: int) -> Tensor:
+    """The indices of batch ``step`` over all processes: the same for any number of them."""
+    return order[step * batch_size : (step + 1) * batch_size]
 
 
-def crop_and_flip(images: Tensor, padding: int, flip: bool, generator: torch.Generator) -> Tensor:
+def shard_of(indices: Tensor, train: bool) -> slice:
+    """This process's contiguous part of a global batch.
+
+    Training batches must split evenly (every process computes an equal share of the gradient);
+    the last evaluation batch may not, and its parts may differ by one image.
+    """
+    context = current_context()
+    if train:
+        return context.shard(len(indices))
+    base, extra = divmod(len(indices), context.world_size)
+    start = context.rank * base + min(context.rank, extra)
+    return slice(start, start + base + (context.rank < extra))
+
+
+def crop_and_flip(
+    images: Tensor,
+    padding: int,
+    flip: bool,
+    generator: torch.Generator,
+    batch_size: int | None = None,
+    shard: slice = slice(None),
+) -> Tensor:
     """Zero-pad by ``padding``, take a random crop of the original size and maybe mirror it.
 
     One gather does the whole batch: each image's rows and columns are index ranges starting at
-    its random offset, reversed for the images being flipped.
+    its random offset, reversed for the images being flipped. With several processes ``images``
+    is the ``shard`` of a global batch of ``batch_size``: the draws are made for the whole batch
+    and sliced, so an image's augmentation does not depend on the number of processes.
     """
     n, _, height, width = images.shape
+    drawn = batch_size or n
     device = images.device
     padded = torch.nn.functional.pad(images, (padding,) * 4)
-    dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(device)
-    dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(device)
+    dy = torch.randint(0, 2 * padding + 1, (drawn,), generator=generator)[shard].to(device)
+    dx = torch.randint(0, 2 * padding + 1, (drawn,), generator=generator)[shard].to(device)
     cols = torch.arange(width, device=device).expand(n, width)
     if flip:
-        mirrored = torch.rand(n, generator=generator).to(device) < 0.5
+        mirrored = torch.rand(drawn, generator=generator)[shard].to(device) < 0.5
         cols = torch.where(mirrored[:, None], cols.flip(1), cols)
     rows = dy[:, None] + torch.arange(height, device=device)
     cols = dx[:, None] + cols
@@ -104,11 +121,14 @@ class TensorBatches:
         n = len(self.labels)
         order = epoch_order(n, self.seed, epoch) if self.train else torch.arange(n)
         for step in range(start_step, len(self)):
-            index = batch_indices(order, step, self.batch_size).to(self.images.device)
+            batch = global_batch(order, step, self.batch_size)
+            shard = shard_of(batch, self.train)
+            index = batch[shard].to(self.images.device)
             images = self.images[index]
             if self.train and self.augment in ("crop", "crop_flip"):
                 generator = torch.Generator().manual_seed(mix_seed(self.seed, epoch, step, 1))
-                images = crop_and_flip(images, self.padding, self.augment == "crop_flip", generator)
+                flip = self.augment == "crop_flip"
+                images = crop_and_flip(images, self.padding, flip, generator, len(batch), shard)
             yield Batch(images, self.labels[index])
 
 
@@ -204,14 +224,14 @@ class FolderBatches:
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         n = len(self.files)
         order = epoch_order(n, self.seed, epoch) if self.train else torch.arange(n)
+
         # A generator: an ImageNet epoch's million (index, seed) pairs are made as they are needed.
-        batches = (
-            [
-                (int(i), mix_seed(self.seed, epoch, step, int(i)))
-                for i in batch_indices(order, step, self.batch_size)
-            ]
-            for step in range(start_step, len(self))
-        )
+        def requests(step: int) -> list[tuple[int, int]]:
+            batch = global_batch(order, step, self.batch_size)
+            shard = batch[shard_of(batch, self.train)]
+            return [(int(i), mix_seed(self.seed, epoch, step, int(i))) for i in shard]
+
+        batches = (requests(step) for step in range(start_step, len(self)))
         loader = DataLoader(
             self.files,
             batch_sampler=batches,

@@ -88,6 +88,8 @@ class TrainConfig:
     # Also checkpoint every N optimizer steps (0: only at the end of each epoch).
     checkpoint_every: int = 0
     deterministic: bool = False
+    # With several processes: BatchNorm statistics over the global batch, not each process's share.
+    sync_bn: bool = False
 
     def __post_init__(self) -> None:
         for name in ("lr_milestones", "mean", "std"):
@@ -122,6 +124,11 @@ class TrainConfig:
             raise ConfigError(f"backbone_lr_scale must be in [0, 1], got {self.backbone_lr_scale}")
         if self.freeze_backbone and not self.finetune:
             raise ConfigError("freeze_backbone needs pretrained weights: add --finetune SOURCE")
+        if self.sync_bn and self.memory_efficient:
+            raise ConfigError(
+                "--memory-efficient computes BatchNorm statistics itself and cannot synchronise "
+                "them yet: drop --sync-bn or --memory-efficient"
+            )
         if self.freeze_backbone and self.memory_efficient:
             raise ConfigError(
                 "a frozen backbone needs no activation memory for its gradients: drop "

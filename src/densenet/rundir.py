@@ -11,8 +11,8 @@ from pathlib import Path
 from torch import nn
 
 from densenet.checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from densenet.distributed import current_context
 from densenet.errors import CheckpointError, ConfigError
-from densenet.loaders import rank_and_world_size
 from densenet.plots import plot_curves
 from densenet.recipes import TrainConfig, load_config, save_config
 from densenet.weights import save_weights
@@ -33,17 +33,17 @@ METRICS = (
 )
 
 
-def is_main_process() -> bool:
-    return rank_and_world_size()[0] == 0
-
-
 class RunDirectory:
     CONFIG, CHECKPOINT, METRICS, CURVES = "config.toml", "last.pt", "metrics.csv", "curves.png"
     BEST, FINAL = "best.safetensors", "final.safetensors"
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.writes = is_main_process()
+
+    @property
+    def writes(self) -> bool:
+        # Asked at each write: the process group may start after the directory is named.
+        return current_context().is_main
 
     def __truediv__(self, name: str) -> Path:
         return self.path / name

@@ -4,10 +4,16 @@ Every source of randomness is a pure function of (seed, epoch, step): the data o
 augmentation (see loaders.py) and dropout (the global RNG is re-seeded before each step). Together
 with the optimizer state in the checkpoint, this makes a run resumed at any step compute exactly
 what the uninterrupted run computes.
+
+Under torchrun each process trains on its slice of every global batch; gradients are averaged by
+DistributedDataParallel and the step's loss and accuracy are summed over processes (distributed.py).
+The data, and so a run without dropout, do not depend on the number of processes; dropout masks
+are drawn per process.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -16,6 +22,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from densenet.datasets import Data, TensorData, channel_stats, download, load_split
+from densenet.distributed import (
+    all_ranks_agree,
+    all_reduce_sum,
+    convert_sync_batchnorm,
+    current_context,
+    data_parallel,
+    rank_device,
+)
 from densenet.errors import CheckpointError, ConfigError, DatasetError, TrainingError
 from densenet.evaluate import evaluate, topk_correct
 from densenet.finetune import freeze_backbone, parameter_groups
@@ -149,16 +163,26 @@ def train(
 
 
 def _train(config: TrainConfig, run: RunDirectory, resume: bool, progress: bool):
+    # Under torchrun every process runs this function; the process group is already up (see
+    # distributed.distributed_session) and only the main process writes or prints.
+    context = current_context()
+    context.shard(config.batch_size)  # refuse a global batch that does not split evenly
+    progress = progress and context.is_main
     data = load_data(config)
     config = resolve_config(config, data)
     checkpoint = run.read_checkpoint() if resume else None
+    device = rank_device(torch.device(config.device), context)
+    # Every process has checked the run directory (and read the checkpoint) before it changes.
+    all_ranks_agree(True, device)
     if not resume:
         run.write_config(config)
-    device = torch.device(config.device)
     num_classes = len(data.class_names)
 
     torch.manual_seed(config.seed)
-    model = build_model(config, data.in_channels, num_classes).to(device)
+    model = build_model(config, data.in_channels, num_classes)
+    if config.sync_bn:
+        model = convert_sync_batchnorm(model)
+    model = model.to(device)
     if config.memory_format == "channels_last":
         model = model.to(memory_format=torch.channels_last)
     groups = parameter_groups(model, config.lr, config.backbone_lr_scale)
@@ -193,6 +217,10 @@ def _train(config: TrainConfig, run: RunDirectory, resume: bool, progress: bool)
             f"batch_size {config.batch_size} is larger than the {len(data.train)} training images"
         )
 
+    def say(line: str) -> None:
+        if context.is_main:
+            print(line)
+
     epoch, start_step, history, best_top1 = 0, 0, [], -1.0
     sums = _new_sums()
     if checkpoint is not None:
@@ -207,9 +235,9 @@ def _train(config: TrainConfig, run: RunDirectory, resume: bool, progress: bool)
         history, best_top1 = list(checkpoint["history"]), float(checkpoint["best_top1"])
         sums = dict(checkpoint["sums"])
         if epoch < config.epochs:
-            print(f"resuming {run.path} at epoch {epoch + 1}, step {start_step}/{steps}")
+            say(f"resuming {run.path} at epoch {epoch + 1}, step {start_step}/{steps}")
         else:
-            print(f"{run.path} has finished its {config.epochs} epochs; writing its final files")
+            say(f"{run.path} has finished its {config.epochs} epochs; writing its final files")
 
     def state(epoch: int, step: int) -> dict[str, object]:
         return {
@@ -232,11 +260,15 @@ def _train(config: TrainConfig, run: RunDirectory, resume: bool, progress: bool)
         run.write_checkpoint(state(epoch, step))
 
     meta = weights_meta(config, data)
-    print(
+    processes = f" x {context.world_size} processes" if context.enabled else ""
+    say(
         f"training {meta['model'] or config.model + ' (modified)'} on {config.dataset}: "
         f"{len(data.train)} train / {len(data.test)} test images, {steps} steps of "
-        f"{config.batch_size} per epoch, {config.precision} {config.memory_format} on {device}"
+        f"{config.batch_size} per epoch, {config.precision} {config.memory_format} on "
+        f"{device}{processes}"
     )
+    # The optimizer updates `model`'s parameters; `trained` averages their gradients over ranks.
+    trained = data_parallel(model, context, device)
     model.train()
     while epoch < config.epochs:
         lr = config.lr_at(epoch)
@@ -255,26 +287,51 @@ def _train(config: TrainConfig, run: RunDirectory, resume: bool, progress: bool)
         for step, batch in enumerate(train_batches.epoch(epoch, start_step), start=start_step):
             fetched = time.perf_counter()
             sums["data_seconds"] += fetched - tick
-            sums["skipped"] += batch.skipped
-            if len(batch.labels) > 0:
-                # Dropout draws from the global RNG: a seed per step makes a resume repeat it.
-                torch.manual_seed(mix_seed(config.seed, epoch, step, 2))
+            # Every process takes the step or none does: the gradient average needs them all.
+            if all_ranks_agree(len(batch.labels) > 0, device):
+                # Dropout draws from the global RNG: a seed per step (and process) makes a resume
+                # repeat it.
+                torch.manual_seed(mix_seed(config.seed, epoch, step, 2, context.rank))
                 images = to_memory_format(normalize(batch.images), config.memory_format)
                 with autocast(device, config.precision):
-                    logits = model(images).float()
+                    logits = trained(images).float()
                 loss = F.cross_entropy(logits, batch.labels)
-                loss_value = loss.item()  # syncs; also what the progress bar shows
-                if not torch.isfinite(loss).item():
-                    raise _diverged(run, f"loss is {loss_value}", epoch * steps + step + 1, steps)
+                n = len(batch.labels)
+                # This step's sums over all processes; a non-finite loss anywhere makes the loss
+                # sum non-finite everywhere, so all processes stop together instead of hanging.
+                step_sums = all_reduce_sum(
+                    torch.stack(
+                        [
+                            loss.detach().double() * n,
+                            (logits.argmax(1) == batch.labels).sum().double(),
+                            topk_correct(logits, batch.labels, 5).sum().double(),
+                            torch.tensor(n, dtype=torch.float64, device=device),
+                            torch.tensor(batch.skipped, dtype=torch.float64, device=device),
+                        ]
+                    )
+                ).tolist()  # syncs; also what the progress bar shows
+                loss_sum, top1, top5, count, skipped = step_sums
+                if not math.isfinite(loss_sum):
+                    if not context.is_main:  # one message, from the main process
+                        raise TrainingError(
+                            f"process {context.rank} stopped with the others; process 0 says why"
+                        )
+                    where = " on at least one process" if context.enabled else ""
+                    loss_value = loss_sum / count
+                    raise _diverged(
+                        run, f"loss is {loss_value}{where}", epoch * steps + step + 1, steps
+                    )
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
-                n = len(batch.labels)
-                sums["loss"] += loss_value * n
-                sums["top1"] += float((logits.argmax(1) == batch.labels).sum())
-                sums["top5"] += float(topk_correct(logits, batch.labels, 5).sum())
-                sums["count"] += n
+                sums["loss"] += loss_sum
+                sums["top1"] += top1
+                sums["top5"] += top5
+                sums["count"] += count
+                sums["skipped"] += skipped
+            else:
+                sums["skipped"] += float(all_reduce_sum(torch.tensor(batch.skipped, device=device)))
             done = step + 1
             every = config.checkpoint_every
             if every and done < steps and (epoch * steps + done) % every == 0:
@@ -327,14 +384,14 @@ def _train(config: TrainConfig, run: RunDirectory, resume: bool, progress: bool)
         # Checkpoint before metrics: a crash in between re-writes the metrics on resume.
         save(epoch, 0)
         run.write_metrics(history)
-        print(_epoch_line(row, config.epochs))
+        say(_epoch_line(row, config.epochs))
 
     last = history[-1]
     run.write_weights(
         model, run.FINAL, {**meta, "epoch": last["epoch"], "test_top1": last["test_top1"]}
     )
     run.write_metrics(history)
-    print(
+    say(
         f"done: test top-1 {last['test_top1']:.2f}% (best {best_top1:.2f}%), weights in "
         f"{run / run.FINAL}"
     )

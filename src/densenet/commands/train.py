@@ -9,7 +9,9 @@ import time
 import typing
 from pathlib import Path
 
+from densenet.distributed import distributed_session, from_main
 from densenet.errors import ConfigError, DenseNetError
+from densenet.hardware import resolve_device
 from densenet.recipes import (
     FIELD_TYPES,
     FIELDS,
@@ -43,6 +45,7 @@ HELP = {
     "finetune": "start from these weights: a file, URL or published name (see README)",
     "freeze_backbone": "with --finetune: train only the classifier",
     "backbone_lr_scale": "with --finetune: the backbone's lr is lr times this",
+    "sync_bn": "with several processes (torchrun), BatchNorm statistics over the global batch",
 }
 
 
@@ -103,20 +106,26 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError("--resume continues a run with its own config: drop --recipe/--out")
         run_dir = RunDirectory(args.resume)
         config = check_resume_overrides(run_dir.check_resumable(), overrides)
-        train(config, run_dir, resume=True, progress=progress)
+        with distributed_session(resolve_device(config.device)):
+            train(config, run_dir, resume=True, progress=progress)
         return 0
     config = resolve(args.recipe, overrides)
     get_spec(config.model).config.replace(**config.model_overrides)  # fail before any work
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    run_dir = RunDirectory(args.out or Path("runs") / f"{config.dataset}-{config.model}-{stamp}")
-    existed = run_dir.path.exists()
-    run_dir.create()
-    try:
-        train(config, run_dir, progress=progress)
-    except DenseNetError:
-        # Nothing was trained: don't leave an empty run directory behind.
-        if not existed:
-            with contextlib.suppress(OSError):
-                run_dir.path.rmdir()
-        raise
+    # Under torchrun, join the other processes first: only the main one may make the directory.
+    with distributed_session(resolve_device(config.device)) as context:
+        # Processes may start in different seconds: the main one's clock names the directory.
+        stamp = from_main(time.strftime("%Y%m%d-%H%M%S"))
+        run_dir = RunDirectory(
+            args.out or Path("runs") / f"{config.dataset}-{config.model}-{stamp}"
+        )
+        existed = run_dir.path.exists()
+        run_dir.create()
+        try:
+            train(config, run_dir, progress=progress)
+        except DenseNetError:
+            # Nothing was trained: don't leave an empty run directory behind.
+            if not existed and context.is_main:
+                with contextlib.suppress(OSError):
+                    run_dir.path.rmdir()
+            raise
     return 0

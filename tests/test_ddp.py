@@ -1,0 +1,134 @@
+"""Data-parallel training through torchrun: 2 CPU processes (gloo, loopback) on the digits data.
+
+With --sync-bn, fp32 and deterministic algorithms, 2 processes at half the batch each compute the
+same steps as one process at the whole batch, up to float rounding: the data of every step (images,
+order, augmentation) depends on (seed, epoch, step) only.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from densenet import loaders
+from densenet.cli import main
+from densenet.datasets import load_split
+from densenet.distributed import DistributedContext
+from test_train import read_metrics
+
+ARGS = [
+    # One epoch of 5 steps of 256 at a small lr. Training on digits amplifies float rounding
+    # differences fast (BatchNorm over nearly constant channels, big gradients): a split batch's
+    # 1e-7 after one step is about 1e-6 here but 1e-4 after 10 steps and 1e-2 after 22 steps at
+    # batch 128 -- and one process run with 1 or with 2 threads differs as much, so longer runs
+    # can't be compared at 1e-5 in fp32 (the issue's tolerance).
+    *("--epochs", "1", "--batch-size", "256", "--lr", "0.01", "--lr-milestones", "1.0"),
+    *("--model-override", "block_config=[1,1,1]", "--model-override", "growth_rate=4"),
+    *("--precision", "fp32", "--deterministic", "--sync-bn", "--no-progress"),
+]
+TOLERANCE = 1e-5
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_command(*args: str) -> list[str]:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    loopback = ["--master-addr", "127.0.0.1", "--master-port", str(free_port())]
+    return [*launcher, *loopback, "-m", "densenet", "train", *args]
+
+
+def torchrun(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(torchrun_command(*args), capture_output=True, text=True, timeout=180)
+
+
+def max_difference(run_a, run_b) -> float:
+    a, b = load_file(run_a / "final.safetensors"), load_file(run_b / "final.safetensors")
+    assert a.keys() == b.keys()
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    run = tmp_path_factory.mktemp("ddp") / "one"
+    assert main(["train", "--out", str(run), *ARGS]) == 0
+    return run
+
+
+def test_two_processes_at_half_batch_equal_one_process(one_process, tmp_path):
+    two = tmp_path / "two"
+    result = torchrun("--out", str(two), *ARGS)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert max_difference(one_process, two) <= TOLERANCE
+    # Evaluation is sharded over the processes and summed: the same numbers as one process.
+    for expected, got in zip(read_metrics(one_process), read_metrics(two), strict=True):
+        assert float(got["test_loss"]) == pytest.approx(float(expected["test_loss"]), abs=1e-4)
+        assert float(got["train_loss"]) == pytest.approx(float(expected["train_loss"]), abs=1e-4)
+        assert got["test_top1"] == expected["test_top1"]
+    # Only the main process prints (and writes).
+    assert result.stdout.count("training ") == 1 and "x 2 processes" in result.stdout
+    assert result.stdout.count("done: ") == 1
+
+
+def test_two_processes_checkpoint_and_one_process_resumes(one_process, tmp_path):
+    killed = tmp_path / "killed"
+    every_step = ["--checkpoint-every", "1"]
+    process = subprocess.Popen(
+        torchrun_command("--out", str(killed), *ARGS, *every_step),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # one signal ends the launcher and both workers
+    )
+    checkpoint, deadline = killed / "last.pt", time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and process.poll() is None:
+            if checkpoint.exists() and torch.load(checkpoint, weights_only=True)["step"] >= 2:
+                break
+            time.sleep(0.05)
+        assert process.poll() is None, "the run ended before it could be killed"
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    state = torch.load(checkpoint, weights_only=True)
+    assert state["step"] >= 2 and not (killed / "final.safetensors").exists()
+
+    # The checkpoint of 2 processes, finished by one.
+    assert main(["train", "--resume", str(killed), "--no-progress"]) == 0
+    assert max_difference(one_process, killed) <= TOLERANCE
+    assert len(read_metrics(killed)) == 1
+
+
+def test_a_diverging_run_stops_every_process_with_one_message(tmp_path):
+    result = torchrun("--out", str(tmp_path / "nan"), *ARGS, "--lr", "1e30")
+    assert result.returncode != 0
+    assert result.stderr.count("loss is nan on at least one process") == 1
+    assert "process 1 stopped with the others; process 0 says why" in result.stderr
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_process_shards_put_together_are_the_one_process_batches(monkeypatch, train):
+    data = load_split("digits", "data", "train" if train else "test")
+
+    def batches(context):
+        monkeypatch.setattr(loaders, "current_context", lambda: context)
+        made = loaders.TensorBatches(
+            data, 96, torch.device("cpu"), train=train, augment="crop", padding=1
+        )
+        return list(made.epoch(1))
+
+    whole = batches(DistributedContext())
+    parts = [batches(DistributedContext(rank, 3)) for rank in range(3)]
+    # Disjoint, contiguous slices of every global batch, images augmented the same; the last
+    # evaluation batch (360 = 3 * 96 + 72) splits too.
+    for step, batch in enumerate(whole):
+        assert torch.equal(batch.images, torch.cat([p[step].images for p in parts]))
+        assert torch.equal(batch.labels, torch.cat([p[step].labels for p in parts]))
