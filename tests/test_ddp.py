@@ -5,12 +5,14 @@ same steps as one process at the whole batch, up to float rounding: the data of 
 order, augmentation) depends on (seed, epoch, step) only.
 """
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -57,6 +59,16 @@ def max_difference(run_a, run_b) -> float:
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
 
 
+def child_pids(parent: int) -> list[int]:
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            # Fields after the parenthesised command name: state, then the parent's pid.
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == parent:
+                children.append(int(stat.parent.name))
+    return children
+
+
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
     run = tmp_path_factory.mktemp("ddp") / "one"
@@ -96,7 +108,11 @@ def test_two_processes_checkpoint_and_one_process_resumes(one_process, tmp_path)
             time.sleep(0.05)
         assert process.poll() is None, "the run ended before it could be killed"
     finally:
-        os.killpg(process.pid, signal.SIGKILL)
+        # torchrun starts each worker in a session of its own: kill them as well as the launcher,
+        # or they train on and write into the run directory while it is resumed.
+        for pid in [*child_pids(process.pid), process.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         process.wait()
     state = torch.load(checkpoint, weights_only=True)
     assert state["step"] >= 2 and not (killed / "final.safetensors").exists()

@@ -18,7 +18,8 @@ FORMAT_TAG = "densenet-train/1"
 
 def atomic_write(path: Path, write) -> None:
     """Call ``write(tmp_path)`` and rename the result over ``path``: never a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
+    # A name of this process's own: two writers (say, a stray process) can't clobber each other.
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     write(tmp)
     with open(tmp, "rb") as handle:
         os.fsync(handle.fileno())
