@@ -19,7 +19,6 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-from densenet.errors import ConfigError
 from densenet.inference import optimize_for_inference
 from densenet.model import DenseNet
 
@@ -216,10 +215,3 @@ def machine_description(device: torch.device) -> Iterator[str]:
         f"torch {torch.__version__}, torchvision {torchvision.__version__}, "
         f"python {platform.python_version()}"
     )
-
-
-def resolve_device(name: str) -> torch.device:
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was given but no CUDA GPU is available; use --device cpu")
-    return device

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from densenet.errors import CheckpointError
+from densenet.errors import CheckpointError, first_line
 
 FORMAT_TAG = "densenet-train/1"
 
@@ -34,7 +34,7 @@ def load_checkpoint(path: Path) -> dict[str, object]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated zip, bad pickle, unsafe object: all mean "unusable"
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = first_line(error)
         raise CheckpointError(
             f"{path} is truncated or corrupt ({reason}); it cannot be resumed"
         ) from None

@@ -1,6 +1,12 @@
 """Errors a user can act on. The CLI prints them as one line and exits non-zero."""
 
 
+def first_line(error: BaseException) -> str:
+    """The gist of a library's exception, for a one-line message."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 class DenseNetError(Exception):
     """A problem with the user's input (config, file, dataset), with what to do about it."""
 

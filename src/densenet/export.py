@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from densenet.errors import ConfigError, DenseNetError
+from densenet.errors import ConfigError, DenseNetError, first_line
 from densenet.inference import optimize_for_inference
 from densenet.model import DenseNet
 
@@ -78,7 +78,7 @@ def export_model(
     except DenseNetError:
         raise
     except Exception as error:
-        raise ExportError(f"{format} export failed: {_first_line(error)}") from None
+        raise ExportError(f"{format} export failed: {first_line(error)}") from None
 
     check = torch.randn(CHECK_BATCH, model.config.in_channels, height, width)
     with torch.inference_mode():
@@ -86,7 +86,7 @@ def export_model(
     try:
         actual = loader(path)(check)
     except Exception as error:
-        raise ExportError(f"the exported {path} does not run: {_first_line(error)}") from None
+        raise ExportError(f"the exported {path} does not run: {first_line(error)}") from None
     max_abs = (actual.float() - expected).abs().max().item()
     relative = max_abs / max(expected.abs().max().item(), 1e-12)
     report = ExportReport(
@@ -115,11 +115,6 @@ def _check_writable(path: Path) -> None:
             pass
     except OSError as error:
         raise ConfigError(f"cannot write {path}: {error.strerror or error}") from None
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _batch_dim() -> dict[str, dict[int, object]]:

@@ -17,8 +17,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from densenet.checkpoint import atomic_write
 from densenet.download import fetch, is_url
-from densenet.errors import WeightsError
+from densenet.errors import WeightsError, first_line
 from densenet.keras_weights import is_hdf5, read_keras_h5
 from densenet.model import DenseNetConfig
 
@@ -104,7 +105,7 @@ def read_checkpoint(source: str | os.PathLike[str], expected_hash: str | None = 
         # weights_only refuses arbitrary pickled objects: a checkpoint can't run code on load.
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for corrupt or unsafe pickles
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = first_line(error)
         raise WeightsError(
             f"cannot read {path} as a PyTorch checkpoint ({reason}); only plain tensors are "
             "loaded (weights_only=True): re-save it with torch.save(model.state_dict(), path)"
@@ -144,9 +145,7 @@ def save_weights(
         "config": json.dumps(config.to_dict()),
         "meta": json.dumps(meta or {}),
     }
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, tmp, metadata=metadata)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     return path
 
 

@@ -14,10 +14,10 @@ from densenet.benchmark import (
     Timing,
     candidates,
     machine_description,
-    resolve_device,
     time_candidates,
 )
 from densenet.errors import ConfigError
+from densenet.hardware import resolve_device
 from densenet.registry import create_model, get_spec
 
 
