@@ -91,6 +91,15 @@ def test_two_processes_at_half_batch_equal_one_process(one_process, tmp_path):
     assert result.stdout.count("done: ") == 1
 
 
+def test_memory_efficient_two_processes_equal_one_standard_process(one_process, tmp_path):
+    # The memory-efficient blocks and transitions synchronise their own BatchNorm statistics and
+    # backward sums: the same steps as one process on the standard path.
+    two = tmp_path / "two-efficient"
+    result = torchrun("--out", str(two), *ARGS, "--memory-efficient")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert max_difference(one_process, two) <= TOLERANCE
+
+
 def test_two_processes_checkpoint_and_one_process_resumes(one_process, tmp_path):
     killed = tmp_path / "killed"
     every_step = ["--checkpoint-every", "1"]

@@ -61,22 +61,36 @@ def test_outputs_and_gradients_equal_the_standard_path(name):
     reference = gradients(standard)
     for param_name, grad in gradients(efficient).items():
         assert grad is not None, f"{param_name} received no gradient"
-        assert max_diff(grad, reference[param_name]) <= 1e-5, param_name
+        # 1e-5, relative for gradients above 1: the ImageNet stem's weight gradient sums a 40x40
+        # input into values near 10, and there the standard fp32 path is itself 3e-5 off float64.
+        tolerance = 1e-5 * max(1.0, reference[param_name].abs().max().item())
+        assert max_diff(grad, reference[param_name]) <= tolerance, param_name
 
 
-def test_the_efficient_path_is_taken_and_keeps_no_concatenation():
-    # If the block silently fell back to the standard path, the equivalence tests would pass anyway.
+def test_the_block_keeps_its_tensor_and_one_bottleneck_output_per_layer():
+    # If the block silently fell back to the standard path, the equivalence tests would pass anyway;
+    # that path would also keep every layer's concatenated input.
     _, efficient = make_pair(CONFIGS["bottleneck"])
-    x = torch.randn(3, 3, 16, 16)
+    block = efficient.features.denseblock1  # 8 input channels, 3 layers of k=4, 4k = 16
+    x = torch.randn(3, 8, 16, 16, requires_grad=True)
     saved = []
-    with torch.autograd.graph.saved_tensors_hooks(
-        lambda t: saved.append(t.shape) or t, lambda t: t
-    ):
-        efficient.features.denseblock1(efficient.features.conv0(x))
-    widest_input = efficient.features.denseblock1.denselayer3.norm1.num_features
-    assert saved, "nothing saved: the block did not run in training mode"
-    activations = [shape for shape in saved if len(shape) == 4 and shape[0] == len(x)]
-    assert activations and all(shape[1] < widest_input for shape in activations)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = block(x)
+    assert type(out.grad_fn).__name__ == "_DenseBlockBackward"
+    activations = sorted(t.shape[1] for t in saved if t.dim() == 4 and t.shape[0] == len(x))
+    assert activations == [16, 16, 16, 20]  # 3 bottleneck outputs, the block tensor
+    assert any(t.data_ptr() == out.data_ptr() for t in saved)  # the output itself, not a copy
+
+
+def test_transition_pools_before_its_convolution_and_keeps_only_its_input():
+    _, efficient = make_pair(CONFIGS["bottleneck"])
+    transition = efficient.features.transition1
+    x = torch.randn(3, transition.norm.num_features, 16, 16, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = transition(x)
+    assert type(out.grad_fn).__name__ == "_TransitionBackward"
+    assert [t.data_ptr() for t in saved if t.dim() == 4 and t.shape[0] == len(x)] == [x.data_ptr()]
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])
@@ -214,14 +228,25 @@ def test_single_value_per_channel_is_rejected_like_batchnorm():
         efficient.features.denseblock1(torch.randn(1, 5, 1, 1))
 
 
-def test_batchnorm_with_its_own_statistics_is_refused_not_bypassed():
-    from densenet.distributed import convert_sync_batchnorm
+def test_frozen_batchnorm_is_refused_not_bypassed():
     from densenet.finetune import freeze_backbone
 
-    for prepare in (convert_sync_batchnorm, freeze_backbone):
-        model = prepare(
-            create_model("densenet_bc100_k12", block_config=(2, 2, 2), memory_efficient=True)
-        )
-        model.train()
-        with pytest.raises(ConfigError, match="plain BatchNorm2d"):
-            model(torch.randn(2, 3, 32, 32))
+    model = freeze_backbone(
+        create_model("densenet_bc100_k12", block_config=(2, 2, 2), memory_efficient=True)
+    ).train()
+    with pytest.raises(ConfigError, match="BatchNorm2d or SyncBatchNorm2d"):
+        model(torch.randn(2, 3, 32, 32))
+
+
+def test_sync_batchnorm_without_a_process_group_is_batchnorm():
+    from densenet.distributed import convert_sync_batchnorm
+
+    standard, efficient = make_pair(CONFIGS["bottleneck"])
+    efficient = convert_sync_batchnorm(efficient)
+    x, weights = torch.randn(4, 3, 16, 16), torch.randn(4, 7)
+    out_ref, _ = run_step(standard, x, weights)
+    out, _ = run_step(efficient, x, weights)
+    assert max_diff(out, out_ref) <= 1e-5
+    reference = gradients(standard)
+    for name, grad in gradients(efficient).items():
+        assert max_diff(grad, reference[name]) <= 1e-5, name

@@ -124,15 +124,28 @@ def all_ranks_agree(ok: bool, device: torch.device) -> bool:
     return flag.item() == 0
 
 
+def combine_batch_stats(parts: Tensor, channels: int) -> tuple[Tensor, Tensor, int]:
+    """Global per-channel mean, biased variance and count from each process's own.
+
+    ``parts`` holds one row per process: its ``channels`` means, ``channels`` variances and its
+    count. The parts are combined as deviations from the global mean (Chan et al.'s parallel
+    variance), which keeps float32 statistics as accurate as one process's; a difference of sums of
+    squares would lose digits to cancellation when a channel's mean is large next to its spread.
+    """
+    means, variances, counts = parts[:, :channels], parts[:, channels:-1], parts[:, -1:]
+    n = counts.sum()
+    mean = (counts * means).sum(0) / n
+    var = (counts * (variances + (means - mean) ** 2)).sum(0) / n
+    return mean, var, int(n.item())
+
+
 class SyncBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose training-mode statistics cover the whole global batch.
 
-    Each process contributes its per-channel mean, variance and count to one all-gather, and the
-    parts are combined as deviations from the global mean (Chan et al.'s parallel variance), which
-    keeps float32 statistics as accurate as one process's; a difference of sums of squares would
-    lose digits to cancellation when a channel's mean is large next to its spread. The all-gather
-    is differentiable, so gradients flow to every process's inputs exactly as in one process
-    holding the whole batch. Parameter and buffer names are BatchNorm2d's.
+    Each process contributes its per-channel mean, variance and count to one all-gather, combined
+    by :func:`combine_batch_stats`. The all-gather is differentiable, so gradients flow to every
+    process's inputs exactly as in one process holding the whole batch. Parameter and buffer names
+    are BatchNorm2d's.
     """
 
     def forward(self, x: Tensor) -> Tensor:
@@ -143,10 +156,7 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
         local_var, local_mean = torch.var_mean(local, dim=(0, 2, 3), correction=0)
         count = torch.full((1,), x.numel() / channels, device=x.device)
         parts = torch.stack(dist_fn.all_gather(torch.cat([local_mean, local_var, count])))
-        means, variances, counts = parts[:, :channels], parts[:, channels:-1], parts[:, -1:]
-        n = counts.sum()
-        mean = (counts * means).sum(0) / n
-        var = (counts * (variances + (means - mean) ** 2)).sum(0) / n
+        mean, var, n = combine_batch_stats(parts, channels)
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)

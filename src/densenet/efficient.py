@@ -1,120 +1,168 @@
-"""Memory-efficient training of dense blocks: activation memory linear in depth.
+"""Memory-efficient training of dense blocks and transitions: activation memory linear in depth.
 
 A plain dense block keeps, for every layer, a fresh concatenation of all earlier feature maps and
 the BN-ReLU output computed from it, so training memory grows quadratically with depth. Following
 Pleiss et al. 2017 ("Memory-Efficient Implementation of DenseNets"), this module computes exactly
-the same function with three changes:
+the same function in training mode with these changes:
 
-* every feature map of a block is written once into one preallocated tensor; a layer's input is a
-  slice of it, never a copy (no quadratic ``torch.cat``);
-* BN-ReLU-Conv is one autograd function that keeps only its input (that slice) and per-channel
-  statistics, and recomputes the cheap BN-ReLU in backward -- never the convolution;
-* in training mode BN normalises with batch statistics, and a channel's statistics are the same in
+* A whole dense block is one autograd function. Every feature map of the block is written once into
+  one preallocated tensor; a layer's input is a slice of it, never a ``torch.cat`` copy.
+* Each BN-ReLU-Conv keeps only its input and per-channel statistics; backward recomputes the cheap
+  BN-ReLU, never a convolution. What the block keeps is linear in depth: the block tensor, and for
+  each bottleneck layer its 4k-channel 1x1 output (plus dropout masks when dropout is on).
+* In training mode BN normalises with batch statistics, and a channel's statistics are the same in
   every later layer that reads it: they are computed once, when the channel is produced.
+* Backward accumulates the gradient of every feature map in one block-sized tensor, in place.
+* A transition average-pools before its 1x1 convolution (both are linear and per-pixel, so they
+  commute exactly): its convolution does a quarter of the work and nothing but its input is kept.
 
-Only training mode goes through here; evaluation uses the standard path. Parameters, buffers and
-their names are untouched; running statistics are updated once per BN and forward pass, as BN does.
-Forward hooks on the modules inside a dense layer do not fire on this path.
+With torch.distributed and :class:`~densenet.distributed.SyncBatchNorm2d` layers, statistics and
+BN's backward sums cover the global batch, as SyncBatchNorm's do.
+
+Parameters, buffers and their names are untouched; running statistics are updated once per BN and
+forward pass, as BN does. Evaluation uses the standard path. Forward hooks on the modules inside
+a dense layer or transition do not fire on this path.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from densenet.distributed import SyncBatchNorm2d, combine_batch_stats
 from densenet.errors import ConfigError
+
+_SAVED_PER_LAYER = 5  # dropout noise 1, bottleneck output, its mean and variance, dropout noise 2
 
 
 def dense_block_forward(layers: Sequence[nn.Module], x: Tensor, out_channels: int) -> Tensor:
     """The output of a dense block (``torch.cat`` of its input and every layer's output)."""
-    for layer in layers:
-        for norm in (layer.norm1, getattr(layer, "norm2", None)):
-            # Batch statistics are computed here, so a BN subclass with its own (synchronised or
-            # frozen) statistics would be silently bypassed: refuse it instead.
-            if norm is not None and type(norm) is not nn.BatchNorm2d:
-                raise ConfigError(
-                    f"memory_efficient=True needs plain BatchNorm2d layers, found "
-                    f"{type(norm).__name__}: turn off memory_efficient (or --sync-bn / "
-                    "a frozen backbone)"
-                )
+    norms = [layer.norm1 for layer in layers] + [
+        layer.norm2 for layer in layers if layer.bottleneck
+    ]
+    plan = _BlockPlan(tuple(layers), out_channels, _Statistics.for_norms(norms))
+    _check_batch(x)
+    params = [p for layer in layers for p in _layer_parameters(layer)]
+    return _DenseBlock.apply(plan, x, *params)
+
+
+def transition_forward(transition: nn.Module, x: Tensor) -> Tensor:
+    """BN-ReLU-Conv1x1-AvgPool2x2 of a transition without dropout, as BN-ReLU-AvgPool-Conv1x1."""
+    norm, conv = transition.norm, transition.conv
+    statistics = _Statistics.for_norms([norm])
+    _check_batch(x)
+    with torch.no_grad():
+        stats = statistics.of(x)
+        _update_running_stats(norm, *stats)
+    return _Transition.apply(statistics, stats, norm.eps, x, norm.weight, norm.bias, conv.weight)
+
+
+def _check_batch(x: Tensor) -> None:
     n, _, h, w = x.shape
     if n * h * w <= 1:
         # The same error BatchNorm raises: batch statistics need more than one value.
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}"
         )
-    memory = _BlockMemory.allocate(layers, x, out_channels)
-    features = [x]
-    memory.append(x)
-    for layer in layers:
-        new = _layer_forward(layer, memory, features)
-        memory.append(new)
-        features.append(new)
-    return _Concatenated.apply(memory.features, *features)
 
 
-@dataclass
-class _BlockMemory:
-    """The tensors one dense block shares between its layers during one training step."""
+def _layer_parameters(layer: nn.Module) -> list[Tensor]:
+    params = [layer.norm1.weight, layer.norm1.bias, layer.conv1.weight]
+    if layer.bottleneck:
+        params += [layer.norm2.weight, layer.norm2.bias, layer.conv2.weight]
+    return params
 
-    features: Tensor  # (N, C_out, H, W): the block input, then each layer's new channels
-    mean: Tensor  # (C_out,) float32 batch mean of every channel of `features`
-    var: Tensor  # (C_out,) float32 biased batch variance
-    scratch: Tensor  # flat; a dense copy of one layer's input at a time, forward and backward
-    channels_last: bool
-    filled: int = field(default=0)
+
+@dataclass(frozen=True)
+class _Statistics:
+    """Batch statistics and BN's backward sums over this process's batch, or the global batch."""
+
+    synchronized: bool
 
     @classmethod
-    def allocate(cls, layers: Sequence[nn.Module], x: Tensor, out_channels: int) -> _BlockMemory:
-        n, _, h, w = x.shape
-        channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-        compute_dtype = _compute_dtype(x)
-        # torch.cat would promote, e.g. a float32 block input under bfloat16 autocast.
-        dtype = torch.promote_types(x.dtype, compute_dtype)
-        layout = torch.channels_last if channels_last else torch.contiguous_format
-        widest = max(
-            max(layer.norm1.num_features for layer in layers),
-            max(layer.norm2.num_features if layer.bottleneck else 0 for layer in layers),
+    def for_norms(cls, norms: Sequence[nn.Module]) -> _Statistics:
+        kinds = {type(norm) for norm in norms}
+        if not kinds <= {nn.BatchNorm2d, SyncBatchNorm2d} or len(kinds) != 1:
+            # Batch statistics are computed here, so a BN with its own (for example frozen)
+            # statistics would be silently bypassed: refuse it instead.
+            names = ", ".join(sorted(kind.__name__ for kind in kinds))
+            raise ConfigError(
+                "memory_efficient=True needs BatchNorm2d or SyncBatchNorm2d layers, found "
+                f"{names}: turn off memory_efficient (or the frozen backbone)"
+            )
+        if not all(norm.affine for norm in norms):
+            raise ConfigError("memory_efficient=True needs BatchNorm2d layers with affine=True")
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        return cls(synchronized=kinds == {SyncBatchNorm2d} and world > 1)
+
+    def of(self, x: Tensor) -> tuple[Tensor, Tensor, int]:
+        """Per-channel float32 mean, biased variance, and how many values each covers."""
+        # BN's own training kernel is several times faster than torch.var_mean on channels_last
+        # tensors. With eps=0 its inverse standard deviation gives back the variance to a few ulp.
+        _, mean, invstd = torch.ops.aten._native_batch_norm_legit.no_stats(
+            x, None, None, True, 0.0, 0.0
         )
-        stats = dict(dtype=torch.float32, device=x.device)
-        return cls(
-            features=torch.empty(
-                (n, out_channels, h, w), dtype=dtype, device=x.device, memory_format=layout
-            ),
-            mean=torch.empty(out_channels, **stats),
-            var=torch.empty(out_channels, **stats),
-            scratch=torch.empty(n * widest * h * w, dtype=dtype, device=x.device),
-            channels_last=channels_last,
+        mean, var, count = mean.float(), invstd.float().pow(-2), x.numel() // x.shape[1]
+        if not self.synchronized:
+            return mean, var, count
+        parts = torch.cat([mean, var, torch.tensor([float(count)], device=x.device)])
+        gathered = [torch.empty_like(parts) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, parts)
+        return combine_batch_stats(torch.stack(gathered), x.shape[1])
+
+    def norm_backward(
+        self,
+        grad: Tensor,
+        x: Tensor,
+        mean: Tensor,
+        var: Tensor,
+        count: int,
+        eps: float,
+        weight: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Gradients of batch_norm(x) (training mode) for x, weight and bias."""
+        invstd = torch.rsqrt(var + eps)
+        grad_x, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
+            grad,
+            x,
+            weight,
+            None,
+            None,
+            mean,
+            invstd,
+            True,
+            eps,
+            [not self.synchronized, True, True],
         )
+        if not self.synchronized:
+            return grad_x, grad_weight, grad_bias
+        # grad_bias and grad_weight are this process's sums of grad and grad * x_hat; x's gradient
+        # needs them over the global batch, as SyncBatchNorm's backward does.
+        sums = torch.cat([grad_bias, grad_weight]).float()
+        dist.all_reduce(sums)
+        sum_grad, sum_grad_xhat = sums.chunk(2)
+        scale = weight.float() * invstd
+        shape = (1, -1, 1, 1)
+        xhat_term = scale * invstd * sum_grad_xhat / count
+        grad_x = (
+            grad.float() * scale.view(shape)
+            - x.float() * xhat_term.view(shape)
+            + (mean * xhat_term - scale * sum_grad / count).view(shape)
+        )
+        return grad_x.to(x.dtype), grad_weight, grad_bias
 
-    def append(self, feature: Tensor) -> None:
-        start, end = self.filled, self.filled + feature.shape[1]
-        with torch.no_grad():
-            self.features[:, start:end].copy_(feature)
-            var, mean = torch.var_mean(feature.float(), dim=(0, 2, 3), unbiased=False)
-            self.mean[start:end] = mean
-            self.var[start:end] = var
-        self.filled = end
 
-    def dense(self, x: Tensor) -> Tensor:
-        """x itself if it is dense, else a dense copy of it in the scratch memory.
-
-        A slice of the block tensor is strided, and BN kernels on strided tensors are many times
-        slower than one copy followed by the dense kernel.
-        """
-        layout = torch.channels_last if self.channels_last else torch.contiguous_format
-        if x.is_contiguous(memory_format=layout):
-            return x
-        n, c, h, w = x.shape
-        flat = self.scratch[: n * c * h * w]
-        if self.channels_last:
-            return flat.view(n, h, w, c).permute(0, 3, 1, 2).copy_(x)
-        return flat.view(n, c, h, w).copy_(x)
+@dataclass(frozen=True)
+class _BlockPlan:
+    layers: tuple[nn.Module, ...]
+    out_channels: int
+    statistics: _Statistics
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -124,40 +172,9 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _layer_forward(layer: nn.Module, memory: _BlockMemory, features: list[Tensor]) -> Tensor:
-    channels = memory.filled
-    x = memory.features[:, :channels]
-    # Copies, because later layers fill in more statistics; these are only `channels` numbers.
-    mean, var = memory.mean[:channels].clone(), memory.var[:channels].clone()
-    out = _norm_relu_conv(layer.norm1, layer.conv1, x, mean, var, memory, features)
-    out = layer._dropout(out)
-    if layer.bottleneck:
-        with torch.no_grad():
-            var, mean = torch.var_mean(out.float(), dim=(0, 2, 3), unbiased=False)
-        out = layer._dropout(
-            _norm_relu_conv(layer.norm2, layer.conv2, out, mean, var, memory, [out])
-        )
-    return out
-
-
-def _norm_relu_conv(
-    norm: nn.BatchNorm2d,
-    conv: nn.Conv2d,
-    x: Tensor,
-    mean: Tensor,
-    var: Tensor,
-    memory: _BlockMemory,
-    inputs: list[Tensor],
-) -> Tensor:
-    """conv(relu(norm(x))) in training mode, given x's batch statistics.
-
-    ``inputs`` are the autograd tensors whose channels, concatenated, are x's data; x's gradient
-    is handed back to them.
-    """
-    _update_running_stats(norm, mean, var, count=x.shape[0] * x.shape[2] * x.shape[3])
-    return _NormReluConv.apply(
-        memory, x, mean, var, norm.eps, norm.weight, norm.bias, conv.weight, conv.padding, *inputs
-    )
+def _layout(x: Tensor) -> torch.memory_format:
+    channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 def _update_running_stats(norm: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: int) -> None:
@@ -166,98 +183,257 @@ def _update_running_stats(norm: nn.BatchNorm2d, mean: Tensor, var: Tensor, count
         return
     norm.num_batches_tracked.add_(1)
     momentum = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
-    with torch.no_grad():
-        norm.running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
-        norm.running_var.mul_(1 - momentum).add_(var, alpha=momentum * count / (count - 1))
+    norm.running_mean.lerp_(mean.to(norm.running_mean.dtype), momentum)
+    unbiased = var * (count / max(count - 1, 1))
+    norm.running_var.lerp_(unbiased.to(norm.running_var.dtype), momentum)
 
 
-def _normalize_relu(
+def _norm_relu(x: Tensor, mean: Tensor, var: Tensor, norm_eps: float, weight: Tensor, bias: Tensor):
+    """relu(batch_norm(x)) with given batch statistics: BN's own kernel, in inference mode."""
+    return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, norm_eps, False).relu_()
+
+
+def _dropout(x: Tensor, p: float) -> tuple[Tensor, Tensor | None]:
+    """F.dropout(x, p) and the mask it applied (the same draws as F.dropout on the CPU and GPU)."""
+    if p == 0:
+        return x, None
+    noise = torch.empty_like(x).bernoulli_(1 - p).div_(1 - p)
+    return x * noise, noise
+
+
+def _norm_relu_conv(
     x: Tensor,
     mean: Tensor,
     var: Tensor,
     eps: float,
-    weight: Tensor,
-    bias: Tensor,
+    norm_weight: Tensor,
+    norm_bias: Tensor,
+    conv_weight: Tensor,
     dtype: torch.dtype,
+    pooled: bool = False,
 ) -> Tensor:
-    """relu(batch_norm(x)) with given batch statistics: BN's own kernel, in inference mode."""
-    z = torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, False).relu_()
-    return z.to(dtype)
+    """conv([avg_pool](relu(batch_norm(x)))) with given batch statistics; stride 1, same padding."""
+    z = _norm_relu(x, mean, var, eps, norm_weight, norm_bias).to(dtype)
+    if pooled:
+        z = F.avg_pool2d(z, 2)
+    return F.conv2d(z, conv_weight.to(dtype), padding=conv_weight.shape[-1] // 2)
 
 
-class _NormReluConv(torch.autograd.Function):
-    """conv(relu(batch_norm(x))) keeping only x and its statistics for backward."""
+def _norm_relu_conv_backward(
+    statistics: _Statistics,
+    grad_out: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    count: int,
+    eps: float,
+    norm_weight: Tensor,
+    norm_bias: Tensor,
+    conv_weight: Tensor,
+    dtype: torch.dtype,
+    pooled: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of :func:`_norm_relu_conv` for x, norm_weight, norm_bias and conv_weight.
+
+    Recomputes relu(batch_norm(x)) from x and its statistics; the convolution is not re-run.
+    """
+    z = _norm_relu(x, mean, var, eps, norm_weight, norm_bias).to(dtype)
+    conv_input = F.avg_pool2d(z, 2) if pooled else z
+    padding = conv_weight.shape[-1] // 2
+    grad_input, grad_conv_weight, _ = torch.ops.aten.convolution_backward(
+        grad_out.to(dtype),
+        conv_input,
+        conv_weight.to(dtype),
+        None,
+        [1, 1],
+        [padding, padding],
+        [1, 1],
+        False,
+        [0, 0],
+        1,
+        [True, True, False],
+    )
+    del conv_input
+    if pooled:
+        grad_input = torch.ops.aten.avg_pool2d_backward(
+            grad_input, z, [2, 2], [2, 2], [0, 0], False, True, None
+        )
+    # The ReLU's gradient goes into z's memory: one activation-sized tensor fewer at the peak.
+    grad_z = torch.ops.aten.threshold_backward.grad_input(grad_input, z, 0, grad_input=z)
+    del grad_input
+    grad_x, grad_norm_weight, grad_norm_bias = statistics.norm_backward(
+        grad_z.to(x.dtype), x, mean, var, count, eps, norm_weight
+    )
+    return (
+        grad_x,
+        grad_norm_weight.to(norm_weight.dtype),
+        grad_norm_bias.to(norm_bias.dtype),
+        grad_conv_weight.to(conv_weight.dtype),
+    )
+
+
+def _scratch(layers: Sequence[nn.Module], features: Tensor) -> Tensor:
+    """Room for the widest layer input of a block (freed with the forward or backward pass)."""
+    n, _, h, w = features.shape
+    widest = max(layer.norm1.num_features for layer in layers)
+    return torch.empty(n * widest * h * w, dtype=features.dtype, device=features.device)
+
+
+class _BlockMemory:
+    """The block tensor, its per-channel statistics, and scratch space for one dense input."""
+
+    def __init__(self, layers: Sequence[nn.Module], x: Tensor, out_channels: int) -> None:
+        n, _, h, w = x.shape
+        self.layout = _layout(x)
+        # torch.cat would promote, e.g. a float32 block input under bfloat16 autocast.
+        dtype = torch.promote_types(x.dtype, _compute_dtype(x))
+        self.features = torch.empty(
+            (n, out_channels, h, w), dtype=dtype, device=x.device, memory_format=self.layout
+        )
+        self.mean = torch.empty(out_channels, dtype=torch.float32, device=x.device)
+        self.var = torch.empty_like(self.mean)
+        self.scratch = _scratch(layers, self.features)
+        self.filled = 0
+
+    @classmethod
+    def restore(
+        cls, layers: Sequence[nn.Module], features: Tensor, mean: Tensor, var: Tensor
+    ) -> _BlockMemory:
+        """The memory of a block whose forward pass is done, with new scratch space."""
+        memory = cls.__new__(cls)
+        memory.features, memory.mean, memory.var = features, mean, var
+        memory.layout = _layout(features)
+        memory.scratch = _scratch(layers, features)
+        memory.filled = features.shape[1]
+        return memory
+
+    def append(self, feature: Tensor, mean: Tensor, var: Tensor) -> None:
+        start, end = self.filled, self.filled + feature.shape[1]
+        self.features[:, start:end].copy_(feature)
+        self.mean[start:end] = mean
+        self.var[start:end] = var
+        self.filled = end
+
+    def dense_input(self, channels: int) -> Tensor:
+        """A dense copy of the first ``channels`` feature maps, in the scratch memory.
+
+        A slice of the block tensor is strided, and BN kernels on strided tensors are many times
+        slower than one copy followed by the dense kernel.
+        """
+        x = self.features[:, :channels]
+        n, c, h, w = x.shape
+        flat = self.scratch[: n * c * h * w]
+        if self.layout == torch.channels_last:
+            return flat.view(n, h, w, c).permute(0, 3, 1, 2).copy_(x)
+        return flat.view(n, c, h, w).copy_(x)
+
+
+class _DenseBlock(torch.autograd.Function):
+    """A whole dense block: the block tensor and linear-size per-layer state kept for backward."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx,
-        memory: _BlockMemory,
-        x: Tensor,
-        mean: Tensor,
-        var: Tensor,
-        eps: float,
-        bn_weight: Tensor,
-        bn_bias: Tensor,
-        conv_weight: Tensor,
-        padding: tuple[int, int],
-        *inputs: Tensor,
-    ) -> Tensor:
-        dtype = _compute_dtype(x)
-        z = _normalize_relu(memory.dense(x), mean, var, eps, bn_weight, bn_bias, dtype)
-        # Not save_for_backward: later layers write other channels of the same block tensor, which
-        # would trip autograd's version check. The channels x covers are never written again.
-        ctx.x, ctx.memory, ctx.padding, ctx.eps, ctx.dtype = x, memory, list(padding), eps, dtype
-        ctx.channels = [t.shape[1] for t in inputs]
-        ctx.save_for_backward(mean, var, bn_weight, bn_bias, conv_weight)
-        return F.conv2d(z, conv_weight.to(dtype), padding=padding)
+    def forward(ctx, plan: _BlockPlan, x: Tensor, *params: Tensor) -> Tensor:  # type: ignore[override]
+        statistics, dtype = plan.statistics, _compute_dtype(x)
+        memory = _BlockMemory(plan.layers, x, plan.out_channels)
+        mean, var, count = statistics.of(x)  # count: values per channel, global when synchronized
+        memory.append(x, mean, var)
+        saved: list[Tensor | None] = []
+        for layer, layer_params in zip(plan.layers, _per_layer(plan.layers, params), strict=True):
+            channels = memory.filled
+            mean, var = memory.mean[:channels], memory.var[:channels]
+            _update_running_stats(layer.norm1, mean, var, count)
+            out = _norm_relu_conv(
+                memory.dense_input(channels), mean, var, layer.norm1.eps, *layer_params[:3], dtype
+            )
+            out, noise1 = _dropout(out, layer.drop_rate)
+            bottleneck = b_mean = b_var = noise2 = None
+            if layer.bottleneck:
+                bottleneck = out
+                b_mean, b_var, _ = statistics.of(bottleneck)
+                _update_running_stats(layer.norm2, b_mean, b_var, count)
+                out = _norm_relu_conv(
+                    bottleneck, b_mean, b_var, layer.norm2.eps, *layer_params[3:], dtype
+                )
+                out, noise2 = _dropout(out, layer.drop_rate)
+            memory.append(out, *statistics.of(out)[:2])
+            saved += [noise1, bottleneck, b_mean, b_var, noise2]
+        ctx.plan, ctx.dtype, ctx.count, ctx.num_params = plan, dtype, count, len(params)
+        ctx.save_for_backward(memory.features, memory.mean, memory.var, *params, *saved)
+        return memory.features
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        mean, var, bn_weight, bn_bias, conv_weight = ctx.saved_tensors
-        x = ctx.memory.dense(ctx.x)
-        z = _normalize_relu(x, mean, var, ctx.eps, bn_weight, bn_bias, ctx.dtype)
-        invstd = torch.rsqrt(var + ctx.eps)
-        grad_z, grad_conv_weight, _ = torch.ops.aten.convolution_backward(
-            grad_out.to(z.dtype),
-            z,
-            conv_weight.to(z.dtype),
-            None,
-            [1, 1],
-            ctx.padding,
-            [1, 1],
-            False,
-            [0, 0],
-            1,
-            [True, True, False],
-        )
-        grad_z = torch.ops.aten.threshold_backward(grad_z, z, 0).to(x.dtype)
-        grad_x, grad_bn_weight, grad_bn_bias = torch.ops.aten.native_batch_norm_backward(
-            grad_z, x, bn_weight, None, None, mean, invstd, True, 0.0, [True, True, True]
-        )
-        return (
-            None,
-            None,
-            None,
-            None,
-            None,
-            grad_bn_weight.to(bn_weight.dtype),
-            grad_bn_bias.to(bn_bias.dtype),
-            grad_conv_weight.to(conv_weight.dtype),
-            None,
-            *grad_x.split(ctx.channels, dim=1),
-        )
+        plan, dtype, count = ctx.plan, ctx.dtype, ctx.count
+        features, mean, var, *rest = ctx.saved_tensors
+        params, saved = rest[: ctx.num_params], rest[ctx.num_params :]
+        memory = _BlockMemory.restore(plan.layers, features, mean, var)
+        # The gradient of every feature map, accumulated in place as later layers are undone.
+        grad = torch.empty_like(features).copy_(grad_out)
+        param_grads: list[Tensor] = []
+        per_layer = list(_per_layer(plan.layers, params))
+        for index in reversed(range(len(plan.layers))):
+            layer, layer_params = plan.layers[index], per_layer[index]
+            noise1, bottleneck, b_mean, b_var, noise2 = saved[
+                index * _SAVED_PER_LAYER : (index + 1) * _SAVED_PER_LAYER
+            ]
+            channels = layer.norm1.num_features
+            grad_new = grad[:, channels : channels + layer_params[-1].shape[0]]
+            grads2: list[Tensor] = []
+            if layer.bottleneck:
+                grad_new = grad_new if noise2 is None else grad_new * noise2
+                grad_new, *grads2 = _norm_relu_conv_backward(
+                    plan.statistics, grad_new, bottleneck, b_mean, b_var, count,
+                    layer.norm2.eps, *layer_params[3:], dtype,
+                )  # fmt: skip
+            grad_new = grad_new if noise1 is None else grad_new * noise1
+            grad_x, *grads1 = _norm_relu_conv_backward(
+                plan.statistics, grad_new, memory.dense_input(channels), mean[:channels],
+                var[:channels], count, layer.norm1.eps, *layer_params[:3], dtype,
+            )  # fmt: skip
+            grad[:, :channels] += grad_x
+            del grad_x
+            param_grads = grads1 + grads2 + param_grads
+        in_channels = plan.layers[0].norm1.num_features
+        return None, grad[:, :in_channels], *param_grads
 
 
-class _Concatenated(torch.autograd.Function):
-    """The block tensor as the concatenation of ``features``, whose data it already holds."""
+def _per_layer(layers: Sequence[nn.Module], params: Sequence[Tensor]):
+    """``params`` (see :func:`_layer_parameters`) cut into each layer's 3 or 6."""
+    start = 0
+    for layer in layers:
+        size = 6 if layer.bottleneck else 3
+        yield params[start : start + size]
+        start += size
+
+
+class _Transition(torch.autograd.Function):
+    """conv1x1(avg_pool(relu(norm(x)))), keeping only x (the block tensor, which is kept anyway)."""
 
     @staticmethod
-    def forward(ctx, storage: Tensor, *features: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.channels = [t.shape[1] for t in features]
-        return storage
+    def forward(  # type: ignore[override]
+        ctx,
+        statistics: _Statistics,
+        stats: tuple[Tensor, Tensor, int],
+        eps: float,
+        x: Tensor,
+        norm_weight: Tensor,
+        norm_bias: Tensor,
+        conv_weight: Tensor,
+    ) -> Tensor:
+        mean, var, count = stats
+        dtype = _compute_dtype(x)
+        ctx.statistics, ctx.eps, ctx.dtype, ctx.count = statistics, eps, dtype, count
+        ctx.save_for_backward(x, mean, var, norm_weight, norm_bias, conv_weight)
+        params = (norm_weight, norm_bias, conv_weight)
+        return _norm_relu_conv(x, mean, var, eps, *params, dtype, pooled=True)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
-        return (None, *grad.split(ctx.channels, dim=1))
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        x, mean, var, *params = ctx.saved_tensors
+        grads = _norm_relu_conv_backward(
+            ctx.statistics, grad_out, x, mean, var, ctx.count, ctx.eps, *params, ctx.dtype,
+            pooled=True,
+        )  # fmt: skip
+        return None, None, None, *grads

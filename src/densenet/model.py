@@ -184,15 +184,21 @@ class DenseBlock(nn.ModuleDict):
 class Transition(nn.Module):
     """BN-ReLU-Conv1x1-AvgPool2x2 between dense blocks, compressing m channels to floor(theta*m)."""
 
-    def __init__(self, in_channels: int, out_channels: int, drop_rate: float) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, drop_rate: float, memory_efficient: bool = False
+    ) -> None:
         super().__init__()
         self.drop_rate = drop_rate
+        self.memory_efficient = memory_efficient
         self.norm = nn.BatchNorm2d(in_channels)
         self.relu = nn.ReLU()
         self.conv = _conv(in_channels, out_channels, 1)
         self.pool = nn.AvgPool2d(2, stride=2)
 
     def forward(self, x: Tensor) -> Tensor:
+        # Dropout sits between the convolution and the pool, so they commute only without it.
+        if self.memory_efficient and self.training and self.drop_rate == 0:
+            return efficient.transition_forward(self, x)
         x = self.conv(self.relu(self.norm(x)))
         if self.drop_rate > 0:
             x = F.dropout(x, self.drop_rate, self.training)
@@ -238,7 +244,9 @@ class DenseNet(nn.Module):
             channels = block.out_channels
             if i != len(config.block_config) - 1:
                 out_channels = int(channels * config.compression)
-                transition = Transition(channels, out_channels, config.drop_rate)
+                transition = Transition(
+                    channels, out_channels, config.drop_rate, config.memory_efficient
+                )
                 self.features.add_module(f"transition{i + 1}", transition)
                 channels = out_channels
         self.features.add_module(f"norm{len(config.block_config) + 1}", nn.BatchNorm2d(channels))

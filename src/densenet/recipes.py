@@ -124,11 +124,6 @@ class TrainConfig:
             raise ConfigError(f"backbone_lr_scale must be in [0, 1], got {self.backbone_lr_scale}")
         if self.freeze_backbone and not self.finetune:
             raise ConfigError("freeze_backbone needs pretrained weights: add --finetune SOURCE")
-        if self.sync_bn and self.memory_efficient:
-            raise ConfigError(
-                "--memory-efficient computes BatchNorm statistics itself and cannot synchronise "
-                "them yet: drop --sync-bn or --memory-efficient"
-            )
         if self.freeze_backbone and self.memory_efficient:
             raise ConfigError(
                 "a frozen backbone needs no activation memory for its gradients: drop "
