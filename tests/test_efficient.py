@@ -10,6 +10,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from conftest import randomize_batchnorm
 from densenet import ConfigError, DenseNet, DenseNetConfig, create_model
+from densenet.efficient import stem_forward
 
 CONFIGS = {
     "bottleneck": dict(growth_rate=4, block_config=(3, 2), num_init_features=8, stem="cifar"),
@@ -250,3 +251,15 @@ def test_sync_batchnorm_without_a_process_group_is_batchnorm():
     reference = gradients(standard)
     for name, grad in gradients(efficient).items():
         assert max_diff(grad, reference[name]) <= 1e-5, name
+
+
+def test_imagenet_stem_keeps_only_the_convolution_output():
+    _, efficient = make_pair(CONFIGS["imagenet_three_blocks"])
+    stem = efficient.features
+    x = torch.randn(2, 8, 20, 20, requires_grad=True)  # conv0's output
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = stem_forward(stem.norm0, stem.pool0, x)
+    assert type(out.grad_fn).__name__ == "_NormReluMaxPoolBackward"
+    assert [t.data_ptr() for t in saved if t.dim() == 4] == [x.data_ptr()]  # no ReLU out, indices
+

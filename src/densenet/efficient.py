@@ -63,6 +63,16 @@ def transition_forward(transition: nn.Module, x: Tensor) -> Tensor:
     return _Transition.apply(statistics, stats, norm.eps, x, norm.weight, norm.bias, conv.weight)
 
 
+def stem_forward(norm: nn.BatchNorm2d, pool: nn.MaxPool2d, x: Tensor) -> Tensor:
+    """MaxPool(ReLU(BN(x))) of the ImageNet stem, keeping only x (which BN keeps anyway)."""
+    statistics = _Statistics.for_norms([norm])
+    _check_batch(x)
+    with torch.no_grad():
+        stats = statistics.of(x)
+        _update_running_stats(norm, *stats)
+    return _NormReluMaxPool.apply(statistics, stats, pool, norm.eps, x, norm.weight, norm.bias)
+
+
 def _check_batch(x: Tensor) -> None:
     n, _, h, w = x.shape
     if n * h * w <= 1:
@@ -258,18 +268,30 @@ def _norm_relu_conv_backward(
         grad_input = torch.ops.aten.avg_pool2d_backward(
             grad_input, z, [2, 2], [2, 2], [0, 0], False, True, None
         )
+    grad_x, grad_norm_weight, grad_norm_bias = _norm_relu_backward(
+        statistics, grad_input, z, x, mean, var, count, eps, norm_weight
+    )
+    return grad_x, grad_norm_weight, grad_norm_bias, grad_conv_weight.to(conv_weight.dtype)
+
+
+def _norm_relu_backward(
+    statistics: _Statistics,
+    grad_z: Tensor,
+    z: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    count: int,
+    eps: float,
+    norm_weight: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of z = relu(batch_norm(x)) for x, the norm's weight and its bias, given z's."""
     # The ReLU's gradient goes into z's memory: one activation-sized tensor fewer at the peak.
-    grad_z = torch.ops.aten.threshold_backward.grad_input(grad_input, z, 0, grad_input=z)
-    del grad_input
-    grad_x, grad_norm_weight, grad_norm_bias = statistics.norm_backward(
+    grad_z = torch.ops.aten.threshold_backward.grad_input(grad_z, z, 0, grad_input=z)
+    grad_x, grad_weight, grad_bias = statistics.norm_backward(
         grad_z.to(x.dtype), x, mean, var, count, eps, norm_weight
     )
-    return (
-        grad_x,
-        grad_norm_weight.to(norm_weight.dtype),
-        grad_norm_bias.to(norm_bias.dtype),
-        grad_conv_weight.to(conv_weight.dtype),
-    )
+    return grad_x, grad_weight.to(norm_weight.dtype), grad_bias.to(norm_weight.dtype)
 
 
 def _scratch(layers: Sequence[nn.Module], features: Tensor) -> Tensor:
@@ -437,3 +459,52 @@ class _Transition(torch.autograd.Function):
             pooled=True,
         )  # fmt: skip
         return None, None, None, *grads
+
+
+class _NormReluMaxPool(torch.autograd.Function):
+    """max_pool(relu(norm(x))), keeping x: neither the ReLU output nor the pool's indices."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        statistics: _Statistics,
+        stats: tuple[Tensor, Tensor, int],
+        pool: nn.MaxPool2d,
+        eps: float,
+        x: Tensor,
+        norm_weight: Tensor,
+        norm_bias: Tensor,
+    ) -> Tensor:
+        mean, var, count = stats
+        ctx.statistics, ctx.pool, ctx.eps, ctx.count = statistics, pool, eps, count
+        ctx.save_for_backward(x, mean, var, norm_weight, norm_bias)
+        return _max_pool(pool, _norm_relu(x, mean, var, eps, norm_weight, norm_bias))[0]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        x, mean, var, norm_weight, norm_bias = ctx.saved_tensors
+        pool = ctx.pool
+        z = _norm_relu(x, mean, var, ctx.eps, norm_weight, norm_bias)
+        _, indices = _max_pool(pool, z)
+        grad_z = torch.ops.aten.max_pool2d_with_indices_backward(
+            grad_out, z, *_pool_arguments(pool), indices
+        )
+        del indices
+        grads = _norm_relu_backward(
+            ctx.statistics, grad_z, z, x, mean, var, ctx.count, ctx.eps, norm_weight
+        )
+        return None, None, None, None, *grads
+
+
+def _pool_arguments(pool: nn.MaxPool2d) -> tuple[list[int], list[int], list[int], list[int], bool]:
+    return (
+        *(list(torch.nn.modules.utils._pair(value)) for value in (
+            pool.kernel_size, pool.stride, pool.padding, pool.dilation
+        )),
+        pool.ceil_mode,
+    )  # fmt: skip
+
+
+def _max_pool(pool: nn.MaxPool2d, z: Tensor) -> tuple[Tensor, Tensor]:
+    return torch.ops.aten.max_pool2d_with_indices(z, *_pool_arguments(pool))

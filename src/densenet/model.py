@@ -290,6 +290,10 @@ class DenseNet(nn.Module):
         """The final feature map, after the last BN-ReLU and before pooling."""
         if not torch.jit.is_scripting() and not torch.compiler.is_compiling():
             self.check_input(x)
+        if self.config.memory_efficient and self.training and self.config.stem == "imagenet":
+            stem = self.features
+            x = efficient.stem_forward(stem.norm0, stem.pool0, stem.conv0(x))
+            return self.features[4:](x)  # after conv0, norm0, relu0, pool0
         return self.features(x)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
