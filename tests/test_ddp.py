@@ -1,8 +1,10 @@
-"""Data-parallel training through torchrun: 2 CPU processes (gloo, loopback) on the digits data.
+"""Data-parallel training and evaluation through torchrun: 2 CPU processes (gloo, loopback) on the
+digits data.
 
 With --sync-bn, fp32 and deterministic algorithms, 2 processes at half the batch each compute the
 same steps as one process at the whole batch, up to float rounding: the data of every step (images,
-order, augmentation) depends on (seed, epoch, step) only.
+order, augmentation) depends on (seed, epoch, step) only. Evaluation by 2 processes counts every
+image once and gives one process's numbers.
 """
 
 import contextlib
