@@ -1,11 +1,14 @@
-"""Data-parallel training through torchrun: 2 CPU processes (gloo, loopback) on the digits data.
+"""Data-parallel training and evaluation through torchrun: 2 CPU processes (gloo, loopback) on the
+digits data.
 
 With --sync-bn, fp32 and deterministic algorithms, 2 processes at half the batch each compute the
 same steps as one process at the whole batch, up to float rounding: the data of every step (images,
-order, augmentation) depends on (seed, epoch, step) only.
+order, augmentation) depends on (seed, epoch, step) only. Evaluation by 2 processes counts every
+image once and gives one process's numbers.
 """
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -43,14 +46,39 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun_command(*args: str) -> list[str]:
+def torchrun_command(*args: str, program: tuple[str, ...] = ("-m", "densenet")) -> list[str]:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     loopback = ["--master-addr", "127.0.0.1", "--master-port", str(free_port())]
-    return [*launcher, *loopback, "-m", "densenet", "train", *args]
+    return [*launcher, *loopback, *program, *args]
 
 
-def torchrun(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(torchrun_command(*args), capture_output=True, text=True, timeout=180)
+def kill_launch(process: subprocess.Popen) -> None:
+    """End a torchrun launcher and its workers, which torchrun starts in sessions of their own."""
+    for pid in [*child_pids(process.pid), process.pid]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    process.wait()
+
+
+def torchrun(
+    *args: str, env: dict[str, str] | None = None, **options
+) -> subprocess.CompletedProcess:
+    """Run torchrun to the end; a launch still running after 3 minutes hangs: kill it and fail."""
+    command = torchrun_command(*args, **options)
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        kill_launch(process)
+        pytest.fail(f"{' '.join(command)} hung")
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def max_difference(run_a, run_b) -> float:
@@ -78,7 +106,7 @@ def one_process(tmp_path_factory):
 
 def test_two_processes_at_half_batch_equal_one_process(one_process, tmp_path):
     two = tmp_path / "two"
-    result = torchrun("--out", str(two), *ARGS)
+    result = torchrun("train", "--out", str(two), *ARGS)
     assert result.returncode == 0, result.stderr[-3000:]
     assert max_difference(one_process, two) <= TOLERANCE
     # Evaluation is sharded over the processes and summed: the same numbers as one process.
@@ -104,7 +132,7 @@ def test_two_processes_checkpoint_and_one_process_resumes(one_process, tmp_path)
     killed = tmp_path / "killed"
     every_step = ["--checkpoint-every", "1"]
     process = subprocess.Popen(
-        torchrun_command("--out", str(killed), *ARGS, *every_step),
+        torchrun_command("train", "--out", str(killed), *ARGS, *every_step),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,  # one signal ends the launcher and both workers
@@ -117,12 +145,8 @@ def test_two_processes_checkpoint_and_one_process_resumes(one_process, tmp_path)
             time.sleep(0.05)
         assert process.poll() is None, "the run ended before it could be killed"
     finally:
-        # torchrun starts each worker in a session of its own: kill them as well as the launcher,
-        # or they train on and write into the run directory while it is resumed.
-        for pid in [*child_pids(process.pid), process.pid]:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        process.wait()
+        # Or the workers train on and write into the run directory while it is resumed.
+        kill_launch(process)
     state = torch.load(checkpoint, weights_only=True)
     assert state["step"] >= 2 and not (killed / "final.safetensors").exists()
 
@@ -133,7 +157,7 @@ def test_two_processes_checkpoint_and_one_process_resumes(one_process, tmp_path)
 
 
 def test_a_diverging_run_stops_every_process_with_one_message(tmp_path):
-    result = torchrun("--out", str(tmp_path / "nan"), *ARGS, "--lr", "1e30")
+    result = torchrun("train", "--out", str(tmp_path / "nan"), *ARGS, "--lr", "1e30")
     assert result.returncode != 0
     assert result.stderr.count("loss is nan on at least one process") == 1
     assert "process 1 stopped with the others; process 0 says why" in result.stderr
@@ -157,3 +181,52 @@ def test_process_shards_put_together_are_the_one_process_batches(monkeypatch, tr
     for step, batch in enumerate(whole):
         assert torch.equal(batch.images, torch.cat([p[step].images for p in parts]))
         assert torch.equal(batch.labels, torch.cat([p[step].labels for p in parts]))
+
+
+WORKER = str(Path(__file__).with_name("ddp_worker.py"))
+
+
+def read_eval(out: Path, split: str = "train") -> dict:
+    return json.loads((out / f"metrics-digits-{split}.json").read_text())
+
+
+def test_two_process_eval_counts_every_image_once_as_one_process_does(one_process, tmp_path):
+    # 1437 training digits in batches of 718: two full batches split 359 + 359, then one image
+    # that process 0 evaluates alone while process 1's slice is empty.
+    weights = str(one_process / "final.safetensors")
+    argv = ["eval", "--weights", weights, "--split", "train", "--batch-size", "718"]
+    argv += ["--precision", "fp32"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main([*argv, "--out", str(one)]) == 0
+    # Process 1 is stopped at its first attempt to write anything under tmp_path.
+    result = torchrun(
+        *argv, "--out", str(two), program=(WORKER,), env={"DENSENET_TEST_NO_WRITES": str(tmp_path)}
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected, got = read_eval(one), read_eval(two)
+    assert got["images"] == expected["images"] == 1437
+    assert got["confusion"] == expected["confusion"]
+    assert (got["top1"], got["top5"]) == (expected["top1"], expected["top5"])
+    assert got["loss"] == pytest.approx(expected["loss"], abs=1e-6)
+    assert (two / "per_class-digits-train.csv").read_text() == (
+        one / "per_class-digits-train.csv"
+    ).read_text()
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+    assert result.stdout.count("top-1") == 2  # the summary and the per-class header, once each
+    assert "(1437 images, fp32, 2 processes)" in result.stdout
+
+
+def test_eval_failing_on_one_process_stops_both_with_one_message(one_process, tmp_path):
+    # Process 1 is given a weights file that does not exist, as on a node without the file.
+    weights = str(one_process / "final.safetensors")
+    missing = str(tmp_path / "missing.safetensors")
+    result = torchrun(
+        *("eval", "--weights", weights, "--precision", "fp32", "--out", str(tmp_path / "out")),
+        program=(WORKER,),
+        env={"DENSENET_TEST_SWAP": f"{weights}={missing}"},
+    )
+    assert result.returncode != 0
+    assert result.stderr.count("weights file not found") == 1
+    assert f"process 1: weights file not found: {missing}" in result.stderr
+    assert "process 1 stopped with the others; process 0 says why" in result.stderr
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

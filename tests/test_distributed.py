@@ -7,7 +7,12 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from densenet import ConfigError, create_model
-from densenet.distributed import DistributedContext, SyncBatchNorm2d, convert_sync_batchnorm
+from densenet.distributed import (
+    DistributedContext,
+    SyncBatchNorm2d,
+    broadcast_buffers,
+    convert_sync_batchnorm,
+)
 
 
 def free_port() -> int:
@@ -33,12 +38,17 @@ def _sync_bn_worker(rank, world_size, port, x, g, results):
         (out * g[part]).sum().backward()
         grads = torch.stack([bn.weight.grad, bn.bias.grad])
         dist.all_reduce(grads)
+        # Plain BatchNorm learns each process's own statistics, until they are made process 0's.
+        plain = nn.BatchNorm2d(x.shape[1])
+        plain(x[part])
+        broadcast_buffers(plain)
         results[rank] = (
             out.detach(),
             xr.grad,
             grads,
             bn.running_mean.clone(),
             bn.running_var.clone(),
+            plain.state_dict(),
         )
     finally:
         dist.destroy_process_group()
@@ -69,6 +79,10 @@ def test_sync_batchnorm_over_two_processes_equals_one_big_batch():
         )
         assert torch.allclose(h[3], reference.running_mean, atol=1e-6)
         assert torch.allclose(h[4], reference.running_var, atol=1e-5)
+    first_half = nn.BatchNorm2d(5)
+    first_half(x[:4])
+    for h in halves:
+        assert all(torch.equal(h[5][k], v) for k, v in first_half.state_dict().items())
 
 
 def test_without_a_process_group_it_is_plain_batchnorm():

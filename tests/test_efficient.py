@@ -262,4 +262,3 @@ def test_imagenet_stem_keeps_only_the_convolution_output():
         out = stem_forward(stem.norm0, stem.pool0, x)
     assert type(out.grad_fn).__name__ == "_NormReluMaxPoolBackward"
     assert [t.data_ptr() for t in saved if t.dim() == 4] == [x.data_ptr()]  # no ReLU out, indices
-

@@ -18,7 +18,7 @@ import torch.distributed.nn.functional as dist_fn
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from densenet.errors import ConfigError
+from densenet.errors import ConfigError, DenseNetError
 
 
 @dataclass(frozen=True)
@@ -137,6 +137,55 @@ def combine_batch_stats(parts: Tensor, channels: int) -> tuple[Tensor, Tensor, i
     mean = (counts * means).sum(0) / n
     var = (counts * (variances + (means - mean) ** 2)).sum(0) / n
     return mean, var, int(n.item())
+
+
+def stopped_with_others(rank: int) -> str:
+    """What a process other than the main one says when a failure stops them all."""
+    return f"process {rank} stopped with the others; process 0 says why"
+
+
+@contextlib.contextmanager
+def stop_together(device: torch.device) -> Iterator[None]:
+    """Run a block that may fail on some processes only; if it fails on any, all of them raise.
+
+    A file missing on one node, or an output directory only the main process checks, fails one
+    process; the others would wait for it in their next collective until the group's timeout.
+    Here the processes compare notes once the block is done: the main process raises the first
+    failure's error (naming the process it came from when that is not itself), the others say
+    that it does, so the cause is printed once. Only :class:`DenseNetError` is caught: anything
+    else is a crash, which ``torchrun`` answers by ending the other processes.
+    """
+    error: DenseNetError | None = None
+    try:
+        yield
+    except DenseNetError as caught:
+        if not dist.is_initialized():
+            raise
+        error = caught
+    if all_ranks_agree(error is None, device):
+        return
+    failures: list[tuple[type[DenseNetError], str] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(failures, None if error is None else (type(error), str(error)))
+    source, (kind, message) = next((r, f) for r, f in enumerate(failures) if f is not None)
+    rank = dist.get_rank()
+    if rank != 0:
+        raise kind(stopped_with_others(rank))
+    if error is not None:  # then the first failure is the main process's own
+        raise error
+    raise kind(f"process {source}: {message}")
+
+
+def broadcast_buffers(model: nn.Module) -> None:
+    """Give every process the main process's buffers (BatchNorm running statistics).
+
+    Without SyncBatchNorm each process updates its running statistics from its own slice of the
+    batch. DistributedDataParallel copies process 0's to the others at the start of each training
+    forward, but not before an evaluation: without this, each process would evaluate its own
+    variant of the model instead of the weights process 0 saves.
+    """
+    if dist.is_initialized():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
 
 
 class SyncBatchNorm2d(nn.BatchNorm2d):

@@ -25,10 +25,13 @@ from densenet.datasets import Data, TensorData, channel_stats, download, load_sp
 from densenet.distributed import (
     all_ranks_agree,
     all_reduce_sum,
+    broadcast_buffers,
     convert_sync_batchnorm,
     current_context,
     data_parallel,
     rank_device,
+    stop_together,
+    stopped_with_others,
 )
 from densenet.errors import CheckpointError, ConfigError, DatasetError, TrainingError
 from densenet.evaluate import evaluate, topk_correct
@@ -168,12 +171,13 @@ def _train(config: TrainConfig, run: RunDirectory, resume: bool, progress: bool)
     context = current_context()
     context.shard(config.batch_size)  # refuse a global batch that does not split evenly
     progress = progress and context.is_main
-    data = load_data(config)
-    config = resolve_config(config, data)
-    checkpoint = run.read_checkpoint() if resume else None
-    device = rank_device(torch.device(config.device), context)
-    # Every process has checked the run directory (and read the checkpoint) before it changes.
-    all_ranks_agree(True, device)
+    device = rank_device(resolve_device(config.device), context)
+    # Every process has read the data (and the checkpoint) before the run directory changes, and
+    # one that can't makes all of them stop.
+    with stop_together(device):
+        data = load_data(config)
+        config = resolve_config(config, data)
+        checkpoint = run.read_checkpoint() if resume else None
     if not resume:
         run.write_config(config)
     num_classes = len(data.class_names)
@@ -313,9 +317,7 @@ def _train(config: TrainConfig, run: RunDirectory, resume: bool, progress: bool)
                 loss_sum, top1, top5, count, skipped = step_sums
                 if not math.isfinite(loss_sum):
                     if not context.is_main:  # one message, from the main process
-                        raise TrainingError(
-                            f"process {context.rank} stopped with the others; process 0 says why"
-                        )
+                        raise TrainingError(stopped_with_others(context.rank))
                     where = " on at least one process" if context.enabled else ""
                     loss_value = loss_sum / count
                     raise _diverged(
@@ -350,6 +352,7 @@ def _train(config: TrainConfig, run: RunDirectory, resume: bool, progress: bool)
             )
         bar.close()
 
+        broadcast_buffers(model)  # evaluate the weights process 0 saves, on every process
         result = evaluate(
             model,
             test_batches,

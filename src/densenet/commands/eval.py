@@ -1,17 +1,22 @@
-"""``densenet eval``: a weights file's accuracy on a dataset, per class, with a confusion matrix."""
+"""``densenet eval``: a weights file's accuracy on a dataset, per class, with a confusion matrix.
+
+Started by ``torchrun``, the processes share the work: each evaluates its slice of every batch.
+"""
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 from pathlib import Path
 
 import torch
 
-from densenet.datasets import TensorData, load_split
+from densenet.datasets import Data, TensorData, load_split
+from densenet.distributed import distributed_session, rank_device, stop_together
 from densenet.errors import ConfigError, DatasetError, WeightsError
-from densenet.evaluate import evaluate
+from densenet.evaluate import EvalResult, evaluate
 from densenet.hardware import (
     check_precision,
     default_memory_format,
@@ -19,6 +24,7 @@ from densenet.hardware import (
     resolve_device,
 )
 from densenet.loaders import Normalize, make_batches
+from densenet.model import DenseNet
 from densenet.plots import plot_confusion
 from densenet.presets import Preprocessing
 from densenet.recipes import DATASETS
@@ -37,12 +43,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dataset", default="digits", choices=DATASETS)
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--split", default="test", choices=("test", "train"))
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument(
+        "--batch-size", type=int, default=256, help="split over the processes under torchrun"
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument(
-        "--out", type=Path, help="where the PNG and CSV go (default: beside the weights)"
+        "--out", type=Path, help="where the PNG, CSV and JSON go (default: beside the weights)"
     )
     parser.set_defaults(run=run)
 
@@ -58,9 +66,12 @@ def _load(args: argparse.Namespace):
     return model, preprocessing, checkpoint.meta.get("class_names")
 
 
-def run(args: argparse.Namespace) -> int:
-    out = args.out or args.weights.parent
-    model, preprocessing, class_names = _load(args)
+def _load_data(
+    args: argparse.Namespace,
+    model: DenseNet,
+    preprocessing: Preprocessing,
+    class_names: list[str] | None,
+) -> Data:
     data = load_split(args.dataset, args.data_dir, args.split)
     num_classes = model.config.num_classes
     if len(data.class_names) != num_classes:
@@ -80,44 +91,65 @@ def run(args: argparse.Namespace) -> int:
                 f"the weights expect {preprocessing.input_size}px inputs but {args.dataset} "
                 f"images are {size}px"
             )
+    return data
+
+
+def run(args: argparse.Namespace) -> int:
+    out = args.out or args.weights.parent
+    # Under torchrun each process evaluates its slice of every batch (loaders.shard_of), the
+    # counts are summed over the processes (evaluate.evaluate) and only the main one reports.
     device = resolve_device(args.device)
-    precision = default_precision(device) if args.precision == "auto" else args.precision
-    check_precision(device, precision)
-    RunDirectory.check_writable(out)
+    with distributed_session(device) as context:
+        device = rank_device(device, context)
+        with stop_together(device):
+            model, preprocessing, class_names = _load(args)
+            data = _load_data(args, model, preprocessing, class_names)
+            precision = default_precision(device) if args.precision == "auto" else args.precision
+            check_precision(device, precision)
+            if context.is_main:
+                RunDirectory.check_writable(out)
 
-    model.to(device)
-    memory_format = default_memory_format(device, precision)
-    if memory_format == "channels_last":
-        model.to(memory_format=torch.channels_last)
-    batches = make_batches(
-        data,
-        args.batch_size,
-        device,
-        train=False,
-        preprocessing=preprocessing,
-        in_channels=model.config.in_channels,
-        workers=args.workers,
-    )
-    normalize = Normalize(preprocessing.mean, preprocessing.std).to(device)
-    result = evaluate(
-        model,
-        batches,
-        normalize,
-        precision=precision,
-        memory_format=memory_format,
-        num_classes=num_classes,
-    )
+        model.to(device)
+        memory_format = default_memory_format(device, precision)
+        if memory_format == "channels_last":
+            model.to(memory_format=torch.channels_last)
+        batches = make_batches(
+            data,
+            args.batch_size,
+            device,
+            train=False,
+            preprocessing=preprocessing,
+            in_channels=model.config.in_channels,
+            workers=args.workers,
+        )
+        normalize = Normalize(preprocessing.mean, preprocessing.std).to(device)
+        result = evaluate(
+            model,
+            batches,
+            normalize,
+            precision=precision,
+            memory_format=memory_format,
+            num_classes=model.config.num_classes,
+        )
+        if context.is_main:
+            processes = f", {context.world_size} processes" if context.enabled else ""
+            _report(args, data.class_names, result, f"{precision}{processes}", out)
+    return 0
 
+
+def _report(
+    args: argparse.Namespace, class_names: list[str], result: EvalResult, how: str, out: Path
+) -> None:
     name = f"{args.dataset}-{args.split}"
     print(
-        f"{args.weights} on {name} ({result.count} images, {precision}): "
+        f"{args.weights} on {name} ({result.count} images, {how}): "
         f"top-1 {result.top1:.2f}%  top-5 {result.top5:.2f}%  loss {result.loss:.4f}"
     )
     if result.skipped:
         print(f"{result.skipped} unreadable images were skipped")
     per_class = result.per_class.tolist()
     rows = sorted(
-        zip(data.class_names, per_class, result.confusion.sum(1).tolist(), strict=True),
+        zip(class_names, per_class, result.confusion.sum(1).tolist(), strict=True),
         key=lambda row: (math.isnan(row[1]), row[1]),
     )
     shown = rows if len(rows) <= 20 else rows[:10]
@@ -128,15 +160,26 @@ def run(args: argparse.Namespace) -> int:
     with open(csv_path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["class", "top1", "images"])
-        writer.writerows(
-            zip(data.class_names, per_class, result.confusion.sum(1).tolist(), strict=True)
-        )
+        writer.writerows(zip(class_names, per_class, result.confusion.sum(1).tolist(), strict=True))
+    json_path = out / f"metrics-{name}.json"
+    metrics = {
+        "weights": str(args.weights),
+        "dataset": args.dataset,
+        "split": args.split,
+        "images": result.count,
+        "skipped": result.skipped,
+        "loss": result.loss,
+        "top1": result.top1,
+        "top5": result.top5,
+        "class_names": class_names,
+        "confusion": result.confusion.tolist(),  # rows: true classes, columns: predictions
+    }
+    json_path.write_text(json.dumps(metrics, indent=1) + "\n")
     png_path = out / f"confusion-{name}.png"
     plot_confusion(
         result.confusion.numpy(),
-        data.class_names,
+        class_names,
         png_path,
         f"{args.weights.name} on {name}: top-1 {result.top1:.2f}%",
     )
-    print(f"wrote {png_path} and {csv_path}")
-    return 0
+    print(f"wrote {png_path}, {csv_path} and {json_path}")

@@ -9,7 +9,7 @@ import time
 import typing
 from pathlib import Path
 
-from densenet.distributed import distributed_session, from_main
+from densenet.distributed import distributed_session, from_main, rank_device, stop_together
 from densenet.errors import ConfigError, DenseNetError
 from densenet.hardware import resolve_device
 from densenet.recipes import (
@@ -112,14 +112,16 @@ def run(args: argparse.Namespace) -> int:
     config = resolve(args.recipe, overrides)
     get_spec(config.model).config.replace(**config.model_overrides)  # fail before any work
     # Under torchrun, join the other processes first: only the main one may make the directory.
-    with distributed_session(resolve_device(config.device)) as context:
+    device = resolve_device(config.device)
+    with distributed_session(device) as context:
         # Processes may start in different seconds: the main one's clock names the directory.
         stamp = from_main(time.strftime("%Y%m%d-%H%M%S"))
         run_dir = RunDirectory(
             args.out or Path("runs") / f"{config.dataset}-{config.model}-{stamp}"
         )
         existed = run_dir.path.exists()
-        run_dir.create()
+        with stop_together(rank_device(device, context)):
+            run_dir.create()
         try:
             train(config, run_dir, progress=progress)
         except DenseNetError:
