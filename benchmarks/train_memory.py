@@ -21,7 +21,6 @@ import argparse
 import csv
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -32,6 +31,16 @@ from pathlib import Path
 IMPLEMENTATIONS = ("torchvision", "torchvision-me", "ours", "ours-standard")
 DEFAULT_IMPLEMENTATIONS = ("torchvision", "torchvision-me", "ours")
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def cpu_features() -> str:
+    """The vector extensions that decide fp32 and bf16 speed on this CPU."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return "unknown vector extensions"
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+    return ", ".join(flag for flag in wanted if flag in flags) or "no AVX2"
 
 
 def bc_config(depth: int) -> dict:
@@ -188,16 +197,17 @@ def markdown(rows: list[dict], header: str) -> str:
         header,
         "",
         "| model | implementation | img/s | peak RSS (GB) | RSS before 1st step (GB) "
-        "| speed / tv default | memory / tv memory_efficient |",
-        "|---|---|---|---|---|---|---|",
+        "| growth in training (GB) | speed / tv default | memory / tv memory_efficient |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         if "error" in row:
-            lines.append(f"| {row['model']} | {row['implementation']} | {row['error']} |||||")
+            lines.append(f"| {row['model']} | {row['implementation']} | {row['error']} ||||||")
             continue
         lines.append(
             f"| {row['model']} | {row['implementation']} | {row['img_per_s']:.2f} "
             f"| {row['peak_rss_gb']:.2f} | {row['rss_before_first_step_gb']:.2f} "
+            f"| {row['peak_rss_gb'] - row['rss_before_first_step_gb']:.2f} "
             f"| {_ratio(row.get('speed_vs_tv_default'))} | {_ratio(row.get('memory_vs_tv_me'))} |"
         )
     return "\n".join(lines) + "\n"
@@ -255,12 +265,13 @@ def main() -> None:
         args.preset = "densenet121"
 
     import torch
-    import torchvision
+
+    from densenet.benchmark import machine_description
 
     command = "python benchmarks/train_memory.py " + " ".join(sys.argv[1:])
+    machine = "; ".join(machine_description(torch.device("cpu")))
     header = (
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-        f"torch {torch.__version__}, torchvision {torchvision.__version__}, "
+        f"Machine: {machine} ({os.cpu_count()} CPUs, {cpu_features()}). "
         f"{args.dtype} autocast, {'NCHW' if args.nchw else 'channels_last'}, batch {args.batch}, "
         f"{args.size} px, {args.threads} threads, {args.warmup} warm-up + {args.steps} timed SGD "
         f"steps, each configuration in a fresh process.\nCommand: `{command}`"

@@ -123,7 +123,7 @@ def test_memory_efficient_two_processes_equal_one_standard_process(one_process, 
     # The memory-efficient blocks and transitions synchronise their own BatchNorm statistics and
     # backward sums: the same steps as one process on the standard path.
     two = tmp_path / "two-efficient"
-    result = torchrun("--out", str(two), *ARGS, "--memory-efficient")
+    result = torchrun("train", "--out", str(two), *ARGS, "--memory-efficient")
     assert result.returncode == 0, result.stderr[-3000:]
     assert max_difference(one_process, two) <= TOLERANCE
 
