@@ -126,6 +126,19 @@ class _Statistics:
         dist.all_gather(gathered, parts)
         return combine_batch_stats(torch.stack(gathered), x.shape[1])
 
+    def normalize(
+        self, x: Tensor, eps: float, weight: Tensor, bias: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """batch_norm(x) in training mode (running statistics untouched), x's mean and variance."""
+        if self.synchronized:
+            mean, var, _ = self.of(x)
+            return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, False), mean, var
+        # One pass for the statistics and the normalisation instead of two.
+        out, mean, invstd = torch.ops.aten._native_batch_norm_legit.no_stats(
+            x, weight, bias, True, 0.0, eps
+        )
+        return out, mean.float(), (invstd.float().pow(-2) - eps).clamp_(min=0)
+
     def norm_backward(
         self,
         grad: Tensor,
@@ -222,11 +235,14 @@ def _norm_relu_conv(
     dtype: torch.dtype,
     pooled: bool = False,
 ) -> Tensor:
-    """conv([avg_pool](relu(batch_norm(x)))) with given batch statistics; stride 1, same padding."""
+    """conv([avg_pool](relu(batch_norm(x)))) with given batch statistics."""
     z = _norm_relu(x, mean, var, eps, norm_weight, norm_bias).to(dtype)
-    if pooled:
-        z = F.avg_pool2d(z, 2)
-    return F.conv2d(z, conv_weight.to(dtype), padding=conv_weight.shape[-1] // 2)
+    return _conv(F.avg_pool2d(z, 2) if pooled else z, conv_weight)
+
+
+def _conv(z: Tensor, weight: Tensor) -> Tensor:
+    """A DenseNet convolution of z: stride 1, same padding, no bias, in z's dtype."""
+    return F.conv2d(z, weight.to(z.dtype), padding=weight.shape[-1] // 2)
 
 
 def _norm_relu_conv_backward(
@@ -370,13 +386,13 @@ class _DenseBlock(torch.autograd.Function):
             out, noise1 = _dropout(out, layer.drop_rate)
             bottleneck = b_mean = b_var = noise2 = None
             if layer.bottleneck:
-                bottleneck = out
-                b_mean, b_var, _ = statistics.of(bottleneck)
-                _update_running_stats(layer.norm2, b_mean, b_var, count)
-                out = _norm_relu_conv(
-                    bottleneck, b_mean, b_var, layer.norm2.eps, *layer_params[3:], dtype
+                bottleneck, (norm_weight, norm_bias, conv_weight) = out, layer_params[3:]
+                z, b_mean, b_var = statistics.normalize(
+                    bottleneck, layer.norm2.eps, norm_weight, norm_bias
                 )
-                out, noise2 = _dropout(out, layer.drop_rate)
+                _update_running_stats(layer.norm2, b_mean, b_var, count)
+                out, noise2 = _dropout(_conv(z.relu_().to(dtype), conv_weight), layer.drop_rate)
+                del z
             memory.append(out, *statistics.of(out)[:2])
             saved += [noise1, bottleneck, b_mean, b_var, noise2]
         ctx.plan, ctx.dtype, ctx.count, ctx.num_params = plan, dtype, count, len(params)
