@@ -116,6 +116,8 @@ def child(spec: dict) -> None:
                 "img_per_s": spec["batch"] * spec["steps"] / seconds,
                 "peak_rss_gb": peak / 1e9,
                 "rss_before_first_step_gb": rss_before / 1e9,
+                # Other work on the machine slows the timing (not the memory): keep it on record.
+                "load_average_1min": os.getloadavg()[0],
             }
         ),
         flush=True,
@@ -197,18 +199,20 @@ def markdown(rows: list[dict], header: str) -> str:
         header,
         "",
         "| model | implementation | img/s | peak RSS (GB) | RSS before 1st step (GB) "
-        "| growth in training (GB) | speed / tv default | memory / tv memory_efficient |",
-        "|---|---|---|---|---|---|---|---|",
+        "| growth in training (GB) | speed / tv default | memory / tv memory_efficient "
+        "| load average |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         if "error" in row:
-            lines.append(f"| {row['model']} | {row['implementation']} | {row['error']} ||||||")
+            lines.append(f"| {row['model']} | {row['implementation']} | {row['error']} |||||||")
             continue
         lines.append(
             f"| {row['model']} | {row['implementation']} | {row['img_per_s']:.2f} "
             f"| {row['peak_rss_gb']:.2f} | {row['rss_before_first_step_gb']:.2f} "
             f"| {row['peak_rss_gb'] - row['rss_before_first_step_gb']:.2f} "
-            f"| {_ratio(row.get('speed_vs_tv_default'))} | {_ratio(row.get('memory_vs_tv_me'))} |"
+            f"| {_ratio(row.get('speed_vs_tv_default'))} | {_ratio(row.get('memory_vs_tv_me'))} "
+            f"| {row['load_average_1min']:.1f} |"
         )
     return "\n".join(lines) + "\n"
 
