@@ -125,11 +125,17 @@ def child(spec: dict) -> None:
 
 
 def measure(spec: dict) -> dict:
+    env = dict(os.environ)
+    if spec["mmap_threshold"]:
+        # glibc serves blocks under its (adaptive, up to 32 MiB) mmap threshold from heaps that
+        # keep freed memory: a fixed threshold returns every freed activation to the OS at once.
+        env["MALLOC_MMAP_THRESHOLD_"] = str(spec["mmap_threshold"])
     result = subprocess.run(
         [sys.executable, __file__, "--child", json.dumps(spec)],
         capture_output=True,
         text=True,
         check=False,
+        env=env,
     )
     lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
     if not lines:
@@ -147,6 +153,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         steps=args.steps,
         cap_gb=args.cap_gb,
         threads=args.threads,
+        mmap_threshold=args.mmap_threshold,
     )
     if args.preset:
         cases = [(args.preset, dict(base, preset=args.preset, fields=None))]
@@ -160,16 +167,26 @@ def run(args: argparse.Namespace) -> list[dict]:
         for implementation in args.impl:
             row = {"model": label, "depth": spec.get("depth", ""), "implementation": implementation}
             previous = last_fit.get(implementation)
-            # Deeper nets only while they fit: project quadratic growth from the last depth.
-            if previous and previous[1] * (spec["depth"] / previous[0]) ** 2 > args.cap_gb * 1.074:
+            # Deeper nets only while they fit: project quadratic growth in training from the last
+            # depth (the memory before the first step, mostly the libraries, stays).
+            if previous and _projected(previous, spec["depth"]) > args.cap_gb * 1.074:
                 row["error"] = f"skipped: projected over the {args.cap_gb} GiB cap"
             else:
                 row.update(measure(dict(spec, implementation=implementation)))
                 if "error" not in row and spec.get("depth"):
-                    last_fit[implementation] = (spec["depth"], row["peak_rss_gb"])
+                    last_fit[implementation] = (
+                        spec["depth"],
+                        row["rss_before_first_step_gb"],
+                        row["peak_rss_gb"] - row["rss_before_first_step_gb"],
+                    )
             rows.append(row)
             print(_format_row(row), flush=True)
     return rows
+
+
+def _projected(previous: tuple[int, float, float], depth: int) -> float:
+    last_depth, before, growth = previous
+    return before + growth * (depth / last_depth) ** 2
 
 
 def _format_row(row: dict) -> str:
@@ -260,6 +277,11 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
     parser.add_argument("--cap-gb", type=float, default=7.0, help="per-process RSS cap (GiB)")
+    parser.add_argument(
+        "--mmap-threshold",
+        type=int,
+        help="bytes: glibc's MALLOC_MMAP_THRESHOLD_ for every configuration (default: glibc's own)",
+    )
     parser.add_argument("--out", type=Path, help="write OUT.csv, OUT.md (and OUT.png for a sweep)")
     args = parser.parse_args()
     if args.child:
@@ -278,7 +300,13 @@ def main() -> None:
         f"Machine: {machine} ({os.cpu_count()} CPUs, {cpu_features()}). "
         f"{args.dtype} autocast, {'NCHW' if args.nchw else 'channels_last'}, batch {args.batch}, "
         f"{args.size} px, {args.threads} threads, {args.warmup} warm-up + {args.steps} timed SGD "
-        f"steps, each configuration in a fresh process.\nCommand: `{command}`"
+        f"steps, each configuration in a fresh process, glibc malloc with "
+        + (
+            f"MALLOC_MMAP_THRESHOLD_={args.mmap_threshold}"
+            if args.mmap_threshold
+            else "its default (adaptive) mmap threshold"
+        )
+        + f".\nCommand: `{command}`"
     )
     rows = run(args)
     add_ratios(rows)
