@@ -43,10 +43,9 @@ _SAVED_PER_LAYER = 5  # dropout noise 1, bottleneck output, its mean and varianc
 
 def dense_block_forward(layers: Sequence[nn.Module], x: Tensor, out_channels: int) -> Tensor:
     """The output of a dense block (``torch.cat`` of its input and every layer's output)."""
-    norms = [layer.norm1 for layer in layers] + [
-        layer.norm2 for layer in layers if layer.bottleneck
-    ]
-    plan = _BlockPlan(tuple(layers), out_channels, _Statistics.for_norms(norms))
+    norms = [norm for layer in layers for norm in (layer.norm1, getattr(layer, "norm2", None))]
+    statistics = _Statistics.for_norms([norm for norm in norms if norm is not None])
+    plan = _BlockPlan(tuple(layers), out_channels, statistics)
     _check_batch(x)
     params = [p for layer in layers for p in _layer_parameters(layer)]
     return _DenseBlock.apply(plan, x, *params)
