@@ -43,8 +43,7 @@ _SAVED_PER_LAYER = 5  # dropout noise 1, bottleneck output, its mean and varianc
 
 def dense_block_forward(layers: Sequence[nn.Module], x: Tensor, out_channels: int) -> Tensor:
     """The output of a dense block (``torch.cat`` of its input and every layer's output)."""
-    norms = [norm for layer in layers for norm in (layer.norm1, getattr(layer, "norm2", None))]
-    statistics = _Statistics.for_norms([norm for norm in norms if norm is not None])
+    statistics = _Statistics.for_norms([norm for layer in layers for norm in _norms(layer)])
     plan = _BlockPlan(tuple(layers), out_channels, statistics)
     _check_batch(x)
     params = [p for layer in layers for p in _layer_parameters(layer)]
@@ -210,9 +209,23 @@ def _update_running_stats(norm: nn.BatchNorm2d, mean: Tensor, var: Tensor, count
     norm.running_var.lerp_(unbiased.to(norm.running_var.dtype), momentum)
 
 
-def _norm_relu(x: Tensor, mean: Tensor, var: Tensor, norm_eps: float, weight: Tensor, bias: Tensor):
-    """relu(batch_norm(x)) with given batch statistics: BN's own kernel, in inference mode."""
-    return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, norm_eps, False).relu_()
+def _norm_relu(
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    eps: float,
+    weight: Tensor,
+    bias: Tensor,
+    out: Tensor | None = None,
+) -> Tensor:
+    """relu(batch_norm(x)) with given batch statistics (BN's inference kernel), in ``out``."""
+    if out is None:
+        out = torch.empty_like(x)
+    unused = torch.empty(0, device=x.device)
+    torch.ops.aten.native_batch_norm.out(
+        x, weight, bias, mean, var, False, 0.0, eps, out=out, save_mean=unused, save_invstd=unused
+    )
+    return out.relu_()
 
 
 def _dropout(x: Tensor, p: float) -> tuple[Tensor, Tensor | None]:
@@ -233,9 +246,13 @@ def _norm_relu_conv(
     conv_weight: Tensor,
     dtype: torch.dtype,
     pooled: bool = False,
+    out: Tensor | None = None,
 ) -> Tensor:
-    """conv([avg_pool](relu(batch_norm(x)))) with given batch statistics."""
-    z = _norm_relu(x, mean, var, eps, norm_weight, norm_bias).to(dtype)
+    """conv([avg_pool](relu(batch_norm(x)))) with given batch statistics.
+
+    ``out``, if given, is where relu(batch_norm(x)) goes.
+    """
+    z = _norm_relu(x, mean, var, eps, norm_weight, norm_bias, out).to(dtype)
     return _conv(F.avg_pool2d(z, 2) if pooled else z, conv_weight)
 
 
@@ -257,12 +274,14 @@ def _norm_relu_conv_backward(
     conv_weight: Tensor,
     dtype: torch.dtype,
     pooled: bool = False,
+    out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients of :func:`_norm_relu_conv` for x, norm_weight, norm_bias and conv_weight.
 
-    Recomputes relu(batch_norm(x)) from x and its statistics; the convolution is not re-run.
+    Recomputes relu(batch_norm(x)) from x and its statistics (into ``out`` if given); the
+    convolution is not re-run.
     """
-    z = _norm_relu(x, mean, var, eps, norm_weight, norm_bias).to(dtype)
+    z = _norm_relu(x, mean, var, eps, norm_weight, norm_bias, out).to(dtype)
     conv_input = F.avg_pool2d(z, 2) if pooled else z
     padding = conv_weight.shape[-1] // 2
     grad_input, grad_conv_weight, _ = torch.ops.aten.convolution_backward(
@@ -309,15 +328,23 @@ def _norm_relu_backward(
     return grad_x, grad_weight.to(norm_weight.dtype), grad_bias.to(norm_weight.dtype)
 
 
-def _scratch(layers: Sequence[nn.Module], features: Tensor) -> Tensor:
-    """Room for the widest layer input of a block (freed with the forward or backward pass)."""
+def _workspace(layers: Sequence[nn.Module], features: Tensor) -> Tensor:
+    """Room for the widest BN input of a block's layers, freed with the forward or backward pass.
+
+    Per-layer tensors that grow with every layer would leave holes in the heap that the next, wider
+    one does not fit in: the process would keep far more memory than it uses. These are reused.
+    """
     n, _, h, w = features.shape
-    widest = max(layer.norm1.num_features for layer in layers)
+    widest = max(norm.num_features for layer in layers for norm in _norms(layer))
     return torch.empty(n * widest * h * w, dtype=features.dtype, device=features.device)
 
 
+def _norms(layer: nn.Module) -> list[nn.BatchNorm2d]:
+    return [layer.norm1, layer.norm2] if layer.bottleneck else [layer.norm1]
+
+
 class _BlockMemory:
-    """The block tensor, its per-channel statistics, and scratch space for one dense input."""
+    """The block tensor, its per-channel statistics, and workspace for one layer's BN in and out."""
 
     def __init__(self, layers: Sequence[nn.Module], x: Tensor, out_channels: int) -> None:
         n, _, h, w = x.shape
@@ -329,18 +356,19 @@ class _BlockMemory:
         )
         self.mean = torch.empty(out_channels, dtype=torch.float32, device=x.device)
         self.var = torch.empty_like(self.mean)
-        self.scratch = _scratch(layers, self.features)
+        self.inputs = _workspace(layers, self.features)
+        self.outputs = _workspace(layers, self.features)
         self.filled = 0
 
     @classmethod
     def restore(
         cls, layers: Sequence[nn.Module], features: Tensor, mean: Tensor, var: Tensor
     ) -> _BlockMemory:
-        """The memory of a block whose forward pass is done, with new scratch space."""
+        """The memory of a block whose forward pass is done, with new workspace."""
         memory = cls.__new__(cls)
         memory.features, memory.mean, memory.var = features, mean, var
         memory.layout = _layout(features)
-        memory.scratch = _scratch(layers, features)
+        memory.inputs, memory.outputs = _workspace(layers, features), _workspace(layers, features)
         memory.filled = features.shape[1]
         return memory
 
@@ -352,17 +380,23 @@ class _BlockMemory:
         self.filled = end
 
     def dense_input(self, channels: int) -> Tensor:
-        """A dense copy of the first ``channels`` feature maps, in the scratch memory.
+        """A dense copy of the first ``channels`` feature maps, in workspace memory.
 
         A slice of the block tensor is strided, and BN kernels on strided tensors are many times
         slower than one copy followed by the dense kernel.
         """
-        x = self.features[:, :channels]
-        n, c, h, w = x.shape
-        flat = self.scratch[: n * c * h * w]
+        return self._dense(self.inputs, channels).copy_(self.features[:, :channels])
+
+    def activations(self, channels: int) -> Tensor:
+        """Workspace memory for one BN-ReLU output of ``channels`` channels."""
+        return self._dense(self.outputs, channels)
+
+    def _dense(self, workspace: Tensor, channels: int) -> Tensor:
+        n, _, h, w = self.features.shape
+        flat = workspace[: n * channels * h * w]
         if self.layout == torch.channels_last:
-            return flat.view(n, h, w, c).permute(0, 3, 1, 2).copy_(x)
-        return flat.view(n, c, h, w).copy_(x)
+            return flat.view(n, h, w, channels).permute(0, 3, 1, 2)
+        return flat.view(n, channels, h, w)
 
 
 class _DenseBlock(torch.autograd.Function):
@@ -380,8 +414,9 @@ class _DenseBlock(torch.autograd.Function):
             mean, var = memory.mean[:channels], memory.var[:channels]
             _update_running_stats(layer.norm1, mean, var, count)
             out = _norm_relu_conv(
-                memory.dense_input(channels), mean, var, layer.norm1.eps, *layer_params[:3], dtype
-            )
+                memory.dense_input(channels), mean, var, layer.norm1.eps, *layer_params[:3], dtype,
+                out=memory.activations(channels),
+            )  # fmt: skip
             out, noise1 = _dropout(out, layer.drop_rate)
             bottleneck = b_mean = b_var = noise2 = None
             if layer.bottleneck:
@@ -422,11 +457,13 @@ class _DenseBlock(torch.autograd.Function):
                 grad_new, *grads2 = _norm_relu_conv_backward(
                     plan.statistics, grad_new, bottleneck, b_mean, b_var, count,
                     layer.norm2.eps, *layer_params[3:], dtype,
+                    out=memory.activations(bottleneck.shape[1]),
                 )  # fmt: skip
             grad_new = grad_new if noise1 is None else grad_new * noise1
             grad_x, *grads1 = _norm_relu_conv_backward(
                 plan.statistics, grad_new, memory.dense_input(channels), mean[:channels],
                 var[:channels], count, layer.norm1.eps, *layer_params[:3], dtype,
+                out=memory.activations(channels),
             )  # fmt: skip
             grad[:, :channels] += grad_x
             del grad_x
