@@ -49,6 +49,16 @@ def max_diff(a: Tensor, b: Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
 
 
+def assert_same_step(standard: nn.Module, efficient: nn.Module, x: Tensor, weights: Tensor) -> None:
+    """One step of each model gives the same output and parameter gradients within 1e-5."""
+    out_ref, _ = run_step(standard, x, weights)
+    out, _ = run_step(efficient, x, weights)
+    assert max_diff(out, out_ref) <= 1e-5
+    reference = gradients(standard)
+    for name, grad in gradients(efficient).items():
+        assert max_diff(grad, reference[name]) <= 1e-5, name
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_outputs_and_gradients_equal_the_standard_path(name):
     standard, efficient = make_pair(CONFIGS[name])
@@ -181,12 +191,7 @@ def test_fp32_on_cuda_equals_the_standard_path():
     x, weights = torch.randn(4, 3, 16, 16, device="cuda"), torch.randn(4, 7, device="cuda")
     with torch.backends.cudnn.flags(enabled=True, deterministic=True, allow_tf32=False):
         torch.backends.cuda.matmul.allow_tf32 = False
-        out_ref, _ = run_step(standard, x, weights)
-        out, _ = run_step(efficient, x, weights)
-    assert max_diff(out, out_ref) <= 1e-5
-    reference = gradients(standard)
-    for name, grad in gradients(efficient).items():
-        assert max_diff(grad, reference[name]) <= 1e-5, name
+        assert_same_step(standard, efficient, x, weights)
 
 
 def test_distributed_data_parallel_sees_each_gradient_once(tmp_path):
@@ -244,13 +249,7 @@ def test_sync_batchnorm_without_a_process_group_is_batchnorm():
 
     standard, efficient = make_pair(CONFIGS["bottleneck"])
     efficient = convert_sync_batchnorm(efficient)
-    x, weights = torch.randn(4, 3, 16, 16), torch.randn(4, 7)
-    out_ref, _ = run_step(standard, x, weights)
-    out, _ = run_step(efficient, x, weights)
-    assert max_diff(out, out_ref) <= 1e-5
-    reference = gradients(standard)
-    for name, grad in gradients(efficient).items():
-        assert max_diff(grad, reference[name]) <= 1e-5, name
+    assert_same_step(standard, efficient, torch.randn(4, 3, 16, 16), torch.randn(4, 7))
 
 
 def test_imagenet_stem_keeps_only_the_convolution_output():
