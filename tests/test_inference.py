@@ -8,7 +8,14 @@ from torch import nn
 
 from conftest import randomize_batchnorm
 from densenet import ConfigError, DenseNet, create_model, optimize_for_inference
-from densenet.inference import ClampedReLU, Conv2dReLU, OneDNNConv2dReLU, onednn_supports
+from densenet.inference import (
+    BatchNormReLU,
+    ClampedReLU,
+    Conv2dReLU,
+    InferenceDenseNet,
+    OneDNNConv2dReLU,
+    onednn_supports,
+)
 
 TINY = dict(growth_rate=4, block_config=(2, 3), num_init_features=8, num_classes=5)
 CONFIGS = {
@@ -67,18 +74,31 @@ def test_fp32_computes_the_same_function(name, device, backend):
     assert _relative_error(actual, expected) <= 1e-5
 
 
+@pytest.mark.parametrize("name", ["bc-imagenet", "bottleneck-c1-cifar", "one-block-no-head"])
+def test_unfolded_input_bn_computes_the_same_function(name):
+    # The int8 path keeps BN-ReLU in front of each 1x1 convolution instead of folding it.
+    model = _model(CONFIGS[name])
+    x = torch.randn(3, 3, 37, 41)
+    expected = _reference(model, x)
+    with torch.no_grad():
+        network = InferenceDenseNet(model, torch.float32, onednn=False, fold_input_bn=False)
+        actual = network.eval()(x)
+    assert any(isinstance(m, BatchNormReLU) for m in network.modules())
+    assert not any(isinstance(m, ClampedReLU) for m in network.modules())
+    assert _relative_error(actual, expected) <= 1e-5
+
+
 @pytest.mark.skipif(not HAS_ONEDNN, reason="PyTorch built without oneDNN")
 def test_onednn_is_the_cpu_default_and_aten_otherwise():
+    def conv_types(network: nn.Module) -> set[type]:
+        return {type(m) for m in network.modules() if "Conv" in type(m).__name__}
+
     model = _model(TINY)
-    convs = [type(m) for m in optimize_for_inference(model).modules() if "Conv" in type(m).__name__]
-    assert convs and set(convs) == {OneDNNConv2dReLU}
-    for network in (
-        optimize_for_inference(model, conv_backend="aten"),
-        # compile traces plain convolutions; inspect the module it wraps
-        optimize_for_inference(model, compile=True)._orig_mod,
-    ):
-        convs = {type(m) for m in network.modules() if "Conv" in type(m).__name__}
-        assert convs == {Conv2dReLU}
+    assert conv_types(optimize_for_inference(model)) == {OneDNNConv2dReLU}
+    aten = {Conv2dReLU, nn.Conv2d}
+    assert conv_types(optimize_for_inference(model, conv_backend="aten")) == aten
+    # compile traces plain convolutions; inspect the module it wraps
+    assert conv_types(optimize_for_inference(model, compile=True)._orig_mod) == aten
 
 
 @pytest.mark.skipif(not HAS_ONEDNN, reason="PyTorch built without oneDNN")

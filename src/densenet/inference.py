@@ -81,8 +81,12 @@ class ClampedReLU(nn.Module):
 CONV_BACKENDS = ("auto", "onednn", "aten")
 
 
-class Conv2dReLU(nn.Conv2d):
-    """A convolution with given weights, optionally followed by ReLU (one oneDNN call, fused)."""
+class Conv2dReLU(nn.Module):
+    """A convolution with given weights, optionally followed by ReLU.
+
+    Plain ``nn.Conv2d`` and ``nn.ReLU`` modules, which quantizers and exporters recognise; the
+    oneDNN backend runs the pair as one call.
+    """
 
     def __init__(
         self,
@@ -93,8 +97,9 @@ class Conv2dReLU(nn.Conv2d):
         padding: int = 0,
         relu: bool = False,
     ) -> None:
+        super().__init__()
         out_channels, in_channels, kh, kw = weight.shape
-        super().__init__(
+        self.conv = nn.Conv2d(
             in_channels,
             out_channels,
             (kh, kw),
@@ -104,14 +109,13 @@ class Conv2dReLU(nn.Conv2d):
             device=weight.device,
         )
         with torch.no_grad():
-            self.weight.copy_(weight)
+            self.conv.weight.copy_(weight)
             if bias is not None:
-                self.bias.copy_(bias)
-        self.relu = relu
+                self.conv.bias.copy_(bias)
+        self.relu: nn.Module = nn.ReLU(inplace=True) if relu else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self._conv_forward(x, self.weight, self.bias)
-        return F.relu(out, inplace=True) if self.relu else out
+        return self.relu(self.conv(x))
 
 
 class OneDNNConv2dReLU(nn.Module):
@@ -125,13 +129,14 @@ class OneDNNConv2dReLU(nn.Module):
 
     MAX_SHAPES = 8  # distinct input shapes kept reordered; a varying input size starts afresh
 
-    def __init__(self, conv: Conv2dReLU) -> None:
+    def __init__(self, unit: Conv2dReLU) -> None:
         super().__init__()
+        conv = unit.conv
         self.register_buffer("weight", conv.weight.detach().clone())
         self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().clone())
         self.stride, self.padding = list(conv.stride), list(conv.padding)
         self.dilation, self.groups = list(conv.dilation), conv.groups
-        self.relu = conv.relu
+        self.relu = isinstance(unit.relu, nn.ReLU)
         self._reordered: dict[tuple[int, ...], Tensor] = {}
 
     def _weight_for(self, shape: tuple[int, ...]) -> Tensor:
@@ -184,6 +189,31 @@ def _use_onednn(network: nn.Module) -> None:
                 setattr(parent, name, OneDNNConv2dReLU(child))
 
 
+class BatchNormReLU(nn.Module):
+    """Eval-mode BN followed by ReLU, as one multiply-add and an in-place ReLU."""
+
+    def __init__(self, bn: nn.BatchNorm2d) -> None:
+        super().__init__()
+        scale, shift = _bn_scale_shift(bn)
+        self.register_buffer("scale", scale.float().view(1, -1, 1, 1))
+        self.register_buffer("shift", shift.float().view(1, -1, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(torch.addcmul(self.shift, x, self.scale), inplace=True)
+
+
+def _input_activation(bn: nn.BatchNorm2d, fold: bool) -> tuple[nn.Module, Tensor, Tensor]:
+    """The BN-ReLU in front of a 1x1 conv or linear, and the input affine left for it to fold.
+
+    Folded: a clamp, with BN's scale and shift for the consumer's weights. Not folded: BN-ReLU
+    itself, with an identity affine.
+    """
+    if fold:
+        return ClampedReLU.from_bn(bn)
+    ones = torch.ones(bn.num_features, dtype=torch.float64, device=bn.weight.device)
+    return BatchNormReLU(bn), ones, torch.zeros_like(ones)
+
+
 def _fold_input_affine(weight: Tensor, scale: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
     """A 1x1 conv (or linear) ``W`` applied to ``scale*y + shift``, as weights and bias on ``y``."""
     weight = weight.double()
@@ -219,9 +249,9 @@ class ImageNetStem(nn.Module):
 class BottleneckLayer(nn.Module):
     """clamp -> Conv1x1 (BN1 affine and BN2 folded in) -> ReLU -> Conv3x3."""
 
-    def __init__(self, layer: DenseLayer) -> None:
+    def __init__(self, layer: DenseLayer, fold_input_bn: bool) -> None:
         super().__init__()
-        self.act, scale, shift = ClampedReLU.from_bn(layer.norm1)
+        self.act, scale, shift = _input_activation(layer.norm1, fold_input_bn)
         weight, bias = _fold_input_affine(layer.conv1.weight, scale, shift)
         weight, bias = _fold_output_bn(weight, bias, layer.norm2)
         self.conv1 = Conv2dReLU(weight, bias, relu=True)
@@ -236,26 +266,25 @@ class PlainLayer(nn.Module):
 
     def __init__(self, layer: DenseLayer) -> None:
         super().__init__()
-        scale, shift = _bn_scale_shift(layer.norm1)
-        self.register_buffer("scale", scale.float().view(1, -1, 1, 1))
-        self.register_buffer("shift", shift.float().view(1, -1, 1, 1))
+        self.act = BatchNormReLU(layer.norm1)
         self.conv = Conv2dReLU(layer.conv1.weight.detach(), None, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.relu(torch.addcmul(self.shift, x, self.scale), inplace=True))
+        return self.conv(self.act(x))
 
 
 class FastDenseBlock(nn.Module):
     """Writes each layer's new channels into one preallocated output: no concatenation copies."""
 
-    def __init__(self, block: DenseBlock, growth_rate: int) -> None:
+    def __init__(self, block: DenseBlock, growth_rate: int, fold_input_bn: bool) -> None:
         super().__init__()
         layers = [module for module in block.children() if isinstance(module, DenseLayer)]
         self.in_channels = layers[0].norm1.num_features
         self.out_channels = self.in_channels + len(layers) * growth_rate
         self.growth_rate = growth_rate
         self.layers = nn.ModuleList(
-            BottleneckLayer(layer) if layer.bottleneck else PlainLayer(layer) for layer in layers
+            BottleneckLayer(layer, fold_input_bn) if layer.bottleneck else PlainLayer(layer)
+            for layer in layers
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -277,9 +306,9 @@ class FastDenseBlock(nn.Module):
 class FastTransition(nn.Module):
     """clamp -> AvgPool2x2 -> Conv1x1 with the BN affine folded in (pool and conv commute)."""
 
-    def __init__(self, transition: Transition) -> None:
+    def __init__(self, transition: Transition, fold_input_bn: bool) -> None:
         super().__init__()
-        self.act, scale, shift = ClampedReLU.from_bn(transition.norm)
+        self.act, scale, shift = _input_activation(transition.norm, fold_input_bn)
         weight, bias = _fold_input_affine(transition.conv.weight, scale, shift)
         self.conv = Conv2dReLU(weight, bias)
 
@@ -290,9 +319,9 @@ class FastTransition(nn.Module):
 class FastHead(nn.Module):
     """Final BN-ReLU, global average pooling and classifier; the BN affine folds into the linear."""
 
-    def __init__(self, norm: nn.BatchNorm2d, classifier: nn.Module) -> None:
+    def __init__(self, norm: nn.BatchNorm2d, classifier: nn.Module, fold_input_bn: bool) -> None:
         super().__init__()
-        self.act, scale, shift = ClampedReLU.from_bn(norm)
+        self.act, scale, shift = _input_activation(norm, fold_input_bn)
         if isinstance(classifier, nn.Linear):
             weight, bias = _fold_input_affine(classifier.weight, scale, shift)
             if classifier.bias is not None:
@@ -314,9 +343,17 @@ class FastHead(nn.Module):
 
 
 class InferenceDenseNet(nn.Module):
-    """The rewritten network: same inputs and logits as the DenseNet it was built from."""
+    """The rewritten network: same inputs and logits as the DenseNet it was built from.
 
-    def __init__(self, model: DenseNet, dtype: torch.dtype, onednn: bool) -> None:
+    ``fold_input_bn=False`` keeps each BN-ReLU in front of its 1x1 convolution (or classifier)
+    instead of folding its affine part into their weights: the same function, a little slower,
+    but every convolution then reads BN-normalised input, which int8 quantization with one scale
+    per tensor needs (the folded inputs span very different ranges per channel).
+    """
+
+    def __init__(
+        self, model: DenseNet, dtype: torch.dtype, onednn: bool, fold_input_bn: bool = True
+    ) -> None:
         super().__init__()
         self.config: DenseNetConfig = model.config
         features = model.features
@@ -327,12 +364,13 @@ class InferenceDenseNet(nn.Module):
         stages = []
         for i in range(len(model.config.block_config)):
             block = getattr(features, f"denseblock{i + 1}")
-            stages.append(FastDenseBlock(block, model.config.growth_rate))
+            stages.append(FastDenseBlock(block, model.config.growth_rate, fold_input_bn))
             if hasattr(features, f"transition{i + 1}"):
-                stages.append(FastTransition(getattr(features, f"transition{i + 1}")))
+                transition = getattr(features, f"transition{i + 1}")
+                stages.append(FastTransition(transition, fold_input_bn))
         self.stages = nn.Sequential(*stages)
         norm = getattr(features, f"norm{len(model.config.block_config) + 1}")
-        self.head = FastHead(norm, model.classifier)
+        self.head = FastHead(norm, model.classifier, fold_input_bn)
         self.to(dtype=dtype, memory_format=torch.channels_last)
         if onednn:
             _use_onednn(self)
