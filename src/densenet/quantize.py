@@ -65,4 +65,23 @@ def quantize_int8(
             observed(batch)
         quantized = convert_pt2e(observed)
     quantized.requires_grad_(False)
-    return torch.compile(quantized, options={"freezing": True}) if compile else quantized
+    return FrozenCompiled(quantized) if compile else quantized
+
+
+class FrozenCompiled(nn.Module):
+    """``torch.compile`` with inductor's freezing, which turns quantized patterns into int8 kernels.
+
+    Freezing is switched on around each call, where compilation happens, rather than through
+    ``torch.compile(options=...)``: with the options route (torch 2.14) the int8 weight packing is
+    left in the graph and compilation fails.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.compiled = torch.compile(module)
+
+    def forward(self, x: Tensor) -> Tensor:
+        from torch._inductor import config
+
+        with config.patch(freezing=True):
+            return self.compiled(x)
