@@ -7,8 +7,8 @@ from sklearn.datasets import load_digits
 
 from densenet import ConfigError, DenseNet, quantize_int8
 
-# int8 must pick the same class as float32 on at least this share of inputs (observed: 99.7% on
-# held-out digits, 99.9% on random inputs).
+# int8 must pick the same class as float32 on at least this share of inputs (observed: 99.75% on
+# held-out digits, 99.8% on random inputs).
 MIN_AGREEMENT = 0.99
 
 

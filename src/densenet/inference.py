@@ -13,13 +13,12 @@ elementwise pass per layer and no repeated concatenation:
 - The BN after each bottleneck 1x1 convolution folds into that convolution's weights and bias.
 - In transitions, 2x2 average pooling and the (now affine-carrying) 1x1 convolution are both linear
   and per-pixel/per-channel, so they commute: pooling first costs 4x fewer MACs.
-- In the ImageNet stem, BN folds into the 7x7 convolution and ReLU moves after max-pooling
-  (both are monotone), so it runs on 4x fewer elements.
+- In the ImageNet stem, BN folds into the 7x7 convolution.
 - Each dense block allocates its output once; every layer reads the channels written so far as a
   view and writes its ``growth_rate`` new channels into place.
 - Everything runs channels_last, in float32 or bfloat16.
 
-On CPU every convolution then runs through oneDNN with its weights reordered once, at build time,
+On CPU every convolution then runs through oneDNN with its weights reordered once per input shape
 into the blocked layout its kernels read, and with the ReLU that follows it fused into the same
 call (``conv_backend="onednn"``, chosen by default where it is supported). ``F.conv2d`` instead
 reorders the weights on every call and, at batch 1, sends small 3x3 convolutions to PyTorch's slow
