@@ -1,4 +1,6 @@
+import copy
 import os
+import pickle
 
 import pytest
 import torch
@@ -6,7 +8,14 @@ from torch import nn
 
 from conftest import randomize_batchnorm
 from densenet import ConfigError, DenseNet, create_model, optimize_for_inference
-from densenet.inference import ClampedReLU
+from densenet.inference import (
+    BatchNormReLU,
+    ClampedReLU,
+    Conv2dReLU,
+    InferenceDenseNet,
+    OneDNNConv2dReLU,
+    onednn_supports,
+)
 
 TINY = dict(growth_rate=4, block_config=(2, 3), num_init_features=8, num_classes=5)
 CONFIGS = {
@@ -17,6 +26,13 @@ CONFIGS = {
     "plain-c0.5-imagenet": dict(TINY, bn_size=0, compression=0.5),
     "one-block-no-head": dict(TINY, block_config=(3,), num_classes=0, stem="cifar"),
 }
+HAS_ONEDNN = onednn_supports(torch.device("cpu"), torch.float32)
+BACKENDS = [
+    "aten",
+    pytest.param(
+        "onednn", marks=pytest.mark.skipif(not HAS_ONEDNN, reason="PyTorch built without oneDNN")
+    ),
+]
 DEVICES = [
     "cpu",
     pytest.param(
@@ -44,15 +60,72 @@ def _reference(model: DenseNet, x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", CONFIGS)
-def test_fp32_computes_the_same_function(name, device):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp32_computes_the_same_function(name, device, backend):
+    if device == "cuda" and backend == "onednn":
+        pytest.skip("oneDNN convolutions are CPU-only")
     model = _model(CONFIGS[name], device)
     # Odd sizes: pooling floors, so the commuted transition must drop the same rows.
     x = torch.randn(3, 3, 37, 41, device=device)
     expected = _reference(model, x)
     with torch.no_grad():
-        actual = optimize_for_inference(model)(x)
+        actual = optimize_for_inference(model, conv_backend=backend)(x)
     assert actual.dtype == torch.float32
     assert _relative_error(actual, expected) <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["bc-imagenet", "bottleneck-c1-cifar", "one-block-no-head"])
+def test_unfolded_input_bn_computes_the_same_function(name):
+    # The int8 path keeps BN-ReLU in front of each 1x1 convolution instead of folding it.
+    model = _model(CONFIGS[name])
+    x = torch.randn(3, 3, 37, 41)
+    expected = _reference(model, x)
+    with torch.no_grad():
+        network = InferenceDenseNet(model, torch.float32, onednn=False, fold_input_bn=False)
+        actual = network.eval()(x)
+    assert any(isinstance(m, BatchNormReLU) for m in network.modules())
+    assert not any(isinstance(m, ClampedReLU) for m in network.modules())
+    assert _relative_error(actual, expected) <= 1e-5
+
+
+@pytest.mark.skipif(not HAS_ONEDNN, reason="PyTorch built without oneDNN")
+def test_onednn_is_the_cpu_default_and_aten_otherwise():
+    def conv_types(network: nn.Module) -> set[type]:
+        return {type(m) for m in network.modules() if "Conv" in type(m).__name__}
+
+    model = _model(TINY)
+    assert conv_types(optimize_for_inference(model)) == {OneDNNConv2dReLU}
+    aten = {Conv2dReLU, nn.Conv2d}
+    assert conv_types(optimize_for_inference(model, conv_backend="aten")) == aten
+    # compile traces plain convolutions; inspect the module it wraps
+    assert conv_types(optimize_for_inference(model, compile=True)._orig_mod) == aten
+
+
+@pytest.mark.skipif(not HAS_ONEDNN, reason="PyTorch built without oneDNN")
+def test_onednn_network_follows_changing_input_shapes(monkeypatch):
+    # Weights are reordered per input shape; a full cache starts afresh instead of growing.
+    monkeypatch.setattr(OneDNNConv2dReLU, "MAX_SHAPES", 2)
+    model = _model(TINY)
+    network = optimize_for_inference(model)
+    for shape in [(1, 3, 32, 32), (4, 3, 32, 32), (2, 3, 45, 39), (1, 3, 32, 32)]:
+        x = torch.randn(shape)
+        expected = _reference(model, x)
+        with torch.no_grad():
+            assert _relative_error(network(x), expected) <= 1e-5
+    conv = network.stem.conv
+    assert 1 <= len(conv._reordered) <= 2
+
+
+@pytest.mark.skipif(not HAS_ONEDNN, reason="PyTorch built without oneDNN")
+def test_onednn_network_copies_pickles_and_saves_plain_weights():
+    model = _model(TINY)
+    network = optimize_for_inference(model)
+    x = torch.randn(2, 3, 40, 40)
+    with torch.no_grad():
+        expected = network(x)  # fills the reordered-weight caches that copies must not carry
+        for clone in (copy.deepcopy(network), pickle.loads(pickle.dumps(network))):
+            torch.testing.assert_close(clone(x), expected, rtol=0, atol=0)
+    assert all(not value.is_mkldnn for value in network.state_dict().values())
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -119,6 +192,13 @@ def test_layout_and_no_gradients():
 
 def test_bad_inputs_raise_config_errors():
     model = _model(TINY)
+    with pytest.raises(ConfigError, match="conv_backend"):
+        optimize_for_inference(model, conv_backend="mkl")
+    with pytest.raises(ConfigError, match="compile"):
+        optimize_for_inference(model, conv_backend="onednn", compile=True)
+    if not onednn_supports(torch.device("cpu"), torch.bfloat16):
+        with pytest.raises(ConfigError, match="bf16 units"):
+            optimize_for_inference(model, dtype=torch.bfloat16, conv_backend="onednn")
     with pytest.raises(ConfigError, match="dtype"):
         optimize_for_inference(model, dtype=torch.float16)
     with pytest.raises(ConfigError, match=r"densenet\.DenseNet"):

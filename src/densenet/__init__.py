@@ -7,6 +7,7 @@ from densenet.inference import optimize_for_inference
 from densenet.model import DenseNet, DenseNetConfig
 from densenet.presets import PRESETS, ModelSpec, Preprocessing
 from densenet.pretrained import PUBLISHED, PublishedWeights
+from densenet.quantize import quantize_int8
 from densenet.registry import create_model, get_spec, list_models, load_model
 from densenet.weights import Checkpoint, read_checkpoint, save_weights
 
@@ -31,6 +32,7 @@ __all__ = [
     "list_models",
     "load_model",
     "optimize_for_inference",
+    "quantize_int8",
     "read_checkpoint",
     "save_weights",
 ]

@@ -19,7 +19,7 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-from densenet.inference import optimize_for_inference
+from densenet.inference import onednn_supports, optimize_for_inference
 from densenet.model import DenseNet
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -137,12 +137,33 @@ def candidates(
                 bf16,
             )
         )
-        for compiled in compiles:
+        dtype = PRECISIONS[precision]
+        if onednn_supports(device, dtype):
+            # Both convolution backends, to show what oneDNN's reordered weights give on top.
+            for backend, label in (("aten", "aten convs"), ("onednn", "oneDNN convs")):
+                found.append(
+                    Candidate(
+                        f"ours, optimize_for_inference ({label})",
+                        precision,
+                        _optimized(model, device, dtype, conv_backend=backend),
+                        True,
+                    )
+                )
+        else:
             found.append(
                 Candidate(
-                    "ours, optimize_for_inference" + (" + compile" if compiled else ""),
+                    "ours, optimize_for_inference",
                     precision,
-                    _optimized(model, device, PRECISIONS[precision], compiled),
+                    _optimized(model, device, dtype),
+                    True,
+                )
+            )
+        if compile:
+            found.append(
+                Candidate(
+                    "ours, optimize_for_inference + compile",
+                    precision,
+                    _optimized(model, device, dtype, compile=True),
                     True,
                 )
             )
@@ -150,10 +171,15 @@ def candidates(
 
 
 def _optimized(
-    model: DenseNet, device: torch.device, dtype: torch.dtype, compile: bool
+    model: DenseNet,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    compile: bool = False,
+    conv_backend: str = "auto",
 ) -> Callable[[], Callable[[Tensor], Tensor]]:
     return lambda: optimize_for_inference(
-        copy.deepcopy(model).to(device), dtype=dtype, compile=compile
+        copy.deepcopy(model).to(device), dtype=dtype, compile=compile, conv_backend=conv_backend
     )
 
 

@@ -69,7 +69,8 @@ def export_model(
     model = model.eval()
     height, width = input_size or _default_input_size(model)
     model.config.stage_sizes(height, width)  # a clear error for an input that is too small
-    network = optimize_for_inference(model, dtype=PRECISIONS[precision])
+    # Exporters trace standard convolutions; oneDNN's reordered weights are opaque to them.
+    network = optimize_for_inference(model, dtype=PRECISIONS[precision], conv_backend="aten")
     example = torch.randn(TRACE_BATCH, model.config.in_channels, height, width)
 
     writer, loader = _FORMATS[format]
