@@ -24,6 +24,7 @@ import os
 import resource
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -244,7 +245,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (mem_ax, speed_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (mem_ax, speed_ax) = plt.subplots(1, 2, figsize=(10, 4.4))
     for implementation in dict.fromkeys(row["implementation"] for row in rows):
         points = [r for r in rows if r["implementation"] == implementation and "error" not in r]
         depths = [r["depth"] for r in points]
@@ -255,7 +256,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     for ax in (mem_ax, speed_ax):
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(textwrap.fill(title, 150), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
