@@ -188,6 +188,21 @@ def broadcast_buffers(model: nn.Module) -> None:
             dist.broadcast(buffer, src=0)
 
 
+def update_running_stats(norm: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: int) -> None:
+    """BatchNorm2d's training-mode update of its running statistics, once per forward pass.
+
+    For code that computes a batch's mean and biased variance (over ``count`` values per channel)
+    itself instead of calling BatchNorm2d.forward.
+    """
+    if not norm.track_running_stats:
+        return
+    norm.num_batches_tracked.add_(1)
+    momentum = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
+    norm.running_mean.lerp_(mean.to(norm.running_mean.dtype), momentum)
+    unbiased = var * (count / max(count - 1, 1))
+    norm.running_var.lerp_(unbiased.to(norm.running_var.dtype), momentum)
+
+
 class SyncBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose training-mode statistics cover the whole global batch.
 
@@ -206,17 +221,8 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
         count = torch.full((1,), x.numel() / channels, device=x.device)
         parts = torch.stack(dist_fn.all_gather(torch.cat([local_mean, local_var, count])))
         mean, var, n = combine_batch_stats(parts, channels)
-        if self.track_running_stats:
-            with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                momentum = (
-                    1.0 / float(self.num_batches_tracked)
-                    if self.momentum is None
-                    else self.momentum
-                )
-                unbiased = var * (n / (n - 1))
-                self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
-                self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
+        with torch.no_grad():
+            update_running_stats(self, mean, var, n)
         shape = (1, channels, 1, 1)
         scale = torch.rsqrt(var + self.eps)
         out = (local - mean.view(shape)) * scale.view(shape)

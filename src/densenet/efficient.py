@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from densenet.distributed import SyncBatchNorm2d, combine_batch_stats
+from densenet.distributed import SyncBatchNorm2d, combine_batch_stats, update_running_stats
 from densenet.errors import ConfigError
 
 _SAVED_PER_LAYER = 5  # dropout noise 1, bottleneck output, its mean and variance, dropout noise 2
@@ -53,22 +53,26 @@ def dense_block_forward(layers: Sequence[nn.Module], x: Tensor, out_channels: in
 def transition_forward(transition: nn.Module, x: Tensor) -> Tensor:
     """BN-ReLU-Conv1x1-AvgPool2x2 of a transition without dropout, as BN-ReLU-AvgPool-Conv1x1."""
     norm, conv = transition.norm, transition.conv
-    statistics = _Statistics.for_norms([norm])
-    _check_batch(x)
-    with torch.no_grad():
-        stats = statistics.of(x)
-        _update_running_stats(norm, *stats)
+    statistics, stats = _training_statistics(norm, x)
     return _Transition.apply(statistics, stats, norm.eps, x, norm.weight, norm.bias, conv.weight)
 
 
 def stem_forward(norm: nn.BatchNorm2d, pool: nn.MaxPool2d, x: Tensor) -> Tensor:
     """MaxPool(ReLU(BN(x))) of the ImageNet stem, keeping only x (which BN keeps anyway)."""
+    statistics, stats = _training_statistics(norm, x)
+    return _NormReluMaxPool.apply(statistics, stats, pool, norm.eps, x, norm.weight, norm.bias)
+
+
+def _training_statistics(
+    norm: nn.BatchNorm2d, x: Tensor
+) -> tuple[_Statistics, tuple[Tensor, Tensor, int]]:
+    """x's batch statistics for ``norm`` in training mode, its running statistics updated."""
     statistics = _Statistics.for_norms([norm])
     _check_batch(x)
     with torch.no_grad():
         stats = statistics.of(x)
-        _update_running_stats(norm, *stats)
-    return _NormReluMaxPool.apply(statistics, stats, pool, norm.eps, x, norm.weight, norm.bias)
+        update_running_stats(norm, *stats)
+    return statistics, stats
 
 
 def _check_batch(x: Tensor) -> None:
@@ -196,17 +200,6 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 def _layout(x: Tensor) -> torch.memory_format:
     channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
     return torch.channels_last if channels_last else torch.contiguous_format
-
-
-def _update_running_stats(norm: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: int) -> None:
-    # What BatchNorm2d.forward does in training mode, done here exactly once per forward pass.
-    if not norm.track_running_stats:
-        return
-    norm.num_batches_tracked.add_(1)
-    momentum = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
-    norm.running_mean.lerp_(mean.to(norm.running_mean.dtype), momentum)
-    unbiased = var * (count / max(count - 1, 1))
-    norm.running_var.lerp_(unbiased.to(norm.running_var.dtype), momentum)
 
 
 def _norm_relu(
@@ -412,7 +405,7 @@ class _DenseBlock(torch.autograd.Function):
         for layer, layer_params in zip(plan.layers, _per_layer(plan.layers, params), strict=True):
             channels = memory.filled
             mean, var = memory.mean[:channels], memory.var[:channels]
-            _update_running_stats(layer.norm1, mean, var, count)
+            update_running_stats(layer.norm1, mean, var, count)
             out = _norm_relu_conv(
                 memory.dense_input(channels), mean, var, layer.norm1.eps, *layer_params[:3], dtype,
                 out=memory.activations(channels),
@@ -424,7 +417,7 @@ class _DenseBlock(torch.autograd.Function):
                 z, b_mean, b_var = statistics.normalize(
                     bottleneck, layer.norm2.eps, norm_weight, norm_bias
                 )
-                _update_running_stats(layer.norm2, b_mean, b_var, count)
+                update_running_stats(layer.norm2, b_mean, b_var, count)
                 out, noise2 = _dropout(_conv(z.relu_().to(dtype), conv_weight), layer.drop_rate)
                 del z
             memory.append(out, *statistics.of(out)[:2])

@@ -27,8 +27,8 @@ class DenseNetConfig:
     ``bn_size`` = 0 gives the paper's plain layer H = BN-ReLU-Conv3x3; otherwise each layer is the
     bottleneck BN-ReLU-Conv1x1(bn_size*k)-BN-ReLU-Conv3x3(k) (DenseNet-B). ``compression`` < 1 makes
     transitions shrink channels to floor(theta*m) (DenseNet-C). ``memory_efficient`` trains the
-    dense blocks with activation memory linear in depth (:mod:`densenet.efficient`); the function,
-    the parameters and evaluation stay the same.
+    dense blocks, transitions and ImageNet stem with activation memory linear in depth
+    (:mod:`densenet.efficient`); the function, the parameters and evaluation stay the same.
     """
 
     growth_rate: int = 32
