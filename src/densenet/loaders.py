@@ -38,8 +38,16 @@ def mix_seed(*parts: int) -> int:
     return seed
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> Tensor:
+def epoch_order(n: int, seed: int, epoch: int, train: bool) -> Tensor:
+    """The order of an epoch's ``n`` samples: shuffled per (seed, epoch) for training."""
+    if not train:
+        return torch.arange(n)
     return torch.randperm(n, generator=torch.Generator().manual_seed(mix_seed(seed, epoch)))
+
+
+def batches_per_epoch(n: int, batch_size: int, train: bool) -> int:
+    # Training drops the last partial batch so every step has the recipe's batch size.
+    return n // batch_size if train else -(-n // batch_size)
 
 
 def global_batch(order: Tensor, step: int, batch_size: int) -> Tensor:
@@ -113,13 +121,10 @@ class TensorBatches:
         self.augment, self.padding = augment, padding
 
     def __len__(self) -> int:
-        n = len(self.labels)
-        # Training drops the last partial batch so every step has the recipe's batch size.
-        return n // self.batch_size if self.train else -(-n // self.batch_size)
+        return batches_per_epoch(len(self.labels), self.batch_size, self.train)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
-        n = len(self.labels)
-        order = epoch_order(n, self.seed, epoch) if self.train else torch.arange(n)
+        order = epoch_order(len(self.labels), self.seed, epoch, self.train)
         for step in range(start_step, len(self)):
             batch = global_batch(order, step, self.batch_size)
             shard = shard_of(batch, self.train)
@@ -218,12 +223,10 @@ class FolderBatches:
         self.workers, self.seed = workers, seed
 
     def __len__(self) -> int:
-        n = len(self.files)
-        return n // self.batch_size if self.train else -(-n // self.batch_size)
+        return batches_per_epoch(len(self.files), self.batch_size, self.train)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
-        n = len(self.files)
-        order = epoch_order(n, self.seed, epoch) if self.train else torch.arange(n)
+        order = epoch_order(len(self.files), self.seed, epoch, self.train)
 
         # A generator: an ImageNet epoch's million (index, seed) pairs are made as they are needed.
         def requests(step: int) -> list[tuple[int, int]]:
