@@ -150,37 +150,56 @@ class _Statistics:
         count: int,
         eps: float,
         weight: Tensor,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """Gradients of batch_norm(x) (training mode) for x, weight and bias."""
+    ) -> tuple[_NormInputGradient, Tensor, Tensor]:
+        """Gradients of batch_norm(x) in training mode: x's (as coefficients), weight's, bias's."""
         invstd = torch.rsqrt(var + eps)
-        grad_x, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
-            grad,
-            x,
-            weight,
-            None,
-            None,
-            mean,
-            invstd,
-            True,
-            eps,
-            [not self.synchronized, True, True],
+        # Only the per-channel sums: x's gradient is formed from them where it is needed, without
+        # an activation-sized tensor of its own.
+        _, sum_grad_xhat, sum_grad = torch.ops.aten.native_batch_norm_backward(
+            grad, x, weight, None, None, mean, invstd, True, eps, [False, True, True]
         )
-        if not self.synchronized:
-            return grad_x, grad_weight, grad_bias
-        # grad_bias and grad_weight are this process's sums of grad and grad * x_hat; x's gradient
-        # needs them over the global batch, as SyncBatchNorm's backward does.
-        sums = torch.cat([grad_bias, grad_weight]).float()
-        dist.all_reduce(sums)
-        sum_grad, sum_grad_xhat = sums.chunk(2)
-        scale = weight.float() * invstd
+        sums = torch.cat([sum_grad, sum_grad_xhat]).float()
+        if self.synchronized:
+            # x's gradient needs the sums over the global batch, as SyncBatchNorm's backward does;
+            # the weight's and the bias's stay this process's, for DDP to average.
+            dist.all_reduce(sums)
+        input_gradient = _NormInputGradient.of(weight, mean, invstd, *sums.chunk(2), count)
+        return input_gradient, sum_grad_xhat, sum_grad
+
+
+@dataclass(frozen=True)
+class _NormInputGradient:
+    """BN's input gradient in training mode, scale_grad * grad + scale_x * x + shift per channel."""
+
+    scale_grad: Tensor
+    scale_x: Tensor
+    shift: Tensor
+
+    @classmethod
+    def of(
+        cls,
+        weight: Tensor,
+        mean: Tensor,
+        invstd: Tensor,
+        sum_grad: Tensor,
+        sum_grad_xhat: Tensor,
+        count: int,
+    ) -> _NormInputGradient:
+        # d/dx of weight * (x - mean) * invstd + bias, through the batch's mean and variance:
+        # weight * invstd * (grad - mean(grad) - x_hat * mean(grad * x_hat)).
+        scale_grad = weight.float() * invstd
+        scale_x = -scale_grad * invstd * sum_grad_xhat / count
+        shift = -scale_grad * sum_grad / count - scale_x * mean
         shape = (1, -1, 1, 1)
-        xhat_term = scale * invstd * sum_grad_xhat / count
-        grad_x = (
-            grad.float() * scale.view(shape)
-            - x.float() * xhat_term.view(shape)
-            + (mean * xhat_term - scale * sum_grad / count).view(shape)
-        )
-        return grad_x.to(x.dtype), grad_weight, grad_bias
+        return cls(scale_grad.view(shape), scale_x.view(shape), shift.view(shape))
+
+    def add_to(self, target: Tensor, grad: Tensor, x: Tensor) -> Tensor:
+        """target + the input gradient, in target's memory."""
+        return target.addcmul_(grad, self.scale_grad).addcmul_(x, self.scale_x).add_(self.shift)
+
+    def in_place(self, grad: Tensor, x: Tensor) -> Tensor:
+        """The input gradient, in grad's memory."""
+        return grad.mul_(self.scale_grad).addcmul_(x, self.scale_x).add_(self.shift)
 
 
 @dataclass(frozen=True)
@@ -254,51 +273,45 @@ def _conv(z: Tensor, weight: Tensor) -> Tensor:
     return F.conv2d(z, weight.to(z.dtype), padding=weight.shape[-1] // 2)
 
 
-def _norm_relu_conv_backward(
-    statistics: _Statistics,
-    grad_out: Tensor,
-    x: Tensor,
-    mean: Tensor,
-    var: Tensor,
-    count: int,
-    eps: float,
-    norm_weight: Tensor,
-    norm_bias: Tensor,
-    conv_weight: Tensor,
-    dtype: torch.dtype,
-    pooled: bool = False,
-    out: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients of :func:`_norm_relu_conv` for x, norm_weight, norm_bias and conv_weight.
+def _conv_backward(
+    grad_out: Tensor, z: Tensor, weight: Tensor, grad_input: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Gradients of :func:`_conv` for z and for the weight (in the weight's dtype).
 
-    Recomputes relu(batch_norm(x)) from x and its statistics (into ``out`` if given); the
-    convolution is not re-run.
+    A 1x1 convolution is a matrix product over channels. Its z gradient goes into ``grad_input``
+    (dense, z's shape, layout and dtype) when given, and the products are done by matmul: on the
+    CPU that is faster than the convolution's backward, and it allocates nothing activation-sized.
     """
-    z = _norm_relu(x, mean, var, eps, norm_weight, norm_bias, out).to(dtype)
-    conv_input = F.avg_pool2d(z, 2) if pooled else z
-    padding = conv_weight.shape[-1] // 2
-    grad_input, grad_conv_weight, _ = torch.ops.aten.convolution_backward(
-        grad_out.to(dtype),
-        conv_input,
-        conv_weight.to(dtype),
-        None,
-        [1, 1],
-        [padding, padding],
-        [1, 1],
-        False,
-        [0, 0],
-        1,
-        [True, True, False],
-    )
-    del conv_input
-    if pooled:
-        grad_input = torch.ops.aten.avg_pool2d_backward(
-            grad_input, z, [2, 2], [2, 2], [0, 0], False, True, None
-        )
-    grad_x, grad_norm_weight, grad_norm_bias = _norm_relu_backward(
-        statistics, grad_input, z, x, mean, var, count, eps, norm_weight
-    )
-    return grad_x, grad_norm_weight, grad_norm_bias, grad_conv_weight.to(conv_weight.dtype)
+    weight_z = weight.to(z.dtype)
+    grad_out = grad_out.to(z.dtype)
+    if weight.shape[-1] != 1 or grad_input is None:
+        padding = weight.shape[-1] // 2
+        grad_z, grad_weight, _ = torch.ops.aten.convolution_backward(
+            grad_out, z, weight_z, None, [1, 1], [padding, padding], [1, 1], False, [0, 0], 1,
+            [True, True, False],
+        )  # fmt: skip
+        return grad_z, grad_weight.to(weight.dtype)
+    out_channels, in_channels = weight.shape[:2]
+    matrix = weight_z.view(out_channels, in_channels)
+    if _layout(z) == torch.channels_last:
+        # Rows are pixels: (N*H*W, C) matrices, views of the channels_last tensors.
+        grad_rows = _pixel_rows(grad_out)
+        torch.mm(grad_rows, matrix, out=_pixel_rows(grad_input))
+        grad_weight = torch.mm(grad_rows.t(), _pixel_rows(z))
+    else:
+        n, _, h, w = z.shape
+        grad_columns = grad_out.reshape(n, out_channels, h * w)
+        torch.matmul(matrix.t(), grad_columns, out=grad_input.view(n, in_channels, h * w))
+        grad_weight = torch.ops.aten.convolution_backward(
+            grad_out, z, weight_z, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+            [False, True, False],
+        )[1].view(out_channels, in_channels)  # fmt: skip
+    return grad_input, grad_weight.view_as(weight).to(weight.dtype)
+
+
+def _pixel_rows(x: Tensor) -> Tensor:
+    """A channels_last (N, C, H, W) tensor as an (N*H*W, C) matrix (a view when x is dense)."""
+    return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
 
 
 def _norm_relu_backward(
@@ -311,13 +324,36 @@ def _norm_relu_backward(
     count: int,
     eps: float,
     norm_weight: Tensor,
+    accumulate: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of z = relu(batch_norm(x)) for x, the norm's weight and its bias, given z's."""
-    # The ReLU's gradient goes into z's memory: one activation-sized tensor fewer at the peak.
-    grad_z = torch.ops.aten.threshold_backward.grad_input(grad_z, z, 0, grad_input=z)
-    grad_x, grad_weight, grad_bias = statistics.norm_backward(
-        grad_z.to(x.dtype), x, mean, var, count, eps, norm_weight
+    """Gradients of z = relu(batch_norm(x)) for x, the norm's weight and its bias, given z's.
+
+    x's gradient is added to ``accumulate`` if given, else written into z's memory (z is spent).
+    """
+    grad_z = torch.ops.aten.threshold_backward.grad_input(grad_z.to(z.dtype), z, 0, grad_input=z)
+    return _norm_backward(statistics, grad_z, x, mean, var, count, eps, norm_weight, accumulate)
+
+
+def _norm_backward(
+    statistics: _Statistics,
+    grad: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    count: int,
+    eps: float,
+    norm_weight: Tensor,
+    accumulate: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of batch_norm(x) for x (see :func:`_norm_relu_backward`), weight and bias."""
+    grad = grad.to(x.dtype)
+    input_gradient, grad_weight, grad_bias = statistics.norm_backward(
+        grad, x, mean, var, count, eps, norm_weight
     )
+    if accumulate is None:
+        grad_x = input_gradient.in_place(grad, x)
+    else:
+        grad_x = input_gradient.add_to(accumulate, grad, x)
     return grad_x, grad_weight.to(norm_weight.dtype), grad_bias.to(norm_weight.dtype)
 
 
@@ -429,7 +465,7 @@ class _DenseBlock(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        plan, dtype, count = ctx.plan, ctx.dtype, ctx.count
+        plan, dtype, count, statistics = ctx.plan, ctx.dtype, ctx.count, ctx.plan.statistics
         features, mean, var, *rest = ctx.saved_tensors
         params, saved = rest[: ctx.num_params], rest[ctx.num_params :]
         memory = _BlockMemory.restore(plan.layers, features, mean, var)
@@ -438,29 +474,47 @@ class _DenseBlock(torch.autograd.Function):
         param_grads: list[Tensor] = []
         per_layer = list(_per_layer(plan.layers, params))
         for index in reversed(range(len(plan.layers))):
-            layer, layer_params = plan.layers[index], per_layer[index]
+            layer = plan.layers[index]
+            norm_weight, norm_bias, conv_weight, *second = per_layer[index]
             noise1, bottleneck, b_mean, b_var, noise2 = saved[
                 index * _SAVED_PER_LAYER : (index + 1) * _SAVED_PER_LAYER
             ]
             channels = layer.norm1.num_features
-            grad_new = grad[:, channels : channels + layer_params[-1].shape[0]]
+            grad_new = grad[:, channels : channels + per_layer[index][-1].shape[0]]
             grads2: list[Tensor] = []
             if layer.bottleneck:
+                # The 4k-channel tensors here have the same size in every layer of the block.
                 grad_new = grad_new if noise2 is None else grad_new * noise2
-                grad_new, *grads2 = _norm_relu_conv_backward(
-                    plan.statistics, grad_new, bottleneck, b_mean, b_var, count,
-                    layer.norm2.eps, *layer_params[3:], dtype,
-                    out=memory.activations(bottleneck.shape[1]),
+                z = _norm_relu(bottleneck, b_mean, b_var, layer.norm2.eps, *second[:2])
+                grad_z, grad_conv2 = _conv_backward(grad_new, z.to(dtype), second[2])
+                grad_new, *grads2 = _norm_relu_backward(
+                    statistics, grad_z, z, bottleneck, b_mean, b_var, count, layer.norm2.eps,
+                    second[0],
                 )  # fmt: skip
+                grads2.append(grad_conv2)
+                del z, grad_z
             grad_new = grad_new if noise1 is None else grad_new * noise1
-            grad_x, *grads1 = _norm_relu_conv_backward(
-                plan.statistics, grad_new, memory.dense_input(channels), mean[:channels],
-                var[:channels], count, layer.norm1.eps, *layer_params[:3], dtype,
+            x = memory.dense_input(channels)
+            z = _norm_relu(
+                x, mean[:channels], var[:channels], layer.norm1.eps, norm_weight, norm_bias,
                 out=memory.activations(channels),
             )  # fmt: skip
-            grad[:, :channels] += grad_x
-            del grad_x
-            param_grads = grads1 + grads2 + param_grads
+            # A 1x1 convolution's input gradient takes x's place, and x is copied back after.
+            grad_input, grad_conv1 = _conv_backward(
+                grad_new, z.to(dtype), conv_weight, x if x.dtype == dtype else None
+            )
+            overwrote_x = grad_input.data_ptr() == x.data_ptr()
+            grad_z = torch.ops.aten.threshold_backward.grad_input(
+                grad_input.to(z.dtype), z, 0, grad_input=z
+            )
+            del grad_input
+            if overwrote_x:
+                x = memory.dense_input(channels)
+            _, *grads1 = _norm_backward(
+                statistics, grad_z, x, mean[:channels], var[:channels], count, layer.norm1.eps,
+                norm_weight, accumulate=grad[:, :channels],
+            )  # fmt: skip
+            param_grads = [*grads1, grad_conv1, *grads2, *param_grads]
         in_channels = plan.layers[0].norm1.num_features
         return None, grad[:, :in_channels], *param_grads
 
@@ -498,12 +552,22 @@ class _Transition(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        x, mean, var, *params = ctx.saved_tensors
-        grads = _norm_relu_conv_backward(
-            ctx.statistics, grad_out, x, mean, var, ctx.count, ctx.eps, *params, ctx.dtype,
-            pooled=True,
-        )  # fmt: skip
-        return None, None, None, *grads
+        x, mean, var, norm_weight, norm_bias, conv_weight = ctx.saved_tensors
+        z = _norm_relu(x, mean, var, ctx.eps, norm_weight, norm_bias)
+        conv_input = z.to(ctx.dtype)
+        pooled = F.avg_pool2d(conv_input, 2)
+        grad_pooled, grad_conv = _conv_backward(
+            grad_out, pooled, conv_weight, torch.empty_like(pooled)
+        )
+        del pooled
+        grad_z = torch.ops.aten.avg_pool2d_backward(
+            grad_pooled, conv_input, [2, 2], [2, 2], [0, 0], False, True, None
+        )
+        del grad_pooled, conv_input
+        grads = _norm_relu_backward(
+            ctx.statistics, grad_z, z, x, mean, var, ctx.count, ctx.eps, norm_weight
+        )
+        return None, None, None, *grads, grad_conv
 
 
 class _NormReluMaxPool(torch.autograd.Function):
