@@ -266,3 +266,29 @@ def test_imagenet_stem_keeps_only_the_convolution_output():
         out = stem_forward(stem.norm0, stem.pool0, x)
     assert type(out.grad_fn).__name__ == "_NormReluMaxPoolBackward"
     assert [t.data_ptr() for t in saved if t.dim() == 4] == [x.data_ptr()]  # no ReLU out, indices
+
+
+def test_float32_block_input_under_autocast_is_as_accurate_as_the_standard_block():
+    # Under autocast a block normally receives its stem's bfloat16 output; given a float32 input,
+    # the block tensor is float32 while convolutions run in bfloat16, a mixed route of its own.
+    standard, efficient = make_pair(CONFIGS["bottleneck"])
+    x = torch.randn(4, 8, 12, 12)
+    weights = torch.randn(4, 16, 12, 12)
+
+    def step(model: nn.Module, dtype: torch.dtype | None) -> list[Tensor]:
+        block = model.features.denseblock1
+        block.zero_grad()
+        inputs = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+            out = block(inputs)
+        (out.float()[:, 4:] * weights).sum().backward()
+        return [out, inputs.grad, *(p.grad for p in block.parameters())]
+
+    reference = step(standard, None)
+    results = {
+        name: step(model, torch.bfloat16)
+        for name, model in [("standard", standard), ("efficient", efficient)]
+    }
+    assert results["efficient"][0].dtype == results["standard"][0].dtype == torch.float32
+    errors = {name: relative_error(values, reference) for name, values in results.items()}
+    assert errors["efficient"] <= 1.5 * errors["standard"] + 0.005, errors
