@@ -138,5 +138,9 @@ def test_an_export_that_computes_something_else_fails_loudly(weights, tmp_path, 
         return lambda x: module(x) * 1.001
 
     monkeypatch.setitem(export_module._FORMATS, "torchscript", (write, load_and_perturb))
+    (tmp_path / "m.pt").write_text("an earlier export")
     with pytest.raises(ExportError, match="does not reproduce"):
         export_model(model, tmp_path / "m.pt", "torchscript", input_size=SIZE)
+    # The rejected file never replaced what was there, and no temporary file is left behind.
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]
+    assert (tmp_path / "m.pt").read_text() == "an earlier export"

@@ -6,24 +6,14 @@ A checkpoint is a ``torch.save`` dict of tensors and plain Python values only, s
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
 from densenet.errors import CheckpointError, first_line
+from densenet.files import atomic_write
 
 FORMAT_TAG = "densenet-train/1"
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` and rename the result over ``path``: never a half-written file."""
-    # A name of this process's own: two writers (say, a stray process) can't clobber each other.
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def save_checkpoint(state: dict[str, object], path: Path) -> None:

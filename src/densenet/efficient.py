@@ -12,7 +12,11 @@ the same function in training mode with these changes:
   each bottleneck layer its 4k-channel 1x1 output (plus dropout masks when dropout is on).
 * In training mode BN normalises with batch statistics, and a channel's statistics are the same in
   every later layer that reads it: they are computed once, when the channel is produced.
-* Backward accumulates the gradient of every feature map in one block-sized tensor, in place.
+* Backward accumulates the gradient of every feature map in one block-sized tensor, in place. In
+  float32, BN's input gradient is added to it straight from per-channel coefficients, and a 1x1
+  convolution's input gradient is a matrix product into reused workspace: apart from the block
+  tensor and its gradient, backward allocates nothing whose size changes from layer to layer, so
+  the heap is not left full of holes that no later tensor fits.
 * A transition average-pools before its 1x1 convolution (both are linear and per-pixel, so they
   commute exactly): its convolution does a quarter of the work and nothing but its input is kept.
 

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from densenet.errors import ConfigError, DenseNetError, first_line
+from densenet.files import staged
 from densenet.inference import optimize_for_inference
 from densenet.model import DenseNet
 
@@ -74,30 +75,34 @@ def export_model(
     example = torch.randn(TRACE_BATCH, model.config.in_channels, height, width)
 
     writer, loader = _FORMATS[format]
-    try:
-        writer(network, example, path)
-    except DenseNetError:
-        raise
-    except Exception as error:
-        raise ExportError(f"{format} export failed: {first_line(error)}") from None
+    # Written and checked under a temporary name: only a file that reproduces the model lands at
+    # path, and a failed export leaves whatever was there before.
+    with staged(path) as tmp:
+        try:
+            writer(network, example, tmp)
+        except DenseNetError:
+            raise
+        except Exception as error:
+            raise ExportError(f"{format} export failed: {first_line(error)}") from None
 
-    check = torch.randn(CHECK_BATCH, model.config.in_channels, height, width)
-    with torch.inference_mode():
-        expected = model(check)
-    try:
-        actual = loader(path)(check)
-    except Exception as error:
-        raise ExportError(f"the exported {path} does not run: {first_line(error)}") from None
-    max_abs = (actual.float() - expected).abs().max().item()
-    relative = max_abs / max(expected.abs().max().item(), 1e-12)
-    report = ExportReport(
-        path, format, precision, CHECK_BATCH, max_abs, relative, TOLERANCE[precision]
-    )
-    if not relative <= report.tolerance:
-        raise ExportError(
-            f"{path} does not reproduce the eager model: max difference {max_abs:.3g} "
-            f"({relative:.3g} relative) exceeds {report.tolerance:g}"
+        check = torch.randn(CHECK_BATCH, model.config.in_channels, height, width)
+        with torch.inference_mode():
+            expected = model(check)
+        try:
+            actual = loader(tmp)(check)
+        except Exception as error:
+            raise ExportError(f"the exported {path} does not run: {first_line(error)}") from None
+        max_abs = (actual.float() - expected).abs().max().item()
+        relative = max_abs / max(expected.abs().max().item(), 1e-12)
+        report = ExportReport(
+            path, format, precision, CHECK_BATCH, max_abs, relative, TOLERANCE[precision]
         )
+        if not relative <= report.tolerance:
+            raise ExportError(
+                f"the {format} export does not reproduce the eager model: max difference "
+                f"{max_abs:.3g} ({relative:.3g} relative) exceeds {report.tolerance:g}; "
+                f"{path} was not written"
+            )
     return report
 
 

@@ -8,7 +8,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from densenet.checkpoint import atomic_write
+from densenet.files import atomic_write
 
 
 def plot_curves(history: list[dict[str, float]], path: Path) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 import tomli_w
 
 from densenet.errors import ConfigError
+from densenet.files import atomic_write
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -246,10 +247,9 @@ def check_resume_overrides(saved: TrainConfig, overrides: dict[str, object]) -> 
 
 
 def save_config(config: TrainConfig, path: Path) -> None:
-    path.write_text(
-        "# The resolved settings of this run; `densenet train --recipe` accepts this file.\n"
-        + tomli_w.dumps(config.to_dict())
-    )
+    text = "# The resolved settings of this run; `densenet train --recipe` accepts this file.\n"
+    text += tomli_w.dumps(config.to_dict())
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def load_config(path: Path) -> TrainConfig:

@@ -10,9 +10,10 @@ from pathlib import Path
 
 from torch import nn
 
-from densenet.checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from densenet.checkpoint import load_checkpoint, save_checkpoint
 from densenet.distributed import current_context
 from densenet.errors import CheckpointError, ConfigError
+from densenet.files import atomic_write
 from densenet.plots import plot_curves
 from densenet.recipes import TrainConfig, load_config, save_config
 from densenet.weights import save_weights

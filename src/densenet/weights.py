@@ -17,9 +17,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from densenet.checkpoint import atomic_write
 from densenet.download import fetch, is_url
 from densenet.errors import WeightsError, first_line
+from densenet.files import atomic_write
 from densenet.keras_weights import is_hdf5, read_keras_h5
 from densenet.model import DenseNetConfig
 

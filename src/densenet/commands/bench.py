@@ -17,6 +17,7 @@ from densenet.benchmark import (
     time_candidates,
 )
 from densenet.errors import ConfigError
+from densenet.files import atomic_write
 from densenet.hardware import resolve_device
 from densenet.registry import create_model, get_spec
 
@@ -91,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
             print(row, flush=True)
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text("\n".join([*lines, *table]) + "\n")
+        text = "\n".join([*lines, *table]) + "\n"
+        atomic_write(args.output, lambda tmp: tmp.write_text(text))
         print(f"\nwrote {args.output}")
     return 0
 

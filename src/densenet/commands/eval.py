@@ -17,6 +17,7 @@ from densenet.datasets import Data, TensorData, load_split
 from densenet.distributed import distributed_session, rank_device, stop_together
 from densenet.errors import ConfigError, DatasetError, WeightsError
 from densenet.evaluate import EvalResult, evaluate
+from densenet.files import atomic_write, staged
 from densenet.hardware import (
     check_precision,
     default_memory_format,
@@ -157,7 +158,7 @@ def _report(
     for class_name, accuracy, count in shown:
         print(f"  {class_name:<24}{accuracy:7.2f}%  of {count}")
     csv_path = out / f"per_class-{name}.csv"
-    with open(csv_path, "w", newline="") as handle:
+    with staged(csv_path) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["class", "top1", "images"])
         writer.writerows(zip(class_names, per_class, result.confusion.sum(1).tolist(), strict=True))
@@ -174,7 +175,7 @@ def _report(
         "class_names": class_names,
         "confusion": result.confusion.tolist(),  # rows: true classes, columns: predictions
     }
-    json_path.write_text(json.dumps(metrics, indent=1) + "\n")
+    atomic_write(json_path, lambda tmp: tmp.write_text(json.dumps(metrics, indent=1) + "\n"))
     png_path = out / f"confusion-{name}.png"
     plot_confusion(
         result.confusion.numpy(),
