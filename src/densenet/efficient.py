@@ -247,13 +247,22 @@ def _norm_relu(
     bias: Tensor,
     out: Tensor | None = None,
 ) -> Tensor:
-    """relu(batch_norm(x)) with given batch statistics (BN's inference kernel), in ``out``."""
+    """relu(batch_norm(x)) with given batch statistics, in ``out``."""
     if out is None:
         out = torch.empty_like(x)
-    unused = torch.empty(0, device=x.device)
-    torch.ops.aten.native_batch_norm.out(
-        x, weight, bias, mean, var, False, 0.0, eps, out=out, save_mean=unused, save_invstd=unused
-    )
+    if x.dtype == torch.float32:
+        # With given statistics BN is x * scale + shift per channel. As one addcmul it reads a
+        # strided slice of the block tensor as fast as a dense tensor; BN's kernel does not.
+        scale = weight * torch.rsqrt(var + eps)
+        shape = (1, -1, 1, 1)
+        torch.addcmul((bias - mean * scale).view(shape), x, scale.view(shape), out=out)
+    else:
+        # In reduced precision BN's kernel computes in float32 and rounds once.
+        unused = torch.empty(0, device=x.device)
+        torch.ops.aten.native_batch_norm.out(
+            x, weight, bias, mean, var, False, 0.0, eps, out=out, save_mean=unused,
+            save_invstd=unused,
+        )  # fmt: skip
     return out.relu_()
 
 
@@ -315,7 +324,8 @@ def _conv_backward(
         grad_rows = _pixel_rows(grad_out)
         # The weight read as the transpose of a (C_in, C_out) copy: the same speed in float32 and
         # three times faster in bfloat16 on the CPU than reading it as stored.
-        torch.mm(grad_rows, matrix.t().contiguous().t(), out=_pixel_rows(grad_input))
+        rows_out = grad_input.permute(0, 2, 3, 1).view(-1, in_channels)  # a view, or an error
+        torch.mm(grad_rows, matrix.t().contiguous().t(), out=rows_out)
         grad_weight = torch.mm(grad_rows.t(), _pixel_rows(z))
     else:
         n, _, h, w = z.shape
@@ -404,13 +414,23 @@ class _BlockMemory:
         self.var[start:end] = var
         self.filled = end
 
-    def dense_input(self, channels: int) -> Tensor:
-        """A dense copy of the first ``channels`` feature maps, in workspace memory.
+    def norm_input(self, channels: int) -> Tensor:
+        """The first ``channels`` feature maps as the input of a BN-ReLU (:func:`_norm_relu`).
 
-        A slice of the block tensor is strided, and BN kernels on strided tensors are many times
-        slower than one copy followed by the dense kernel.
+        In float32 that is the block tensor's (strided) slice itself. BN's own kernels, used in
+        reduced precision, are much slower on strided tensors than one copy and the dense kernel.
         """
+        if self.features.dtype == torch.float32:
+            return self.features[:, :channels]
+        return self.dense_input(channels)
+
+    def dense_input(self, channels: int) -> Tensor:
+        """A dense copy of the first ``channels`` feature maps, in the input workspace."""
         return self._dense(self.inputs, channels).copy_(self.features[:, :channels])
+
+    def spare(self, channels: int) -> Tensor:
+        """The input workspace as a dense tensor of ``channels`` channels, its content undefined."""
+        return self._dense(self.inputs, channels)
 
     def activations(self, channels: int) -> Tensor:
         """Workspace memory for one BN-ReLU output of ``channels`` channels."""
@@ -443,7 +463,7 @@ class _DenseBlock(torch.autograd.Function):
             mean, var = memory.mean[:channels], memory.var[:channels]
             update_running_stats(layer.norm1, mean, var, count)
             out = _norm_relu_conv(
-                memory.dense_input(channels), mean, var, layer.norm1.eps, *layer_params[:3], dtype,
+                memory.norm_input(channels), mean, var, layer.norm1.eps, *layer_params[:3], dtype,
                 out=memory.activations(channels),
             )  # fmt: skip
             out, noise1 = _dropout(out, layer.drop_rate)
@@ -496,22 +516,19 @@ class _DenseBlock(torch.autograd.Function):
                 grads2.append(grad_conv2)
                 del z, grad_z
             grad_new = grad_new if noise1 is None else grad_new * noise1
-            x = memory.dense_input(channels)
             z = _norm_relu(
-                x, mean[:channels], var[:channels], layer.norm1.eps, norm_weight, norm_bias,
-                out=memory.activations(channels),
+                memory.norm_input(channels), mean[:channels], var[:channels], layer.norm1.eps,
+                norm_weight, norm_bias, out=memory.activations(channels),
             )  # fmt: skip
-            # A 1x1 convolution's input gradient takes x's place, and x is copied back after.
-            grad_input, grad_conv1 = _conv_backward(
-                grad_new, z.to(dtype), conv_weight, x if x.dtype == dtype else None
-            )
-            overwrote_x = grad_input.data_ptr() == x.data_ptr()
+            # A 1x1 convolution's input gradient goes into the input workspace.
+            spare = memory.spare(channels) if memory.features.dtype == dtype else None
+            grad_input, grad_conv1 = _conv_backward(grad_new, z.to(dtype), conv_weight, spare)
             grad_z = torch.ops.aten.threshold_backward.grad_input(
                 grad_input.to(z.dtype), z, 0, grad_input=z
             )
-            del grad_input
-            if overwrote_x:
-                x = memory.dense_input(channels)
+            del grad_input, spare
+            # BN's backward sums are many times faster over a dense x than over the strided slice.
+            x = memory.dense_input(channels)
             _, *grads1 = statistics.norm_backward(
                 grad_z, x, mean[:channels], var[:channels], count, layer.norm1.eps,
                 norm_weight, accumulate=grad[:, :channels],
