@@ -353,14 +353,19 @@ def _norm_relu_backward(
     count: int,
     eps: float,
     norm_weight: Tensor,
-    accumulate: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of z = relu(batch_norm(x)) for x, the norm's weight and its bias, given z's.
 
-    x's gradient is added to ``accumulate`` if given, else returned; z's memory is reused.
+    z is spent: its memory holds the gradients.
     """
-    grad_z = torch.ops.aten.threshold_backward.grad_input(grad_z.to(z.dtype), z, 0, grad_input=z)
-    return statistics.norm_backward(grad_z, x, mean, var, count, eps, norm_weight, accumulate)
+    grad_relu_input = _relu_backward(grad_z, z)
+    return statistics.norm_backward(grad_relu_input, x, mean, var, count, eps, norm_weight)
+
+
+def _relu_backward(grad_z: Tensor, z: Tensor) -> Tensor:
+    """The gradient of z = relu(input) for its input, given z's, written into z's memory."""
+    # One activation-sized tensor fewer at the peak than a new one.
+    return torch.ops.aten.threshold_backward.grad_input(grad_z.to(z.dtype), z, 0, grad_input=z)
 
 
 def _workspace(layers: Sequence[nn.Module], features: Tensor) -> Tensor:
@@ -523,9 +528,7 @@ class _DenseBlock(torch.autograd.Function):
             # A 1x1 convolution's input gradient goes into the input workspace.
             spare = memory.spare(channels) if memory.features.dtype == dtype else None
             grad_input, grad_conv1 = _conv_backward(grad_new, z.to(dtype), conv_weight, spare)
-            grad_z = torch.ops.aten.threshold_backward.grad_input(
-                grad_input.to(z.dtype), z, 0, grad_input=z
-            )
+            grad_z = _relu_backward(grad_input, z)
             del grad_input, spare
             # BN's backward sums are many times faster over a dense x than over the strided slice.
             x = memory.dense_input(channels)
