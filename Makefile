@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint clean
+.PHONY: run test test-kernels lint clean
 
 # Re-install whenever the package metadata changes.
 $(STAMP): pyproject.toml
@@ -19,6 +19,12 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check src tests
 	$(BIN)/python -m pytest -q
+
+# The suite again with the kernels of other CPUs: ATen and oneDNN limited to AVX2 (an AVX2-only
+# CPU, no native bf16), then to scalar/SSE4.1 code. Tolerances must hold on every CPU kind.
+test-kernels: $(STAMP)
+	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 $(BIN)/python -m pytest -q -p no:cacheprovider
+	ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 $(BIN)/python -m pytest -q -p no:cacheprovider
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests

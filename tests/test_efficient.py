@@ -160,33 +160,44 @@ def relative_error(values: list[Tensor], reference: list[Tensor]) -> float:
     return (diff.norm() / torch.cat([r.float().flatten() for r in reference]).norm()).item()
 
 
-# Reduced precision is compared with the float32 result: our error may be at most 1.5x the standard
-# path's own (plus 0.5%); on a tiny batch BN's backward amplifies rounding, so both are ~1-10%.
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("device", ["cpu", "cuda"])
-def test_autocast_channels_last_is_as_accurate_as_the_standard_path(dtype, device):
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
+def reduced_precision_errors(dtype: torch.dtype, device: str, seed: int) -> tuple[float, float]:
+    """Relative error of one autocast step against float32, for the standard and efficient paths."""
+    torch.manual_seed(seed)
     standard, efficient = make_pair(CONFIGS["bottleneck"])
     reference = DenseNet(standard.config).to(device)
     reference.load_state_dict(standard.state_dict())
     x = torch.randn(4, 3, 16, 16, device=device)
     weights = torch.randn(4, 7, device=device)
-    results = {"reference": run_step(reference.train(), x, weights)}
+    expected = [*run_step(reference.train(), x, weights), *(p.grad for p in reference.parameters())]
     x = x.contiguous(memory_format=torch.channels_last)
-    for name, model in (("standard", standard), ("efficient", efficient)):
+    errors = []
+    for model in (standard, efficient):
         model.to(device, memory_format=torch.channels_last)
         with torch.autocast(device, dtype=dtype):
-            results[name] = run_step(model, x, weights)
-    assert results["efficient"][0].dtype == results["standard"][0].dtype == dtype
+            out, grad_x = run_step(model, x, weights)
+        assert out.dtype == dtype
+        grads = [out, grad_x, *(p.grad for p in model.parameters())]
+        errors.append(relative_error(grads, expected))
+    return errors[0], errors[1]
 
-    def error(name: str, model: nn.Module) -> float:
-        grads = [*results[name], *(p.grad for p in model.parameters())]
-        return relative_error(
-            grads, [*results["reference"], *(p.grad for p in reference.parameters())]
-        )
 
-    assert error("efficient", efficient) <= 1.5 * error("standard", standard) + 0.005
+# Reduced precision is compared with the float32 result. On a tiny batch BN's backward amplifies
+# rounding, so both paths are 1-10% off, and one step's ratio of the two errors is noise: over 24
+# seeds on each of three kernel sets (an AVX-512 + AVX512_BF16 CPU, and the same limited to AVX2 or
+# to scalar code with ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA) it spanned 0.7-2.1. Averaged over
+# 8 seeds it was 0.98-1.20 in every group; 1.5 leaves room for other kernels and still fails a path
+# that rounds more than the standard one does.
+ERROR_SEEDS, MAX_ERROR_RATIO = 8, 1.5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_autocast_channels_last_is_as_accurate_as_the_standard_path(dtype, device):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    errors = [reduced_precision_errors(dtype, device, seed) for seed in range(ERROR_SEEDS)]
+    standard, efficient = (sum(column) / ERROR_SEEDS for column in zip(*errors, strict=True))
+    assert efficient <= MAX_ERROR_RATIO * standard
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

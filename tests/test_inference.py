@@ -128,6 +128,14 @@ def test_onednn_network_copies_pickles_and_saves_plain_weights():
     assert all(not value.is_mkldnn for value in network.state_dict().values())
 
 
+# bfloat16 keeps 8 significant bits: each rounding is off by up to 2**-9 (0.2%) of its value, and
+# these networks round a few dozen times on the way to the logits. Against float64, the largest
+# logit error relative to the largest logit was 0.3-1.1% over 14 seeds on an AVX-512 + AVX512_BF16
+# CPU, also with its kernels limited to AVX2 or to scalar code (ATEN_CPU_CAPABILITY,
+# ONEDNN_MAX_CPU_ISA); 2% bounds it with room for other kernels.
+BF16_TOLERANCE = 2e-2
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ["bc-imagenet", "plain-c1-cifar"])
 def test_bf16_is_within_tolerance(name, device):
@@ -136,9 +144,11 @@ def test_bf16_is_within_tolerance(name, device):
     expected = _reference(model, x)
     with torch.no_grad():
         actual = optimize_for_inference(model, dtype=torch.bfloat16)(x)
-    assert _relative_error(actual, expected) <= 2e-2
+    assert _relative_error(actual, expected) <= BF16_TOLERANCE
 
 
+# 400 random inputs to a random 20-class network: 100% agreement in every one of 14 seeds on the
+# kernel sets above; 99% allows 4 inputs whose top two logits lie within bf16's rounding.
 def test_bf16_top1_agrees_with_fp32():
     model = _model(dict(TINY, num_classes=20, stem="cifar"))
     x = torch.randn(400, 3, 16, 16)
@@ -156,6 +166,19 @@ def test_paper_preset_with_real_depth():
     with torch.no_grad():
         actual = optimize_for_inference(model)(x)
     assert _relative_error(actual, expected) <= 1e-5
+
+
+def test_onednn_bf16_runs_where_the_cpu_has_bf16_units_and_is_refused_elsewhere():
+    # oneDNN computes bf16 natively with AVX512_BF16 or AMX; without them it has no bf16 kernels.
+    model = _model(TINY)
+    x = torch.randn(2, 3, 40, 40)
+    if onednn_supports(torch.device("cpu"), torch.bfloat16):
+        network = optimize_for_inference(model, dtype=torch.bfloat16, conv_backend="onednn")
+        with torch.no_grad():
+            assert _relative_error(network(x), _reference(model, x)) <= BF16_TOLERANCE
+    else:
+        with pytest.raises(ConfigError, match="bf16 units"):
+            optimize_for_inference(model, dtype=torch.bfloat16, conv_backend="onednn")
 
 
 @pytest.mark.parametrize("sign", [1.0, -1.0, 0.0])
@@ -196,9 +219,6 @@ def test_bad_inputs_raise_config_errors():
         optimize_for_inference(model, conv_backend="mkl")
     with pytest.raises(ConfigError, match="compile"):
         optimize_for_inference(model, conv_backend="onednn", compile=True)
-    if not onednn_supports(torch.device("cpu"), torch.bfloat16):
-        with pytest.raises(ConfigError, match="bf16 units"):
-            optimize_for_inference(model, dtype=torch.bfloat16, conv_backend="onednn")
     with pytest.raises(ConfigError, match="dtype"):
         optimize_for_inference(model, dtype=torch.float16)
     with pytest.raises(ConfigError, match=r"densenet\.DenseNet"):

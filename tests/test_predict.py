@@ -32,8 +32,11 @@ def test_preprocessing_is_resize_crop_normalise(tmp_path):
     ref = (ref.float() / 255 - torch.tensor([0.5, 0.4, 0.3])[:, None, None]) / torch.tensor(
         [0.2, 0.25, 0.3]
     )[:, None, None]
-    # torchvision's antialiased resize reproduces PIL's to within one rounding step of a uint8.
-    assert (x - ref).abs().max() < 1 / 255 / 0.2
+    # torchvision's antialiased resize reproduces PIL's up to rounding: at most one uint8 step
+    # (its vectorised and scalar kernels round differently; the scalar ones reach one step), plus
+    # float32 rounding of normalised values of magnitude ~3 (a few 1e-7).
+    one_step = 1 / 255 / 0.2
+    assert (x - ref).abs().max() <= one_step + 1e-5
 
 
 def test_grayscale_models_get_one_channel(tmp_path):

@@ -1,3 +1,4 @@
+import copy
 import os
 
 import pytest
@@ -7,9 +8,22 @@ from sklearn.datasets import load_digits
 
 from densenet import ConfigError, DenseNet, quantize_int8
 
-# int8 must pick the same class as float32 on at least this share of inputs (observed: 99.75% on
-# held-out digits, 99.8% on random inputs).
-MIN_AGREEMENT = 0.99
+# What int8 must keep of the fp32 network on held-out digits, and the margins behind each bound.
+# Observed over 34 trainings of the fixture's network, each kernel set giving other weights: seeds
+# 0-15 on an AVX-512 + AVX512_BF16 + VNNI CPU as it is, 0-7 with ATEN_CPU_CAPABILITY=avx2 and
+# ONEDNN_MAX_CPU_ISA=AVX2 (an AVX2-only CPU's kernels), 0-9 with =default and =SSE41 (scalar ones);
+# torch 2.14.1, torchao 0.18. fp32 top-1 95.0-99.75%; int8 top-1 0 to 1.3 points below fp32
+# (sometimes above); top-1 agreement 98.7-100%; relative logit error 1.2-3.4%; on uniform noise,
+# agreement 94.4-100% and logit error 1.3-5.4%. One point of top-1 is 4 of the 397 held-out images.
+MIN_FP32_TOP1 = 0.92  # the fixture really learnt digits: 3 points under the lowest seen
+MAX_TOP1_DROP = 0.03  # 2.4x the largest drop seen
+MIN_AGREEMENT = 0.97  # 1.7 points under the lowest agreement seen
+# Rounding every activation and weight to int8 must move the logits (a float copy moves them by
+# ~1e-7) but by far less than a bad scale does: calibrating on inputs x20 gives 19%, x0.5 gives 69%.
+LOGIT_ERROR_RANGE = (0.002, 0.08)  # 2.4x the largest error seen
+# Noise sits near decision boundaries, so agreement on it says little; its logit error is bounded
+# at about 2x the largest seen.
+MAX_NOISE_LOGIT_ERROR = 0.12
 
 
 @pytest.fixture(scope="module")
@@ -43,19 +57,63 @@ def _agreement(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.argmax(1) == b.argmax(1)).float().mean().item()
 
 
-def test_int8_agrees_with_fp32_on_real_and_random_inputs(digits_model):
-    model, x_train, x_test, y_test = digits_model
-    calibration = list(x_train[:512].split(64))
-    quantized = quantize_int8(model, calibration)
-    random_inputs = torch.rand(1000, 1, 8, 8)
+def _logit_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual - expected).norm() / expected.norm()).item()
+
+
+def _int8_failures(model, quantized, x_test, y_test) -> list[str]:
+    """Every criterion above that ``quantized`` misses against ``model``, as readable lines."""
+    noise = torch.rand(1000, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        fp32_test, int8_test = model(x_test), quantized(x_test)
-        fp32_random, int8_random = model(random_inputs), quantized(random_inputs)
-    assert (fp32_test.argmax(1) == y_test).float().mean().item() > 0.95
-    assert _agreement(int8_test, fp32_test) >= MIN_AGREEMENT
-    assert _agreement(int8_random, fp32_random) >= MIN_AGREEMENT
-    # Really quantized, not a float copy: rounding to int8 moves the logits measurably.
-    assert not torch.allclose(int8_test, fp32_test, atol=1e-4)
+        fp32, int8 = model(x_test), quantized(x_test)
+        fp32_noise, int8_noise = model(noise), quantized(noise)
+    fp32_top1 = (fp32.argmax(1) == y_test).float().mean().item()
+    int8_top1 = (int8.argmax(1) == y_test).float().mean().item()
+    low, high = LOGIT_ERROR_RANGE
+    checks = {
+        f"int8 top-1 {int8_top1:.4f} is more than {MAX_TOP1_DROP} below fp32's {fp32_top1:.4f}": (
+            int8_top1 >= fp32_top1 - MAX_TOP1_DROP
+        ),
+        f"top-1 agreement {_agreement(int8, fp32):.4f} < {MIN_AGREEMENT}": (
+            _agreement(int8, fp32) >= MIN_AGREEMENT
+        ),
+        f"logit error {_logit_error(int8, fp32):.2e} outside {LOGIT_ERROR_RANGE}": (
+            low <= _logit_error(int8, fp32) <= high
+        ),
+        f"logit error on noise {_logit_error(int8_noise, fp32_noise):.2e}": (
+            _logit_error(int8_noise, fp32_noise) <= MAX_NOISE_LOGIT_ERROR
+        ),
+    }
+    return [failure for failure, passed in checks.items() if not passed]
+
+
+def test_int8_keeps_fp32_accuracy_and_is_really_quantized(digits_model):
+    model, x_train, x_test, y_test = digits_model
+    with torch.no_grad():
+        assert (model(x_test).argmax(1) == y_test).float().mean().item() >= MIN_FP32_TOP1
+    quantized = quantize_int8(model, list(x_train[:512].split(64)))
+    assert _int8_failures(model, quantized, x_test, y_test) == []
+
+
+# The criteria have teeth: a network that was not quantized, and quantizations whose activation
+# scales come from wrongly scaled calibration data, each miss at least one of them.
+@pytest.mark.parametrize("broken", ["float copy", "calibrated on inputs x0.5", "on inputs x20"])
+def test_criteria_reject_a_broken_quantization(digits_model, broken):
+    model, x_train, x_test, y_test = digits_model
+    calibration = x_train[:512]
+    if broken == "float copy":
+        quantized = copy.deepcopy(model)
+    else:
+        factor = 0.5 if "x0.5" in broken else 20.0
+        quantized = quantize_int8(model, list((calibration * factor).split(64)))
+    assert _int8_failures(model, quantized, x_test, y_test) != []
+
+
+def test_a_single_calibration_image_gives_a_network_for_any_batch(digits_model):
+    model, x_train, x_test, _ = digits_model
+    quantized = quantize_int8(model, [x_train[:1]])
+    with torch.no_grad():
+        assert quantized(x_test[:3]).shape == (3, 10)
 
 
 def test_int8_graph_holds_int8_weights_and_quantized_activations(digits_model):

@@ -119,10 +119,14 @@ def test_parameter_groups_give_the_backbone_a_lower_rate():
 # --- The transfer proof --------------------------------------------------------------------------
 # A small DenseNet learns digits 0-4, then gets a few steps on a few examples of digits 5-9. The
 # same steps from a random start do markedly worse: what the backbone learnt on 0-4 transfers.
-# Measured over 5 splits: fine-tuned 64-71% test accuracy, from scratch 20-34% (chance: 20%).
+# Measured over 14 pretraining seeds x 3 splits, on an AVX-512 + AVX512_BF16 + VNNI CPU and with
+# its kernels limited to AVX2 or to scalar code (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA):
+# fine-tuned 49-76% test accuracy, from scratch 20-24% (chance: 20%), a gap of 29-52 points;
+# the source network reached 99.0-100% on digits 0-4.
 
 PRETRAIN_STEPS, FINETUNE_STEPS, EXAMPLES_PER_CLASS = 60, 15, 10
-MARGIN = 0.20  # fine-tuned must beat from-scratch by 20 points on every split (observed: 34-48)
+MARGIN = 0.15  # fine-tuned beats from-scratch by 15 points on every split: half the smallest gap
+MIN_SOURCE_ACCURACY = 0.95  # 4 points under the lowest seen
 
 
 def digits(first: int):
@@ -179,7 +183,7 @@ def test_backbone_trained_on_digits_0_to_4_transfers_to_5_to_9(tmp_path, one_thr
     x_source, y_source = digits(0)
     source = small_digit_net()
     train(source, source.parameters(), x_source, y_source, PRETRAIN_STEPS)
-    assert accuracy(source, x_source, y_source) > 0.95
+    assert accuracy(source, x_source, y_source) >= MIN_SOURCE_ACCURACY
     path = save_weights(source, tmp_path / "digits04.safetensors")
 
     x_target, y_target = digits(5)

@@ -55,8 +55,10 @@ def quantize_int8(
         # BN-normalised convolution inputs: one int8 scale per tensor fits them (see
         # InferenceDenseNet); folded inputs cost several points of top-1 agreement.
         network = InferenceDenseNet(model, torch.float32, onednn=False, fold_input_bn=False)
+        # torch.export specialises a batch dimension it sees as 1; two rows keep it dynamic.
+        example = batches[0][:1].expand(2, *batches[0].shape[1:])
         graph = torch.export.export(
-            network, (batches[0],), dynamic_shapes={"x": {0: batch_size}}
+            network, (example,), dynamic_shapes={"x": {0: batch_size}}
         ).module()
         config = get_default_x86_inductor_quantization_config()
         quantizer = X86InductorQuantizer().set_global(config)
