@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import densenet
-from densenet.benchmark import machine_description
+from densenet.tools.bench import machine_description
 
 # (in channels, out channels, kernel, input size): DenseNet-121's convolutions at batch 1.
 SHAPES = [(128, 32, 3, 56), (128, 32, 3, 28), (160, 128, 1, 56), (480, 128, 1, 28)]

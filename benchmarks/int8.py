@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
 import densenet
-from densenet.benchmark import (
+from densenet.tools.bench import (
     TORCHVISION_DEFAULT,
     Candidate,
     machine_description,

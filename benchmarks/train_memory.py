@@ -293,7 +293,7 @@ def main() -> None:
 
     import torch
 
-    from densenet.benchmark import machine_description
+    from densenet.tools.bench import machine_description
 
     command = "python benchmarks/train_memory.py " + " ".join(sys.argv[1:])
     machine = "; ".join(machine_description(torch.device("cpu")))

@@ -1,15 +1,15 @@
 """DenseNet (Huang et al., CVPR 2017): every variant of the paper, in PyTorch."""
 
+from densenet.deploy.export import ExportError, export_model
+from densenet.deploy.optimize import optimize_for_inference
+from densenet.deploy.quantize import quantize_int8
 from densenet.errors import ConfigError, DenseNetError, WeightsError
-from densenet.export import ExportError, export_model
-from densenet.features import FeatureExtractor, FeatureInfo
-from densenet.inference import optimize_for_inference
-from densenet.model import DenseNet, DenseNetConfig
-from densenet.presets import PRESETS, ModelSpec, Preprocessing
-from densenet.pretrained import PUBLISHED, PublishedWeights
-from densenet.quantize import quantize_int8
-from densenet.registry import create_model, get_spec, list_models, load_model
-from densenet.weights import Checkpoint, read_checkpoint, save_weights
+from densenet.models.densenet import DenseNet, DenseNetConfig
+from densenet.models.features import FeatureExtractor, FeatureInfo
+from densenet.models.presets import PRESETS, ModelSpec, Preprocessing
+from densenet.weights.io import Checkpoint, read_checkpoint, save_weights
+from densenet.weights.pretrained import PUBLISHED, PublishedWeights
+from densenet.weights.registry import create_model, get_spec, list_models, load_model
 
 __all__ = [
     "PRESETS",

@@ -1,0 +1,48 @@
+"""The ``densenet`` command: one subcommand per module of this package, each with ``register``.
+
+Commands parse their arguments, call the library and print; they hold no logic of their own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from densenet import __version__
+from densenet.cli import bench, convert, eval, export, list_models, predict, summary, train
+from densenet.errors import DenseNetError
+
+COMMANDS = (list_models, summary, train, eval, predict, export, bench, convert)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="densenet",
+        description="Train, evaluate and deploy the DenseNets of Huang et al. (CVPR 2017).",
+    )
+    parser.add_argument("--version", action="version", version=f"densenet {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for command in COMMANDS:
+        command.register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args.run(args) or 0)
+    except DenseNetError as error:
+        print(f"densenet {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"densenet {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""``densenet bench NAME``: inference speed of ours next to torchvision's, in one run."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+from pathlib import Path
+
+import torch
+
+from densenet.errors import ConfigError
+from densenet.files import atomic_write
+from densenet.hardware import resolve_device
+from densenet.tools.bench import (
+    PRECISIONS,
+    TORCHVISION_DEFAULT,
+    Timing,
+    candidates,
+    machine_description,
+    time_candidates,
+)
+from densenet.weights.registry import create_model, get_spec
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "bench", help="inference throughput and latency against torchvision's DenseNet"
+    )
+    parser.add_argument("name", help="model preset (see `densenet list`)")
+    parser.add_argument("--batch", nargs="+", type=int, default=[1, 32], metavar="N")
+    parser.add_argument(
+        "--precision", nargs="+", choices=sorted(PRECISIONS), default=["fp32", "bf16"]
+    )
+    parser.add_argument(
+        "--compile", action="store_true", help="also time torch.compile'd runs (slow to warm up)"
+    )
+    parser.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"))
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument(
+        "--threads", type=int, help="torch.set_num_threads (default: torch's choice)"
+    )
+    parser.add_argument("--warmup", type=int, default=3, help="untimed calls per configuration")
+    parser.add_argument("--min-runs", type=int, default=5, help="timed calls at the least")
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        default=8.0,
+        help="time budget per configuration and batch size (configurations take turns)",
+    )
+    parser.add_argument("--output", type=Path, help="also write the results as Markdown here")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    spec = get_spec(args.name)
+    if any(batch < 1 for batch in args.batch):
+        raise ConfigError(f"--batch sizes must be >= 1, got {args.batch}")
+    device = resolve_device(args.device)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    size = args.input_size or (spec.preprocessing.input_size,) * 2
+    model = create_model(args.name).eval()
+    model.config.stage_sizes(*size)
+    torch.manual_seed(0)
+
+    lines = [f"# densenet bench {args.name}, input {size[0]}x{size[1]}, device {device}", ""]
+    lines += [f"- {line}" for line in machine_description(device)]
+    lines += [f"- command: `{_command_line(args)}`", ""]
+    print("\n".join(lines), flush=True)
+
+    configurations = candidates(model, device, args.precision, args.compile)
+    header = (
+        "| batch | precision | configuration | ms/batch | img/s | vs torchvision default "
+        "| vs best torchvision same precision |"
+    )
+    table = [header, "|---|---|---|---|---|---|---|"]
+    print(header, flush=True)
+    for batch in args.batch:
+        x = torch.randn(batch, model.config.in_channels, *size, device=device)
+        timings = time_candidates(
+            configurations,
+            x,
+            warmup=args.warmup,
+            min_runs=args.min_runs,
+            budget_seconds=args.seconds * len(configurations),
+        )
+        for timing in timings:
+            row = _row(timing, timings)
+            table.append(row)
+            print(row, flush=True)
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        text = "\n".join([*lines, *table]) + "\n"
+        atomic_write(args.output, lambda tmp: tmp.write_text(text))
+        print(f"\nwrote {args.output}")
+    return 0
+
+
+def _row(timing: Timing, so_far: list[Timing]) -> str:
+    """One result, with ratios against the torchvision runs timed before it in this batch size."""
+    default = next((t for t in so_far if t.name == TORCHVISION_DEFAULT), None)
+    stock = [
+        t for t in so_far if t.name.startswith("torchvision") and t.precision == timing.precision
+    ]
+    best = min(stock, key=lambda t: t.seconds_per_batch) if stock else None
+
+    def ratio(reference: Timing | None) -> str:
+        if reference is None or timing.name.startswith("torchvision"):
+            return "-"
+        return f"{reference.seconds_per_batch / timing.seconds_per_batch:.2f}x ({reference.name})"
+
+    return (
+        f"| {timing.batch} | {timing.precision} | {timing.name} "
+        f"| {timing.seconds_per_batch * 1e3:.1f} | {timing.images_per_second:.1f} "
+        f"| {ratio(default)} | {ratio(best)} |"
+    )
+
+
+def _command_line(args: argparse.Namespace) -> str:
+    """The command that reproduces this run, with every setting spelled out."""
+    words = ["densenet", "bench", args.name, "--batch", *map(str, args.batch)]
+    words += ["--precision", *args.precision, "--device", args.device]
+    words += ["--warmup", str(args.warmup), "--min-runs", str(args.min_runs)]
+    words += ["--seconds", f"{args.seconds:g}"]
+    if args.threads is not None:
+        words += ["--threads", str(args.threads)]
+    if args.compile:
+        words.append("--compile")
+    if args.input_size:
+        words += ["--input-size", *map(str, args.input_size)]
+    if args.output:
+        words += ["--output", str(args.output)]
+    return shlex.join(words)

@@ -1,0 +1,62 @@
+"""``densenet convert SOURCE --output FILE.safetensors``: any supported weights, once, into the
+project's self-describing format."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from densenet.errors import ConfigError
+from densenet.weights.download import is_url
+from densenet.weights.io import looks_like_a_file, read_checkpoint, save_weights
+from densenet.weights.pretrained import PUBLISHED, find_published
+from densenet.weights.registry import create_model, load_model
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "convert",
+        help="convert torchvision/timm/Keras weights to the project's .safetensors format",
+    )
+    parser.add_argument(
+        "source", help="a weights file, a URL, or a published name such as densenet121.tv_in1k"
+    )
+    parser.add_argument("--output", "-o", required=True, type=Path, help="FILE.safetensors")
+    parser.add_argument(
+        "--model", help="the preset the weights are for (needed unless SOURCE names it)"
+    )
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.output.suffix != ".safetensors":
+        raise ConfigError(f"--output must end in .safetensors, got {args.output}")
+    source = os.fspath(args.source)
+    published = PUBLISHED.get(source)
+    if published is None and args.model and not is_url(source) and not looks_like_a_file(source):
+        published = find_published(args.model, source)
+    meta: dict[str, object] = {"converted_from": source}
+    if published is not None:
+        meta |= {
+            "published": published.name,
+            "url": published.url,
+            "top1": published.top1,
+            "top5": published.top5,
+            "preprocessing": published.preprocessing.to_dict(),
+        }
+    model_name = args.model or (published.model if published else None)
+    if model_name is not None:
+        model = create_model(model_name, weights=source)
+    elif read_checkpoint(source).config is not None:
+        model, _ = load_model(source)
+    else:
+        raise ConfigError(
+            f"{source} does not say which DenseNet it holds: pass --model NAME "
+            "(see `densenet list`)"
+        )
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    save_weights(model, args.output, meta=meta)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"wrote {args.output} ({params / 1e6:.2f}M parameters)")
+    return 0

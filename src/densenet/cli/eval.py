@@ -1,0 +1,186 @@
+"""``densenet eval``: a weights file's accuracy on a dataset, per class, with a confusion matrix.
+
+Started by ``torchrun``, the processes share the work: each evaluates its slice of every batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from densenet.data.datasets import Data, TensorData, load_split
+from densenet.data.loaders import Normalize, make_batches
+from densenet.errors import ConfigError, DatasetError, WeightsError
+from densenet.files import atomic_write, staged
+from densenet.hardware import (
+    check_precision,
+    default_memory_format,
+    default_precision,
+    resolve_device,
+)
+from densenet.models.densenet import DenseNet
+from densenet.models.presets import Preprocessing
+from densenet.training.config import DATASETS
+from densenet.training.distributed import distributed_session, rank_device, stop_together
+from densenet.training.evaluate import EvalResult, evaluate
+from densenet.training.plots import plot_confusion
+from densenet.training.rundir import RunDirectory
+from densenet.weights.registry import create_model, get_spec, load_model
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "eval", help="top-1/top-5, per-class accuracy and a confusion matrix of a weights file"
+    )
+    parser.add_argument("--weights", required=True, type=Path, help="a .safetensors or .pth file")
+    parser.add_argument(
+        "--model", help="preset, for weights that don't carry their config (torchvision .pth)"
+    )
+    parser.add_argument("--dataset", default="digits", choices=DATASETS)
+    parser.add_argument("--data-dir", default="data")
+    parser.add_argument("--split", default="test", choices=("test", "train"))
+    parser.add_argument(
+        "--batch-size", type=int, default=256, help="split over the processes under torchrun"
+    )
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument(
+        "--out", type=Path, help="where the PNG, CSV and JSON go (default: beside the weights)"
+    )
+    parser.set_defaults(run=run)
+
+
+def _load(args: argparse.Namespace):
+    if args.model:
+        model = create_model(args.model, weights=args.weights)
+        return model, get_spec(args.model).preprocessing, None
+    model, checkpoint = load_model(args.weights)
+    if "preprocessing" not in checkpoint.meta:
+        raise WeightsError(f"{args.weights} does not say how to preprocess images; pass --model")
+    preprocessing = Preprocessing.from_dict(checkpoint.meta["preprocessing"])
+    return model, preprocessing, checkpoint.meta.get("class_names")
+
+
+def _load_data(
+    args: argparse.Namespace,
+    model: DenseNet,
+    preprocessing: Preprocessing,
+    class_names: list[str] | None,
+) -> Data:
+    data = load_split(args.dataset, args.data_dir, args.split)
+    num_classes = model.config.num_classes
+    if len(data.class_names) != num_classes:
+        raise DatasetError(
+            f"{args.dataset} has {len(data.class_names)} classes but the model predicts "
+            f"{num_classes}"
+        )
+    if class_names is not None and list(class_names) != data.class_names:
+        raise DatasetError(
+            f"the weights were trained on classes {class_names[:5]}... but {args.dataset} has "
+            f"{data.class_names[:5]}...; evaluate on the dataset they were trained on"
+        )
+    if isinstance(data, TensorData):
+        size = data.images.shape[-1]
+        if preprocessing.input_size != size or preprocessing.resize_size != size:
+            raise ConfigError(
+                f"the weights expect {preprocessing.input_size}px inputs but {args.dataset} "
+                f"images are {size}px"
+            )
+    return data
+
+
+def run(args: argparse.Namespace) -> int:
+    out = args.out or args.weights.parent
+    # Under torchrun each process evaluates its slice of every batch (loaders.shard_of), the
+    # counts are summed over the processes (evaluate.evaluate) and only the main one reports.
+    device = resolve_device(args.device)
+    with distributed_session(device) as context:
+        device = rank_device(device, context)
+        with stop_together(device):
+            model, preprocessing, class_names = _load(args)
+            data = _load_data(args, model, preprocessing, class_names)
+            precision = default_precision(device) if args.precision == "auto" else args.precision
+            check_precision(device, precision)
+            if context.is_main:
+                RunDirectory.check_writable(out)
+
+        model.to(device)
+        memory_format = default_memory_format(device, precision)
+        if memory_format == "channels_last":
+            model.to(memory_format=torch.channels_last)
+        batches = make_batches(
+            data,
+            args.batch_size,
+            device,
+            train=False,
+            preprocessing=preprocessing,
+            in_channels=model.config.in_channels,
+            workers=args.workers,
+        )
+        normalize = Normalize(preprocessing.mean, preprocessing.std).to(device)
+        result = evaluate(
+            model,
+            batches,
+            normalize,
+            precision=precision,
+            memory_format=memory_format,
+            num_classes=model.config.num_classes,
+        )
+        if context.is_main:
+            processes = f", {context.world_size} processes" if context.enabled else ""
+            _report(args, data.class_names, result, f"{precision}{processes}", out)
+    return 0
+
+
+def _report(
+    args: argparse.Namespace, class_names: list[str], result: EvalResult, how: str, out: Path
+) -> None:
+    name = f"{args.dataset}-{args.split}"
+    print(
+        f"{args.weights} on {name} ({result.count} images, {how}): "
+        f"top-1 {result.top1:.2f}%  top-5 {result.top5:.2f}%  loss {result.loss:.4f}"
+    )
+    if result.skipped:
+        print(f"{result.skipped} unreadable images were skipped")
+    per_class = result.per_class.tolist()
+    rows = sorted(
+        zip(class_names, per_class, result.confusion.sum(1).tolist(), strict=True),
+        key=lambda row: (math.isnan(row[1]), row[1]),
+    )
+    shown = rows if len(rows) <= 20 else rows[:10]
+    print("per-class top-1" + ("" if len(rows) <= 20 else " (the 10 worst)") + ":")
+    for class_name, accuracy, count in shown:
+        print(f"  {class_name:<24}{accuracy:7.2f}%  of {count}")
+    csv_path = out / f"per_class-{name}.csv"
+    with staged(csv_path) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["class", "top1", "images"])
+        writer.writerows(zip(class_names, per_class, result.confusion.sum(1).tolist(), strict=True))
+    json_path = out / f"metrics-{name}.json"
+    metrics = {
+        "weights": str(args.weights),
+        "dataset": args.dataset,
+        "split": args.split,
+        "images": result.count,
+        "skipped": result.skipped,
+        "loss": result.loss,
+        "top1": result.top1,
+        "top5": result.top5,
+        "class_names": class_names,
+        "confusion": result.confusion.tolist(),  # rows: true classes, columns: predictions
+    }
+    atomic_write(json_path, lambda tmp: tmp.write_text(json.dumps(metrics, indent=1) + "\n"))
+    png_path = out / f"confusion-{name}.png"
+    plot_confusion(
+        result.confusion.numpy(),
+        class_names,
+        png_path,
+        f"{args.weights.name} on {name}: top-1 {result.top1:.2f}%",
+    )
+    print(f"wrote {png_path}, {csv_path} and {json_path}")

@@ -1,0 +1,28 @@
+"""``densenet summary NAME``: the paper's Table 1 for any preset, measured by running it."""
+
+from __future__ import annotations
+
+import argparse
+
+from densenet.tools.summary import format_summary, summarize
+from densenet.weights.registry import create_model, get_spec
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "summary", help="per-stage output sizes, parameters, MACs and activation memory"
+    )
+    parser.add_argument("name", help="model preset (see `densenet list`)")
+    parser.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"))
+    parser.add_argument("--batch", type=int, default=1, help="batch size for activation memory")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    spec = get_spec(args.name)
+    size = args.input_size or (spec.preprocessing.input_size,) * 2
+    model = create_model(args.name)
+    model.config.stage_sizes(*size)  # a clear error before any computation
+    title = f"{args.name}: {spec.description}, input {size[0]}x{size[1]}"
+    print(format_summary(title, summarize(model, tuple(size), args.batch)))
+    return 0

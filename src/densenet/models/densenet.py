@@ -1,0 +1,313 @@
+"""DenseNet (Huang et al., CVPR 2017) as described in the paper.
+
+Module and parameter names follow torchvision's layout (``features.denseblock1.denselayer1.conv1``
+and so on) so that its checkpoints load without renaming.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from densenet.errors import ConfigError
+from densenet.models import efficient
+
+Stem = Literal["imagenet", "cifar"]
+
+
+@dataclass(frozen=True)
+class DenseNetConfig:
+    """Everything that determines a DenseNet's architecture.
+
+    ``bn_size`` = 0 gives the paper's plain layer H = BN-ReLU-Conv3x3; otherwise each layer is the
+    bottleneck BN-ReLU-Conv1x1(bn_size*k)-BN-ReLU-Conv3x3(k) (DenseNet-B). ``compression`` < 1 makes
+    transitions shrink channels to floor(theta*m) (DenseNet-C). ``memory_efficient`` trains the
+    dense blocks, transitions and ImageNet stem with activation memory linear in depth
+    (:mod:`densenet.models.efficient`); the function, the parameters and evaluation stay the same.
+    """
+
+    growth_rate: int = 32
+    block_config: tuple[int, ...] = (6, 12, 24, 16)
+    num_init_features: int = 64
+    bn_size: int = 4
+    compression: float = 0.5
+    drop_rate: float = 0.0
+    num_classes: int = 1000
+    in_channels: int = 3
+    stem: Stem = "imagenet"
+    memory_efficient: bool = False
+
+    def __post_init__(self) -> None:
+        # Lists from JSON or the command line become tuples so configs stay hashable and comparable.
+        object.__setattr__(self, "block_config", tuple(self.block_config))
+        self.validate()
+
+    def validate(self) -> None:
+        def positive_int(name: str, value: object, allow_zero: bool = False) -> None:
+            low = 0 if allow_zero else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+
+        positive_int("growth_rate", self.growth_rate)
+        positive_int("num_init_features", self.num_init_features)
+        positive_int("bn_size", self.bn_size, allow_zero=True)
+        positive_int("num_classes", self.num_classes, allow_zero=True)
+        positive_int("in_channels", self.in_channels)
+        if not self.block_config:
+            raise ConfigError("block_config must name at least one dense block, got ()")
+        for i, layers in enumerate(self.block_config):
+            positive_int(f"block_config[{i}]", layers)
+        if not 0.0 < self.compression <= 1.0:
+            raise ConfigError(f"compression must be in (0, 1], got {self.compression!r}")
+        if not 0.0 <= self.drop_rate < 1.0:
+            raise ConfigError(f"drop_rate must be in [0, 1), got {self.drop_rate!r}")
+        if self.stem not in ("imagenet", "cifar"):
+            raise ConfigError(f"stem must be 'imagenet' or 'cifar', got {self.stem!r}")
+        if not isinstance(self.memory_efficient, bool):
+            raise ConfigError(
+                f"memory_efficient must be true or false, got {self.memory_efficient!r}"
+            )
+
+    def replace(self, **changes: object) -> DenseNetConfig:
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown config field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, object]:
+        data = dataclasses.asdict(self)
+        data["block_config"] = list(self.block_config)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> DenseNetConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown config field(s) {', '.join(unknown)}")
+        return cls(**data)  # type: ignore[arg-type]
+
+    @property
+    def min_input_size(self) -> int:
+        """Smallest input side for which every transition still has a 2x2 map to pool."""
+        last_block_min = 2 ** (len(self.block_config) - 1)
+        # The ImageNet stem (Conv7x7/2 pad 3, MaxPool3x3/2 pad 1) maps n to ceil(ceil(n / 2) / 2).
+        return 4 * last_block_min - 3 if self.stem == "imagenet" else last_block_min
+
+    def stage_sizes(self, height: int, width: int) -> list[tuple[int, int]]:
+        """Spatial size seen by each dense block for an input of ``height`` x ``width``."""
+        if min(height, width) < self.min_input_size:
+            raise ConfigError(
+                f"input {height}x{width} is too small for {len(self.block_config)} dense blocks "
+                f"with the {self.stem} stem: each side must be at least {self.min_input_size} px"
+            )
+        h, w = height, width
+        if self.stem == "imagenet":
+            h, w = (h + 3) // 4, (w + 3) // 4
+        sizes = [(h, w)]
+        for _ in self.block_config[1:]:
+            h, w = h // 2, w // 2
+            sizes.append((h, w))
+        return sizes
+
+
+def _conv(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(
+        in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2, bias=False
+    )
+
+
+class DenseLayer(nn.Module):
+    """H_l: maps the concatenation of all earlier feature maps to ``growth_rate`` new channels."""
+
+    def __init__(self, in_channels: int, growth_rate: int, bn_size: int, drop_rate: float) -> None:
+        super().__init__()
+        self.drop_rate = drop_rate
+        self.bottleneck = bn_size > 0
+        # ReLUs are not in place: a forward hook (Grad-CAM, feature maps) may hold their input.
+        self.norm1 = nn.BatchNorm2d(in_channels)
+        self.relu1 = nn.ReLU()
+        if self.bottleneck:
+            self.conv1 = _conv(in_channels, bn_size * growth_rate, 1)
+            self.norm2 = nn.BatchNorm2d(bn_size * growth_rate)
+            self.relu2 = nn.ReLU()
+            self.conv2 = _conv(bn_size * growth_rate, growth_rate, 3)
+        else:
+            self.conv1 = _conv(in_channels, growth_rate, 3)
+
+    def _dropout(self, x: Tensor) -> Tensor:
+        return F.dropout(x, self.drop_rate, self.training) if self.drop_rate > 0 else x
+
+    def forward(self, features: Tensor) -> Tensor:
+        out = self._dropout(self.conv1(self.relu1(self.norm1(features))))
+        if self.bottleneck:
+            out = self._dropout(self.conv2(self.relu2(self.norm2(out))))
+        return out
+
+
+class DenseBlock(nn.ModuleDict):
+    """Layer l receives [x_0, x_1, ..., x_{l-1}] concatenated along channels."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        in_channels: int,
+        growth_rate: int,
+        bn_size: int,
+        drop_rate: float,
+        memory_efficient: bool = False,
+    ) -> None:
+        super().__init__()
+        self.memory_efficient = memory_efficient
+        for i in range(num_layers):
+            layer = DenseLayer(in_channels + i * growth_rate, growth_rate, bn_size, drop_rate)
+            self.add_module(f"denselayer{i + 1}", layer)
+        self.out_channels = in_channels + num_layers * growth_rate
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.memory_efficient and self.training:
+            return efficient.dense_block_forward(list(self.values()), x, self.out_channels)
+        features = [x]
+        for layer in self.values():
+            features.append(layer(torch.cat(features, 1)))
+        return torch.cat(features, 1)
+
+
+class Transition(nn.Module):
+    """BN-ReLU-Conv1x1-AvgPool2x2 between dense blocks, compressing m channels to floor(theta*m)."""
+
+    def __init__(
+        self, in_channels: int, out_channels: int, drop_rate: float, memory_efficient: bool = False
+    ) -> None:
+        super().__init__()
+        self.drop_rate = drop_rate
+        self.memory_efficient = memory_efficient
+        self.norm = nn.BatchNorm2d(in_channels)
+        self.relu = nn.ReLU()
+        self.conv = _conv(in_channels, out_channels, 1)
+        self.pool = nn.AvgPool2d(2, stride=2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Dropout sits between the convolution and the pool, so they commute only without it.
+        if self.memory_efficient and self.training and self.drop_rate == 0:
+            return efficient.transition_forward(self, x)
+        x = self.conv(self.relu(self.norm(x)))
+        if self.drop_rate > 0:
+            x = F.dropout(x, self.drop_rate, self.training)
+        return self.pool(x)
+
+
+class DenseNet(nn.Module):
+    """A DenseNet built from a :class:`DenseNetConfig` (or the same fields as keywords)."""
+
+    def __init__(self, config: DenseNetConfig | None = None, **fields: object) -> None:
+        super().__init__()
+        if config is None:
+            config = DenseNetConfig(**fields)  # type: ignore[arg-type]
+        elif fields:
+            config = config.replace(**fields)
+        self.config = config
+
+        stem_channels = config.num_init_features
+        if config.stem == "imagenet":
+            stem = [
+                ("conv0", nn.Conv2d(config.in_channels, stem_channels, 7, 2, 3, bias=False)),
+                ("norm0", nn.BatchNorm2d(stem_channels)),
+                ("relu0", nn.ReLU()),
+                ("pool0", nn.MaxPool2d(3, stride=2, padding=1)),
+            ]
+        else:
+            stem = [("conv0", _conv(config.in_channels, stem_channels, 3))]
+        self.features = nn.Sequential()
+        for name, module in stem:
+            self.features.add_module(name, module)
+
+        channels = stem_channels
+        for i, num_layers in enumerate(config.block_config):
+            block = DenseBlock(
+                num_layers,
+                channels,
+                config.growth_rate,
+                config.bn_size,
+                config.drop_rate,
+                config.memory_efficient,
+            )
+            self.features.add_module(f"denseblock{i + 1}", block)
+            channels = block.out_channels
+            if i != len(config.block_config) - 1:
+                out_channels = int(channels * config.compression)
+                transition = Transition(
+                    channels, out_channels, config.drop_rate, config.memory_efficient
+                )
+                self.features.add_module(f"transition{i + 1}", transition)
+                channels = out_channels
+        self.features.add_module(f"norm{len(config.block_config) + 1}", nn.BatchNorm2d(channels))
+        self.features.add_module("relu", nn.ReLU())
+
+        self.num_features = channels
+        self.global_pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier: nn.Module = self._make_classifier(config.num_classes)
+        self._init_weights()
+
+    def _make_classifier(self, num_classes: int) -> nn.Module:
+        if num_classes == 0:
+            return nn.Identity()
+        classifier = nn.Linear(self.num_features, num_classes)
+        nn.init.zeros_(classifier.bias)
+        return classifier
+
+    def _init_weights(self) -> None:
+        # The authors' Lua code draws conv weights from N(0, sqrt(2 / (k*k*out_channels))).
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def check_input(self, x: Tensor) -> None:
+        """Raise ``ValueError`` for an input this network cannot process, before any computation."""
+        if x.dim() != 4:
+            raise ConfigError(
+                f"expected a 4-D batch (N, C, H, W), got a tensor of shape {tuple(x.shape)}"
+            )
+        if x.shape[1] != self.config.in_channels:
+            raise ConfigError(
+                f"expected {self.config.in_channels} input channels, got {x.shape[1]} "
+                f"(input shape {tuple(x.shape)})"
+            )
+        self.config.stage_sizes(x.shape[2], x.shape[3])
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """The final feature map, after the last BN-ReLU and before pooling."""
+        if not torch.jit.is_scripting() and not torch.compiler.is_compiling():
+            self.check_input(x)
+        if self.config.memory_efficient and self.training and self.config.stem == "imagenet":
+            stem = self.features
+            x = efficient.stem_forward(stem.norm0, stem.pool0, stem.conv0(x))
+            return self.features[4:](x)  # after conv0, norm0, relu0, pool0
+        return self.features(x)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        x = torch.flatten(self.global_pool(x), 1)
+        return x if pre_logits else self.classifier(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def get_classifier(self) -> nn.Module:
+        return self.classifier
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the head with a freshly initialised one for ``num_classes`` (0 removes it)."""
+        self.config = self.config.replace(num_classes=num_classes)
+        device = next(self.parameters()).device
+        self.classifier = self._make_classifier(num_classes).to(device)

@@ -1,0 +1,105 @@
+"""The paper's networks: one table holding each preset's architecture and metadata."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from densenet.models.densenet import DenseNetConfig
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Paper section 4.2 / the authors' code, on the 0-255 scale.
+CIFAR10_MEAN = (125.3 / 255, 123.0 / 255, 113.9 / 255)
+CIFAR10_STD = (63.0 / 255, 62.1 / 255, 66.7 / 255)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an image becomes the network's input: resize the short side, centre crop, normalise."""
+
+    input_size: int
+    resize_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str = "bilinear"
+
+    def to_dict(self) -> dict[str, object]:
+        data = asdict(self)
+        data["mean"], data["std"] = list(self.mean), list(self.std)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> Preprocessing:
+        return cls(
+            input_size=int(data["input_size"]),  # type: ignore[arg-type]
+            resize_size=int(data["resize_size"]),  # type: ignore[arg-type]
+            mean=tuple(data["mean"]),  # type: ignore[arg-type]
+            std=tuple(data["std"]),  # type: ignore[arg-type]
+            interpolation=str(data.get("interpolation", "bilinear")),
+        )
+
+
+IMAGENET_PREPROCESSING = Preprocessing(224, 256, IMAGENET_MEAN, IMAGENET_STD)
+CIFAR_PREPROCESSING = Preprocessing(32, 32, CIFAR10_MEAN, CIFAR10_STD)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    config: DenseNetConfig
+    preprocessing: Preprocessing
+    description: str
+    # Error rates (%) reported in the paper, keyed by benchmark ("top1", "C10+", "SVHN", ...).
+    paper_error: dict[str, float] = field(default_factory=dict)
+
+
+def _imagenet(name: str, k: int, blocks: tuple[int, ...], stem: int, errors: dict[str, float]):
+    config = DenseNetConfig(growth_rate=k, block_config=blocks, num_init_features=stem)
+    # The paper names these by depth (DenseNet-264 has 2*130 + 5 weighted layers, yet is "264").
+    depth = name.removeprefix("densenet")
+    return ModelSpec(
+        name, config, IMAGENET_PREPROCESSING, f"DenseNet-BC-{depth} (k={k}), ImageNet", errors
+    )
+
+
+def _cifar(depth: int, k: int, bc: bool, errors: dict[str, float]) -> ModelSpec:
+    # Depth counts the stem conv, 2 transitions, classifier and every conv of the three blocks.
+    convs_per_layer = 2 if bc else 1
+    layers_per_block = (depth - 4) // (3 * convs_per_layer)
+    config = DenseNetConfig(
+        growth_rate=k,
+        block_config=(layers_per_block,) * 3,
+        num_init_features=2 * k if bc else 16,
+        bn_size=4 if bc else 0,
+        compression=0.5 if bc else 1.0,
+        num_classes=10,
+        stem="cifar",
+    )
+    kind = "DenseNet-BC" if bc else "DenseNet"
+    name = f"densenet{'_bc' if bc else ''}{depth}_k{k}"
+    return ModelSpec(
+        name, config, CIFAR_PREPROCESSING, f"{kind} L={depth} k={k}, CIFAR/SVHN", errors
+    )
+
+
+def _table2(c10, c10p, c100, c100p, svhn) -> dict[str, float]:
+    values = {"C10": c10, "C10+": c10p, "C100": c100, "C100+": c100p, "SVHN": svhn}
+    return {key: value for key, value in values.items() if value is not None}
+
+
+PRESETS: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        _imagenet("densenet121", 32, (6, 12, 24, 16), 64, {"top1": 25.02, "top5": 7.71}),
+        _imagenet("densenet161", 48, (6, 12, 36, 24), 96, {"top1": 22.2}),
+        _imagenet("densenet169", 32, (6, 12, 32, 32), 64, {"top1": 23.80, "top5": 6.85}),
+        _imagenet("densenet201", 32, (6, 12, 48, 32), 64, {"top1": 22.58, "top5": 6.34}),
+        _imagenet("densenet264", 32, (6, 12, 64, 48), 64, {"top1": 22.15, "top5": 6.12}),
+        _cifar(40, 12, False, _table2(7.00, 5.24, 27.55, 24.42, 1.79)),
+        _cifar(100, 12, False, _table2(5.77, 4.10, 23.79, 20.20, 1.67)),
+        _cifar(100, 24, False, _table2(5.83, 3.74, 23.42, 19.25, 1.59)),
+        _cifar(100, 12, True, _table2(5.92, 4.51, 24.15, 22.27, 1.76)),
+        _cifar(250, 24, True, _table2(5.19, 3.62, 19.64, 17.60, 1.74)),
+        _cifar(190, 40, True, _table2(None, 3.46, None, 17.18, None)),
+    )
+}

@@ -1,0 +1,1 @@
+"""Looking at models: the layer summary and the speed benchmark."""

@@ -1,0 +1,243 @@
+"""Inference speed of our networks next to torchvision's DenseNet with the same weights.
+
+Every configuration is timed on the same input after warm-up (which includes torch.compile's
+compilation), in rounds until a time budget is spent; the median time per batch is reported, so
+one slow call from a neighbour on a shared machine does not skew the result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torchvision
+from torch import Tensor, nn
+
+from densenet.deploy.optimize import onednn_supports, optimize_for_inference
+from densenet.models.densenet import DenseNet
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+TORCHVISION_DEFAULT = "torchvision default (fp32, NCHW)"
+
+
+@dataclass(frozen=True)
+class Timing:
+    name: str
+    precision: str
+    batch: int
+    seconds_per_batch: float  # median
+    runs: int
+
+    @property
+    def images_per_second(self) -> float:
+        return self.batch / self.seconds_per_batch
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One way of running the network: a name, a precision and a callable taking the input."""
+
+    name: str
+    precision: str
+    build: Callable[[], Callable[[Tensor], Tensor]]
+    channels_last: bool
+
+
+def torchvision_twin(model: DenseNet) -> nn.Module | None:
+    """torchvision's DenseNet with ``model``'s weights; None where torchvision can't build it."""
+    config = model.config
+    if config.stem != "imagenet" or config.compression != 0.5 or config.bn_size == 0:
+        return None
+    twin = torchvision.models.DenseNet(
+        growth_rate=config.growth_rate,
+        block_config=config.block_config,
+        num_init_features=config.num_init_features,
+        bn_size=config.bn_size,
+        num_classes=config.num_classes,
+    )
+    # torchvision names the final BN "norm5" whatever the number of blocks.
+    final_norm = f"features.norm{len(config.block_config) + 1}."
+    twin.load_state_dict(
+        {
+            key.replace(final_norm, "features.norm5."): value
+            for key, value in model.state_dict().items()
+        }
+    )
+    return twin.eval()
+
+
+def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def _stock(
+    module: nn.Module, device: torch.device, *, bf16: bool, channels_last: bool, compile: bool
+) -> Callable[[], Callable[[Tensor], Tensor]]:
+    """A stock nn.Module run the way PyTorch documents: layout, autocast and compile."""
+
+    def build() -> Callable[[Tensor], Tensor]:
+        # A copy: other candidates share ``module`` and must keep their own layout.
+        net = copy.deepcopy(module).to(
+            device, memory_format=torch.channels_last if channels_last else None
+        )
+        net = torch.compile(net) if compile else net
+
+        def run(x: Tensor) -> Tensor:
+            with _autocast(device, bf16):
+                return net(x)
+
+        return run
+
+    return build
+
+
+def candidates(
+    model: DenseNet, device: torch.device, precisions: list[str], compile: bool
+) -> list[Candidate]:
+    """What `densenet bench` compares: torchvision's default and best stock runs, and ours."""
+    twin = torchvision_twin(model)
+    found = []
+    if twin is not None:
+        found.append(
+            Candidate(
+                TORCHVISION_DEFAULT,
+                "fp32",
+                _stock(twin, device, bf16=False, channels_last=False, compile=False),
+                False,
+            )
+        )
+    for precision in precisions:
+        bf16 = precision == "bf16"
+        compiles = [False, True] if compile else [False]
+        if twin is not None:
+            for compiled in compiles:
+                name = "torchvision channels_last" + (" + bf16 autocast" if bf16 else "")
+                found.append(
+                    Candidate(
+                        name + (" + compile" if compiled else ""),
+                        precision,
+                        _stock(twin, device, bf16=bf16, channels_last=True, compile=compiled),
+                        True,
+                    )
+                )
+        eager_name = "ours, eager" + (" channels_last + bf16 autocast" if bf16 else " (fp32, NCHW)")
+        found.append(
+            Candidate(
+                eager_name,
+                precision,
+                _stock(model, device, bf16=bf16, channels_last=bf16, compile=False),
+                bf16,
+            )
+        )
+        dtype = PRECISIONS[precision]
+        if onednn_supports(device, dtype):
+            # Both convolution backends, to show what oneDNN's reordered weights give on top.
+            for backend, label in (("aten", "aten convs"), ("onednn", "oneDNN convs")):
+                found.append(
+                    Candidate(
+                        f"ours, optimize_for_inference ({label})",
+                        precision,
+                        _optimized(model, device, dtype, conv_backend=backend),
+                        True,
+                    )
+                )
+        else:
+            found.append(
+                Candidate(
+                    "ours, optimize_for_inference",
+                    precision,
+                    _optimized(model, device, dtype),
+                    True,
+                )
+            )
+        if compile:
+            found.append(
+                Candidate(
+                    "ours, optimize_for_inference + compile",
+                    precision,
+                    _optimized(model, device, dtype, compile=True),
+                    True,
+                )
+            )
+    return found
+
+
+def _optimized(
+    model: DenseNet,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    compile: bool = False,
+    conv_backend: str = "auto",
+) -> Callable[[], Callable[[Tensor], Tensor]]:
+    return lambda: optimize_for_inference(
+        copy.deepcopy(model).to(device), dtype=dtype, compile=compile, conv_backend=conv_backend
+    )
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_candidates(
+    found: list[Candidate],
+    x: Tensor,
+    *,
+    warmup: int,
+    min_runs: int,
+    budget_seconds: float,
+) -> list[Timing]:
+    """Median seconds per call of each candidate on ``x``, after ``warmup`` untimed calls.
+
+    Candidates take turns, one call each per round, so that load from other processes on a shared
+    machine falls on all of them alike instead of on whichever happened to run at the time.
+    """
+    inputs = {
+        layout: x.contiguous(memory_format=torch.channels_last) if layout else x.contiguous()
+        for layout in (False, True)
+    }
+    times: list[list[float]] = [[] for _ in found]
+    with torch.inference_mode():
+        runs = [candidate.build() for candidate in found]
+        for run, candidate in zip(runs, found, strict=True):
+            for _ in range(warmup):
+                run(inputs[candidate.channels_last])
+        _synchronize(x.device)
+        started = time.perf_counter()
+        while len(times[0]) < min_runs or time.perf_counter() - started < budget_seconds:
+            for run, candidate, spent in zip(runs, found, times, strict=True):
+                begin = time.perf_counter()
+                run(inputs[candidate.channels_last])
+                _synchronize(x.device)
+                spent.append(time.perf_counter() - begin)
+    return [
+        Timing(
+            candidate.name, candidate.precision, x.shape[0], statistics.median(spent), len(spent)
+        )
+        for candidate, spent in zip(found, times, strict=True)
+    ]
+
+
+def machine_description(device: torch.device) -> Iterator[str]:
+    if device.type == "cuda":
+        yield f"device: {torch.cuda.get_device_name(device)}"
+    cpu = platform.processor() or "unknown CPU"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as handle:
+        for line in handle:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    yield f"cpu: {cpu}, torch threads: {torch.get_num_threads()}"
+    yield (
+        f"torch {torch.__version__}, torchvision {torchvision.__version__}, "
+        f"python {platform.python_version()}"
+    )

@@ -1,0 +1,181 @@
+"""Reading and writing weights: the project's safetensors format and foreign checkpoints.
+
+The project's format is a single ``.safetensors`` file whose header metadata holds the model config
+and its preprocessing as JSON, so the file alone rebuilds the model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from densenet.errors import WeightsError, first_line
+from densenet.files import atomic_write
+from densenet.models.densenet import DenseNetConfig
+from densenet.weights.download import fetch, is_url
+from densenet.weights.keras import is_hdf5, read_keras_h5
+
+FORMAT_TAG = "densenet/1"
+PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
+KERAS_SUFFIXES = (".h5", ".hdf5")
+
+# torchvision's pre-0.3 checkpoints name dense-layer submodules "norm.1", "conv.2", ...
+_LEGACY_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
+)
+
+
+@dataclass
+class Checkpoint:
+    """Tensors read from a weights file, with the config and metadata when the file carries them."""
+
+    state_dict: dict[str, Tensor]
+    source: str
+    config: DenseNetConfig | None = None
+    meta: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int | None:
+        weight = self.state_dict.get("classifier.weight")
+        return None if weight is None else int(weight.shape[0])
+
+
+def looks_like_a_file(source: str) -> bool:
+    """Whether ``source`` is meant as a path (so "not found" is the error), not a weights name."""
+    path = Path(source)
+    suffixes = (".safetensors", *PICKLE_SUFFIXES, *KERAS_SUFFIXES)
+    return path.exists() or len(path.parts) > 1 or path.suffix in suffixes
+
+
+def resolve_source(source: str | os.PathLike[str], expected_hash: str | None = None) -> Path:
+    """A local path for ``source``: the path itself, or a URL downloaded once into the cache."""
+    text = os.fspath(source)
+    if is_url(text):
+        return fetch(text, expected_hash, progress=True)
+    path = Path(text)
+    if not path.is_file():
+        raise WeightsError(f"weights file not found: {path}")
+    return path
+
+
+def _unwrap(obj: object, path: Path) -> dict[str, Tensor]:
+    """Find the state_dict inside common checkpoint layouts (plain, {'state_dict': ...}, DDP)."""
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model", "model_state"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise WeightsError(f"{path} does not hold a state_dict of tensors")
+    return {key.removeprefix("module."): value for key, value in obj.items()}
+
+
+def rename_legacy_keys(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Map torchvision's legacy ``...denselayer1.norm.1.weight`` keys to ``...norm1.weight``."""
+    renamed = {}
+    for key, value in state_dict.items():
+        match = _LEGACY_KEY.match(key)
+        renamed[match.group(1) + match.group(2) if match else key] = value
+    return renamed
+
+
+def read_checkpoint(source: str | os.PathLike[str], expected_hash: str | None = None) -> Checkpoint:
+    """Read weights from a local file or URL: the project's safetensors, a torchvision or timm
+    checkpoint (pickle or safetensors), or a Keras .h5 file."""
+    path = resolve_source(source, expected_hash)
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path, os.fspath(source))
+    if path.suffix in KERAS_SUFFIXES or is_hdf5(path):
+        return Checkpoint(read_keras_h5(path), os.fspath(source))
+    if path.suffix not in PICKLE_SUFFIXES:
+        raise WeightsError(
+            f"unknown weights format {path.suffix!r} for {path}; this reads .safetensors, Keras "
+            f".h5 and PyTorch state_dicts ({', '.join(PICKLE_SUFFIXES)}): in PyTorch save one with "
+            "torch.save(model.state_dict(), 'weights.pth'), then `densenet convert` it"
+        )
+    try:
+        # weights_only refuses arbitrary pickled objects: a checkpoint can't run code on load.
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for corrupt or unsafe pickles
+        reason = first_line(error)
+        raise WeightsError(
+            f"cannot read {path} as a PyTorch checkpoint ({reason}); only plain tensors are "
+            "loaded (weights_only=True): re-save it with torch.save(model.state_dict(), path)"
+        ) from None
+    return Checkpoint(rename_legacy_keys(_unwrap(obj, path)), os.fspath(source))
+
+
+def _read_safetensors(path: Path, source: str) -> Checkpoint:
+    try:
+        state_dict = load_file(path)
+        with open(path, "rb") as handle:
+            header_size = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(header_size))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise WeightsError(f"cannot read {path} as safetensors: {error}") from None
+    metadata = header.get("__metadata__") or {}
+    config = None
+    if "config" in metadata:
+        config = DenseNetConfig.from_dict(json.loads(metadata["config"]))
+    meta = json.loads(metadata.get("meta", "{}"))
+    return Checkpoint(rename_legacy_keys(state_dict), source, config, meta)
+
+
+def save_weights(
+    model: nn.Module, path: str | os.PathLike[str], meta: dict[str, object] | None = None
+) -> Path:
+    """Write ``model``'s weights, config and ``meta`` to a self-describing safetensors file.
+
+    The file is written beside its destination and renamed into place, so a crash never leaves a
+    half-written file under the final name.
+    """
+    path = Path(path)
+    config: DenseNetConfig = model.config  # type: ignore[assignment]
+    tensors = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
+    metadata = {
+        "format": FORMAT_TAG,
+        "config": json.dumps(config.to_dict()),
+        "meta": json.dumps(meta or {}),
+    }
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    return path
+
+
+def load_state_dict(model: nn.Module, state_dict: dict[str, Tensor], source: str = "") -> None:
+    """Load ``state_dict`` strictly, or raise one ``WeightsError`` naming every mismatch."""
+    expected = model.state_dict()
+    # Checkpoints saved before PyTorch 0.4.1 carry no BN batch counters; they don't affect outputs.
+    state_dict = dict(state_dict)
+    for key in expected:
+        if key.endswith("num_batches_tracked") and key not in state_dict:
+            state_dict[key] = expected[key]
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    misshaped = sorted(
+        f"{key} {tuple(state_dict[key].shape)} vs model {tuple(expected[key].shape)}"
+        for key in set(expected) & set(state_dict)
+        if state_dict[key].shape != expected[key].shape
+    )
+    if missing or unexpected or misshaped:
+        problems = []
+        for label, keys in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("mis-shaped", misshaped),
+        ):
+            if keys:
+                shown = ", ".join(keys[:5]) + (
+                    f", ... ({len(keys)} in all)" if len(keys) > 5 else ""
+                )
+                problems.append(f"{label}: {shown}")
+        where = f" in {source}" if source else ""
+        raise WeightsError(f"weights{where} do not fit the model; " + "; ".join(problems))
+    model.load_state_dict(state_dict)

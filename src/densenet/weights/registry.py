@@ -1,0 +1,131 @@
+"""Building models by name, optionally with weights."""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import os
+from collections.abc import Sequence
+
+from densenet.errors import ConfigError, WeightsError
+from densenet.models.densenet import DenseNet, DenseNetConfig
+from densenet.models.features import FeatureExtractor
+from densenet.models.presets import PRESETS, ModelSpec
+from densenet.weights.download import is_url
+from densenet.weights.io import Checkpoint, load_state_dict, looks_like_a_file, read_checkpoint
+from densenet.weights.pretrained import find_published, unknown_source_error
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Preset names matching a shell-style ``pattern``, in table order."""
+    return [name for name in PRESETS if fnmatch.fnmatch(name, pattern)]
+
+
+def get_spec(name: str) -> ModelSpec:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, PRESETS, n=3, cutoff=0.5)
+        hint = f"; did you mean {' or '.join(close)}?" if close else ""
+        raise ConfigError(
+            f"unknown model {name!r}{hint} (`densenet list` shows all {len(PRESETS)})"
+        ) from None
+
+
+def create_model(
+    name: str,
+    *,
+    weights: str | os.PathLike[str] | Checkpoint | None = None,
+    num_classes: int | None = None,
+    features_only: bool = False,
+    out_indices: Sequence[int] | None = None,
+    **overrides: object,
+) -> DenseNet | FeatureExtractor:
+    """Build the preset ``name``, with any config field overridden, and load ``weights`` if given.
+
+    ``weights`` is a local file, a URL (downloaded once into the cache), the name of published
+    weights (``"tv_in1k"``, see ``densenet.weights.pretrained.PUBLISHED``) or a :class:`Checkpoint`
+    already read. With weights, the head keeps the checkpoint's number of classes unless
+    ``num_classes`` asks for another, in which case the backbone is loaded and a fresh head is
+    initialised. ``features_only`` returns a :class:`FeatureExtractor` giving the feature maps of
+    the levels in ``out_indices``.
+    """
+    if out_indices is not None and not features_only:
+        raise ConfigError("out_indices selects feature maps: it needs features_only=True")
+    config = get_spec(name).config.replace(**overrides)
+    if weights is None:
+        if num_classes is not None:
+            config = config.replace(num_classes=num_classes)
+        model = DenseNet(config)
+    else:
+        model = _load_pretrained(name, config, weights, num_classes, features_only)
+    return FeatureExtractor(model, out_indices) if features_only else model
+
+
+def _read_weights(name: str, weights: str | os.PathLike[str] | Checkpoint) -> Checkpoint:
+    """Read ``weights`` given as a checkpoint, a file, a URL or a published name for ``name``."""
+    if isinstance(weights, Checkpoint):
+        return weights
+    source = os.fspath(weights)
+    published = None
+    if not is_url(source) and not looks_like_a_file(source):
+        published = find_published(name, source)
+        if published is None:
+            raise unknown_source_error(name, source)
+        source = published.url
+    return read_checkpoint(source, published.hash if published else None)
+
+
+def _load_pretrained(
+    name: str,
+    config: DenseNetConfig,
+    weights: str | os.PathLike[str] | Checkpoint,
+    num_classes: int | None,
+    features_only: bool,
+) -> DenseNet:
+    checkpoint = _read_weights(name, weights)
+    source = checkpoint.source
+    if checkpoint.config is not None:
+        _check_same_architecture(config, checkpoint.config, source)
+    foreign_backbone = checkpoint.num_classes is None and checkpoint.config is None
+    if foreign_backbone and num_classes is None and not features_only:
+        raise WeightsError(
+            f"{source} holds no classifier, only the backbone: pass num_classes=N for a new "
+            "head, num_classes=0 for none, or features_only=True"
+        )
+    model = DenseNet(config.replace(num_classes=checkpoint.num_classes or 0))
+    load_state_dict(model, checkpoint.state_dict, source)
+    if num_classes is not None and num_classes != model.config.num_classes:
+        model.reset_classifier(num_classes)
+    return model
+
+
+def load_model(source: str | os.PathLike[str]) -> tuple[DenseNet, Checkpoint]:
+    """Rebuild a model from a self-describing weights file; returns it with the file's metadata."""
+    checkpoint = read_checkpoint(source)
+    return model_from_checkpoint(checkpoint), checkpoint
+
+
+def model_from_checkpoint(checkpoint: Checkpoint) -> DenseNet:
+    """The model a self-describing checkpoint (one that carries its config) holds."""
+    if checkpoint.config is None:
+        raise WeightsError(
+            f"{checkpoint.source} carries no model config; use "
+            "create_model(NAME, weights=FILE) to say which architecture it is"
+        )
+    model = DenseNet(checkpoint.config)
+    load_state_dict(model, checkpoint.state_dict, checkpoint.source)
+    return model
+
+
+def _check_same_architecture(wanted: DenseNetConfig, stored: DenseNetConfig, source: str) -> None:
+    # The head size, dropout and training memory mode may legitimately differ; nothing else may.
+    ignore = {"num_classes", "drop_rate", "memory_efficient"}
+    wanted_fields, stored_fields = wanted.to_dict(), stored.to_dict()
+    different = [
+        f"{key}={stored_fields[key]!r} (model has {wanted_fields[key]!r})"
+        for key in wanted_fields
+        if key not in ignore and wanted_fields[key] != stored_fields[key]
+    ]
+    if different:
+        raise WeightsError(f"{source} holds a different architecture: {', '.join(different)}")

@@ -1,0 +1,182 @@
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms
+
+from densenet.data.datasets import load_split
+from densenet.data.loaders import Normalize, TensorBatches, crop_and_flip, eval_transform
+from densenet.errors import DatasetError
+from densenet.models.presets import Preprocessing
+from fake_data import write_cifar, write_image_folder, write_svhn
+
+
+@pytest.mark.parametrize("name, classes, train_size", [("cifar10", 10, 40), ("cifar100", 100, 8)])
+def test_cifar_pickles_load_as_uint8_tensors(tmp_path, name, classes, train_size):
+    folder = write_cifar(tmp_path, name)
+    train = load_split(name, tmp_path, "train")
+    test = load_split(name, tmp_path, "test")
+    assert train.images.shape == (train_size, 3, 32, 32) and train.images.dtype == torch.uint8
+    assert len(test) == 8 and len(train.class_names) == classes
+    # The first image is the first row of the first batch, reshaped channel-first.
+    with open(folder / ("data_batch_1" if name == "cifar10" else "train"), "rb") as handle:
+        first = pickle.load(handle, encoding="latin1")["data"][0]
+    assert torch.equal(train.images[0].flatten(), torch.from_numpy(first))
+
+
+def test_svhn_mat_files_map_label_10_to_digit_0_and_add_extra(tmp_path):
+    write_svhn(tmp_path)
+    train = load_split("svhn", tmp_path, "train")
+    assert len(train) == 24  # train + extra
+    assert len(load_split("svhn", tmp_path, "train", svhn_extra=False)) == 12
+    test = load_split("svhn", tmp_path, "test")
+    assert test.labels.tolist() == [(i % 10 + 1) % 10 for i in range(12)]
+    assert test.images.shape == (12, 3, 32, 32)
+
+
+def test_digits_split_is_stratified_and_fixed():
+    train, test = load_split("digits", "unused", "train"), load_split("digits", "unused", "test")
+    assert (len(train), len(test)) == (1437, 360)
+    assert train.images.shape[1:] == (1, 8, 8) and int(train.images.max()) == 255
+    counts = torch.bincount(test.labels)
+    assert counts.min() >= 35 and counts.max() <= 37  # every class about 20% held out
+    assert torch.equal(load_split("digits", "unused", "test").images, test.images)
+
+
+def test_image_folder_lists_classes(tmp_path):
+    write_image_folder(tmp_path)
+    data = load_split("imagefolder", tmp_path, "train")
+    assert data.class_names == ["cat", "dog"] and len(data) == 8
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("cifar10", "cifar-10-batches-py/data_batch_1"),
+        ("cifar100", "cifar-100-python/train"),
+        ("svhn", "train_32x32.mat"),
+        ("imagefolder", "train/CLASS_NAME"),
+    ],
+)
+def test_missing_dataset_names_the_expected_path_and_the_fix(tmp_path, name, expected):
+    with pytest.raises(DatasetError) as info:
+        load_split(name, tmp_path, "train")
+    message = str(info.value)
+    assert f"{tmp_path}/{expected}" in message
+    assert "--download" in message or name == "imagefolder"
+
+
+def test_corrupt_dataset_files_are_reported(tmp_path):
+    folder = write_cifar(tmp_path)
+    (folder / "data_batch_3").write_bytes(b"\x80\x04garbage")
+    with pytest.raises(DatasetError, match="data_batch_3 is corrupt"):
+        load_split("cifar10", tmp_path, "train")
+    write_svhn(tmp_path / "svhn")
+    (tmp_path / "svhn" / "test_32x32.mat").write_bytes(b"not a mat file")
+    with pytest.raises(DatasetError, match=r"test_32x32\.mat is corrupt"):
+        load_split("svhn", tmp_path / "svhn", "test")
+
+
+def test_cifar_reader_refuses_pickles_that_run_code(tmp_path):
+    folder = write_cifar(tmp_path)
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    with open(folder / "test_batch", "wb") as handle:
+        pickle.dump({"data": Evil(), "labels": []}, handle)
+    with pytest.raises(DatasetError, match=r"refusing to load builtins\.print"):
+        load_split("cifar10", tmp_path, "test")
+
+
+def test_batch_crop_and_flip_matches_a_per_image_reference():
+    images = torch.randint(0, 256, (6, 3, 5, 7), dtype=torch.uint8)
+    out = crop_and_flip(images, 2, True, torch.Generator().manual_seed(3))
+    draws = torch.Generator().manual_seed(3)
+    dy = torch.randint(0, 5, (6,), generator=draws)
+    dx = torch.randint(0, 5, (6,), generator=draws)
+    mirrored = torch.rand(6, generator=draws) < 0.5
+    padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
+    for i in range(6):
+        expected = padded[i, :, dy[i] : dy[i] + 5, dx[i] : dx[i] + 7]
+        assert torch.equal(out[i], expected.flip(2) if mirrored[i] else expected)
+    assert mirrored.any() and not mirrored.all()  # both branches were exercised
+
+
+def test_batches_depend_only_on_seed_epoch_and_step():
+    data = load_split("digits", "unused", "test")
+    batches = TensorBatches(data, 32, torch.device("cpu"), train=True, seed=5, augment="crop",
+                            padding=1)  # fmt: skip
+    full = list(batches.epoch(2))
+    resumed = list(batches.epoch(2, start_step=4))
+    assert len(resumed) == len(full) - 4
+    for a, b in zip(full[4:], resumed, strict=True):
+        assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    other_epoch = next(batches.epoch(3))
+    assert not torch.equal(other_epoch.labels, full[0].labels)
+
+
+def test_normalize_is_bitwise_totensor_then_normalize():
+    pixels = np.random.default_rng(0).integers(0, 256, (37, 50, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    preprocessing = Preprocessing(32, 36, (0.4, 0.5, 0.6), (0.2, 0.25, 0.3))
+    reference = transforms.Compose(
+        [
+            transforms.Resize(36),
+            transforms.CenterCrop(32),
+            transforms.ToTensor(),
+            transforms.Normalize(preprocessing.mean, preprocessing.std),
+        ]
+    )(image)
+    ours = Normalize(preprocessing.mean, preprocessing.std)(
+        eval_transform(preprocessing)(image)[None]
+    )
+    assert torch.equal(ours[0], reference)
+
+
+def test_download_failure_is_one_clear_error(tmp_path, monkeypatch):
+    import urllib.error
+
+    import torchvision.datasets
+
+    from densenet.data.datasets import download
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    with pytest.raises(DatasetError, match="could not download cifar10 into"):
+        download("cifar10", tmp_path)
+
+
+def test_image_folder_batches_are_the_same_with_or_without_workers(tmp_path):
+    from densenet.data.loaders import make_batches
+
+    write_image_folder(tmp_path)
+    data = load_split("imagefolder", tmp_path, "train")
+    preprocessing = Preprocessing(24, 28, (0.5,) * 3, (0.5,) * 3)
+
+    def epoch(workers, start_step=0):
+        batches = make_batches(data, 3, torch.device("cpu"), train=True, workers=workers, seed=1,
+                               preprocessing=preprocessing, in_channels=3,
+                               augment="random_resized_crop_flip")  # fmt: skip
+        return list(batches.epoch(4, start_step))
+
+    serial, parallel, resumed = epoch(0), epoch(2), epoch(2, start_step=1)
+    assert len(serial) == 2 and serial[0].images.shape == (3, 3, 24, 24)
+    for a, b in zip(serial, parallel, strict=True):
+        assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    assert torch.equal(resumed[0].images, serial[1].images)
+
+
+def test_channel_stats_match_torch_on_the_whole_tensor():
+    from densenet.data.datasets import channel_stats
+
+    images = torch.randint(0, 256, (50, 3, 6, 5), dtype=torch.uint8)
+    mean, std = channel_stats(images, chunk=7)
+    pixels = images.transpose(0, 1).flatten(1).double() / 255
+    assert mean == pytest.approx(pixels.mean(1).tolist(), abs=1e-6)
+    assert std == pytest.approx(pixels.std(1, correction=0).tolist(), abs=1e-6)

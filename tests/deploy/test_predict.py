@@ -1,0 +1,104 @@
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from densenet import DenseNetError, Preprocessing, create_model, save_weights
+from densenet.cli import main
+from densenet.deploy.predict import Predictor, load_image
+
+PREPROCESSING = Preprocessing(
+    input_size=32, resize_size=36, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3)
+)
+
+
+def write_image(path, size=(50, 40), mode="RGB", seed=0):
+    rng = np.random.default_rng(seed)
+    channels = 3 if mode == "RGB" else 1
+    pixels = rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8).squeeze()
+    Image.fromarray(pixels, mode=None).convert(mode).save(path)
+    return path
+
+
+def test_preprocessing_is_resize_crop_normalise(tmp_path):
+    path = write_image(tmp_path / "a.png", size=(72, 48))
+    x = load_image(path, PREPROCESSING, in_channels=3)
+    assert x.shape == (3, 32, 32)
+    # Reference: PIL bilinear resize of the short side to 36 (54x36), centre crop, then normalise.
+    image = Image.open(path).convert("RGB").resize((54, 36), Image.BILINEAR)
+    left, top = (54 - 32) // 2, (36 - 32) // 2
+    ref = torch.from_numpy(np.array(image)[top : top + 32, left : left + 32]).permute(2, 0, 1)
+    ref = (ref.float() / 255 - torch.tensor([0.5, 0.4, 0.3])[:, None, None]) / torch.tensor(
+        [0.2, 0.25, 0.3]
+    )[:, None, None]
+    # torchvision's antialiased resize reproduces PIL's up to rounding: at most one uint8 step
+    # (its vectorised and scalar kernels round differently; the scalar ones reach one step), plus
+    # float32 rounding of normalised values of magnitude ~3 (a few 1e-7).
+    one_step = 1 / 255 / 0.2
+    assert (x - ref).abs().max() <= one_step + 1e-5
+
+
+def test_grayscale_models_get_one_channel(tmp_path):
+    path = write_image(tmp_path / "g.jpg", mode="RGB")
+    gray = Preprocessing(8, 8, (0.5,), (0.5,))
+    assert load_image(path, gray, in_channels=1).shape == (1, 8, 8)
+
+
+def test_predictions_match_the_model_and_use_class_names(tmp_path):
+    model = create_model("densenet_bc100_k12", block_config=(2, 2, 2), num_classes=4).eval()
+    paths = [write_image(tmp_path / f"{i}.png", seed=i) for i in range(3)]
+    predictor = Predictor(model, PREPROCESSING, ["cat", "dog", "fox", "owl"])
+    predictions = predictor.predict(paths, top_k=2, batch_size=2)
+    batch = torch.stack([load_image(p, PREPROCESSING, 3) for p in paths])
+    with torch.no_grad():
+        expected = model(batch).softmax(1)
+    for prediction, row in zip(predictions, expected, strict=True):
+        best = int(row.argmax())
+        assert prediction.top[0] == (
+            ["cat", "dog", "fox", "owl"][best],
+            pytest.approx(float(row[best])),
+        )
+        assert len(prediction.top) == 2 and prediction.top[0][1] >= prediction.top[1][1]
+
+
+def test_cli_reads_preprocessing_and_classes_from_the_weights_file(tmp_path, capsys):
+    model = create_model("densenet_bc100_k12", block_config=(2, 2, 2), num_classes=3)
+    weights = save_weights(
+        model,
+        tmp_path / "m.safetensors",
+        meta={"preprocessing": PREPROCESSING.to_dict(), "class_names": ["a", "b", "c"]},
+    )
+    image = write_image(tmp_path / "x.png", size=(300, 200))
+    assert main(["predict", str(image), "--weights", str(weights), "--top-k", "3"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"{image}: ")
+    probabilities = [float(part.split()[1]) for part in line.split(": ", 1)[1].split(", ")]
+    assert sorted(part.split()[0] for part in line.split(": ", 1)[1].split(", ")) == ["a", "b", "c"]
+    assert sum(probabilities) == pytest.approx(1.0, abs=2e-3)
+
+
+def test_cli_with_a_torchvision_checkpoint_uses_the_preset(tmp_path, capsys):
+    torch.save(torchvision.models.densenet121(num_classes=5).state_dict(), tmp_path / "tv.pth")
+    image = write_image(tmp_path / "x.jpg", size=(256, 300))
+    argv = ["predict", str(image), "--weights", str(tmp_path / "tv.pth")]
+    assert main(argv) == 2
+    assert "--model" in capsys.readouterr().err
+    assert main([*argv, "--model", "densenet121", "--top-k", "1"]) == 0
+    assert capsys.readouterr().out.count(":") == 1
+
+
+def test_unreadable_image_is_named(tmp_path, capsys):
+    model = create_model("densenet_bc100_k12", block_config=(2, 2, 2), num_classes=3)
+    weights = save_weights(
+        model, tmp_path / "m.safetensors", meta={"preprocessing": PREPROCESSING.to_dict()}
+    )
+    good = write_image(tmp_path / "good.png")
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage")
+    assert main(["predict", str(good), str(bad), "--weights", str(weights)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # nothing is reported until every file has been read
+    assert "cannot read image" in captured.err and "bad.png" in captured.err
+    with pytest.raises(DenseNetError, match=r"missing\.png"):
+        load_image(tmp_path / "missing.png", PREPROCESSING, 3)

@@ -1,0 +1,305 @@
+"""The memory-efficient training path computes exactly what the standard path computes."""
+
+import os
+import socket
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from conftest import randomize_batchnorm
+from densenet import ConfigError, DenseNet, DenseNetConfig, create_model
+from densenet.models.efficient import stem_forward
+
+CONFIGS = {
+    "bottleneck": dict(growth_rate=4, block_config=(3, 2), num_init_features=8, stem="cifar"),
+    "plain": dict(growth_rate=4, block_config=(3, 2), num_init_features=8, bn_size=0, stem="cifar"),
+    "one_block": dict(growth_rate=6, block_config=(4,), num_init_features=5, stem="cifar"),
+    "imagenet_three_blocks": dict(
+        growth_rate=4, block_config=(2, 3, 2), num_init_features=8, compression=0.5
+    ),
+    "dropout": dict(growth_rate=4, block_config=(2, 2), num_init_features=8, drop_rate=0.3),
+}
+INPUT_SIZE = {"imagenet_three_blocks": 40}
+
+
+def make_pair(fields: dict) -> tuple[DenseNet, DenseNet]:
+    """A standard model and a memory-efficient one with the same random parameters and stats."""
+    config = DenseNetConfig(num_classes=7, **fields)
+    standard = randomize_batchnorm(DenseNet(config)).train()
+    efficient = DenseNet(config.replace(memory_efficient=True)).train()
+    efficient.load_state_dict(standard.state_dict())  # strict: the names are the same
+    return standard, efficient
+
+
+def run_step(model: nn.Module, x: Tensor, weights: Tensor, seed: int = 0):
+    torch.manual_seed(seed)  # the same dropout masks on both paths
+    x = x.clone().requires_grad_()
+    out = model(x)
+    (out.float() * weights).sum().backward()
+    return out, x.grad
+
+
+def gradients(model: nn.Module) -> dict[str, Tensor]:
+    return {name: p.grad for name, p in model.named_parameters()}
+
+
+def max_diff(a: Tensor, b: Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+def assert_same_step(standard: nn.Module, efficient: nn.Module, x: Tensor, weights: Tensor) -> None:
+    """One step of each model gives the same output and parameter gradients within 1e-5."""
+    out_ref, _ = run_step(standard, x, weights)
+    out, _ = run_step(efficient, x, weights)
+    assert max_diff(out, out_ref) <= 1e-5
+    reference = gradients(standard)
+    for name, grad in gradients(efficient).items():
+        assert max_diff(grad, reference[name]) <= 1e-5, name
+
+
+# The two layouts take different routes through the 1x1 convolutions' backward (matrix products
+# over pixel rows or over channel columns).
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_outputs_and_gradients_equal_the_standard_path(name, layout):
+    standard, efficient = make_pair(CONFIGS[name])
+    standard.to(memory_format=layout)
+    efficient.to(memory_format=layout)
+    size = INPUT_SIZE.get(name, 16)
+    x = torch.randn(4, 3, size, size).contiguous(memory_format=layout)
+    weights = torch.randn(4, 7)
+    out_ref, grad_x_ref = run_step(standard, x, weights)
+    out, grad_x = run_step(efficient, x, weights)
+    assert max_diff(out, out_ref) <= 1e-5
+    assert max_diff(grad_x, grad_x_ref) <= 1e-5
+    reference = gradients(standard)
+    for param_name, grad in gradients(efficient).items():
+        assert grad is not None, f"{param_name} received no gradient"
+        # 1e-5, relative for gradients above 1: the ImageNet stem's weight gradient sums a 40x40
+        # input into values near 10, and there the standard fp32 path is itself 3e-5 off float64.
+        tolerance = 1e-5 * max(1.0, reference[param_name].abs().max().item())
+        assert max_diff(grad, reference[param_name]) <= tolerance, param_name
+
+
+def test_the_block_keeps_its_tensor_and_one_bottleneck_output_per_layer():
+    # If the block silently fell back to the standard path, the equivalence tests would pass anyway;
+    # that path would also keep every layer's concatenated input.
+    _, efficient = make_pair(CONFIGS["bottleneck"])
+    block = efficient.features.denseblock1  # 8 input channels, 3 layers of k=4, 4k = 16
+    x = torch.randn(3, 8, 16, 16, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = block(x)
+    assert type(out.grad_fn).__name__ == "_DenseBlockBackward"
+    activations = sorted(t.shape[1] for t in saved if t.dim() == 4 and t.shape[0] == len(x))
+    assert activations == [16, 16, 16, 20]  # 3 bottleneck outputs, the block tensor
+    assert any(t.data_ptr() == out.data_ptr() for t in saved)  # the output itself, not a copy
+
+
+def test_transition_pools_before_its_convolution_and_keeps_only_its_input():
+    _, efficient = make_pair(CONFIGS["bottleneck"])
+    transition = efficient.features.transition1
+    x = torch.randn(3, transition.norm.num_features, 16, 16, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = transition(x)
+    assert type(out.grad_fn).__name__ == "_TransitionBackward"
+    assert [t.data_ptr() for t in saved if t.dim() == 4 and t.shape[0] == len(x)] == [x.data_ptr()]
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_running_statistics_after_several_steps_equal_the_standard_path(momentum):
+    standard, efficient = make_pair(CONFIGS["bottleneck"])
+    for model in (standard, efficient):
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.momentum = momentum
+    optimizers = [
+        torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (standard, efficient)
+    ]
+    for step in range(3):
+        x, weights = torch.randn(4, 3, 16, 16), torch.randn(4, 7)
+        for model, optimizer in zip((standard, efficient), optimizers, strict=True):
+            optimizer.zero_grad()
+            run_step(model, x, weights, seed=step)
+            optimizer.step()
+    reference = standard.state_dict()
+    for key, value in efficient.state_dict().items():
+        assert max_diff(value, reference[key]) <= 1e-5, key
+        if key.endswith("num_batches_tracked"):
+            assert value.item() == 3, key  # one update per forward pass, none from backward
+
+
+def test_eval_mode_is_the_standard_path():
+    standard, efficient = make_pair(CONFIGS["bottleneck"])
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(efficient.eval()(x), standard.eval()(x))
+
+
+def test_training_without_gradients_updates_statistics_like_the_standard_path():
+    standard, efficient = make_pair(CONFIGS["plain"])
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        assert max_diff(efficient(x), standard(x)) <= 1e-5
+    assert (
+        max_diff(
+            efficient.features.denseblock2.denselayer2.norm1.running_var,
+            standard.features.denseblock2.denselayer2.norm1.running_var,
+        )
+        <= 1e-6
+    )
+
+
+def relative_error(values: list[Tensor], reference: list[Tensor]) -> float:
+    diff = torch.cat(
+        [(v.float() - r.float()).flatten() for v, r in zip(values, reference, strict=True)]
+    )
+    return (diff.norm() / torch.cat([r.float().flatten() for r in reference]).norm()).item()
+
+
+def reduced_precision_errors(dtype: torch.dtype, device: str, seed: int) -> tuple[float, float]:
+    """Relative error of one autocast step against float32, for the standard and efficient paths."""
+    torch.manual_seed(seed)
+    standard, efficient = make_pair(CONFIGS["bottleneck"])
+    reference = DenseNet(standard.config).to(device)
+    reference.load_state_dict(standard.state_dict())
+    x = torch.randn(4, 3, 16, 16, device=device)
+    weights = torch.randn(4, 7, device=device)
+    expected = [*run_step(reference.train(), x, weights), *(p.grad for p in reference.parameters())]
+    x = x.contiguous(memory_format=torch.channels_last)
+    errors = []
+    for model in (standard, efficient):
+        model.to(device, memory_format=torch.channels_last)
+        with torch.autocast(device, dtype=dtype):
+            out, grad_x = run_step(model, x, weights)
+        assert out.dtype == dtype
+        grads = [out, grad_x, *(p.grad for p in model.parameters())]
+        errors.append(relative_error(grads, expected))
+    return errors[0], errors[1]
+
+
+# Reduced precision is compared with the float32 result. On a tiny batch BN's backward amplifies
+# rounding, so both paths are 1-10% off, and one step's ratio of the two errors is noise: over 24
+# seeds on each of three kernel sets (an AVX-512 + AVX512_BF16 CPU, and the same limited to AVX2 or
+# to scalar code with ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA) it spanned 0.7-2.1. Averaged over
+# 8 seeds it was 0.98-1.20 in every group; 1.5 leaves room for other kernels and still fails a path
+# that rounds more than the standard one does.
+ERROR_SEEDS, MAX_ERROR_RATIO = 8, 1.5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_autocast_channels_last_is_as_accurate_as_the_standard_path(dtype, device):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    errors = [reduced_precision_errors(dtype, device, seed) for seed in range(ERROR_SEEDS)]
+    standard, efficient = (sum(column) / ERROR_SEEDS for column in zip(*errors, strict=True))
+    assert efficient <= MAX_ERROR_RATIO * standard
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_fp32_on_cuda_equals_the_standard_path():
+    standard, efficient = make_pair(CONFIGS["bottleneck"])
+    standard, efficient = standard.cuda(), efficient.cuda()
+    x, weights = torch.randn(4, 3, 16, 16, device="cuda"), torch.randn(4, 7, device="cuda")
+    with torch.backends.cudnn.flags(enabled=True, deterministic=True, allow_tf32=False):
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert_same_step(standard, efficient, x, weights)
+
+
+def test_distributed_data_parallel_sees_each_gradient_once(tmp_path):
+    # DDP raises if a parameter's gradient is produced twice or never (without
+    # find_unused_parameters), so one step through it checks the autograd graph's shape.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        standard, efficient = make_pair(CONFIGS["bottleneck"])
+        ddp = DistributedDataParallel(efficient)
+        x, weights = torch.randn(4, 3, 16, 16), torch.randn(4, 7)
+        run_step(standard, x, weights)
+        for _ in range(2):
+            ddp.zero_grad()
+            run_step(ddp, x, weights)
+    finally:
+        torch.distributed.destroy_process_group()
+    reference = gradients(standard)
+    for name, grad in gradients(efficient).items():
+        assert max_diff(grad, reference[name]) <= 1e-5, name
+
+
+def test_every_preset_accepts_the_flag_with_unchanged_state_dict_names():
+    model = create_model("densenet121", memory_efficient=True)
+    assert model.config.memory_efficient
+    assert list(model.state_dict()) == list(create_model("densenet121").state_dict())
+
+
+def test_bad_flag_value_is_a_config_error():
+    with pytest.raises(ConfigError, match="memory_efficient"):
+        DenseNetConfig(memory_efficient="yes")
+
+
+def test_single_value_per_channel_is_rejected_like_batchnorm():
+    _, efficient = make_pair(CONFIGS["one_block"])
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        efficient.features.denseblock1(torch.randn(1, 5, 1, 1))
+
+
+def test_frozen_batchnorm_is_refused_not_bypassed():
+    from densenet.training.finetune import freeze_backbone
+
+    model = freeze_backbone(
+        create_model("densenet_bc100_k12", block_config=(2, 2, 2), memory_efficient=True)
+    ).train()
+    with pytest.raises(ConfigError, match="BatchNorm2d or SyncBatchNorm2d"):
+        model(torch.randn(2, 3, 32, 32))
+
+
+def test_sync_batchnorm_without_a_process_group_is_batchnorm():
+    from densenet.training.distributed import convert_sync_batchnorm
+
+    standard, efficient = make_pair(CONFIGS["bottleneck"])
+    efficient = convert_sync_batchnorm(efficient)
+    assert_same_step(standard, efficient, torch.randn(4, 3, 16, 16), torch.randn(4, 7))
+
+
+def test_imagenet_stem_keeps_only_the_convolution_output():
+    _, efficient = make_pair(CONFIGS["imagenet_three_blocks"])
+    stem = efficient.features
+    x = torch.randn(2, 8, 20, 20, requires_grad=True)  # conv0's output
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = stem_forward(stem.norm0, stem.pool0, x)
+    assert type(out.grad_fn).__name__ == "_NormReluMaxPoolBackward"
+    assert [t.data_ptr() for t in saved if t.dim() == 4] == [x.data_ptr()]  # no ReLU out, indices
+
+
+def test_float32_block_input_under_autocast_is_as_accurate_as_the_standard_block():
+    # Under autocast a block normally receives its stem's bfloat16 output; given a float32 input,
+    # the block tensor is float32 while convolutions run in bfloat16, a mixed route of its own.
+    standard, efficient = make_pair(CONFIGS["bottleneck"])
+    x = torch.randn(4, 8, 12, 12)
+    weights = torch.randn(4, 16, 12, 12)
+
+    def step(model: nn.Module, dtype: torch.dtype | None) -> list[Tensor]:
+        block = model.features.denseblock1
+        block.zero_grad()
+        inputs = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+            out = block(inputs)
+        (out.float()[:, 4:] * weights).sum().backward()
+        return [out, inputs.grad, *(p.grad for p in block.parameters())]
+
+    reference = step(standard, None)
+    results = {
+        name: step(model, torch.bfloat16)
+        for name, model in [("standard", standard), ("efficient", efficient)]
+    }
+    assert results["efficient"][0].dtype == results["standard"][0].dtype == torch.float32
+    errors = {name: relative_error(values, reference) for name, values in results.items()}
+    assert errors["efficient"] <= 1.5 * errors["standard"] + 0.005, errors

@@ -1,0 +1,130 @@
+import pytest
+import torch
+from torch import nn
+
+from densenet import ConfigError, DenseNet, DenseNetConfig
+from densenet.models.densenet import DenseLayer
+
+TINY = dict(growth_rate=4, block_config=(2, 2), num_init_features=8, num_classes=5)
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(growth_rate=0), "growth_rate"),
+        (dict(growth_rate=-3), "growth_rate"),
+        (dict(compression=0.0), "compression"),
+        (dict(compression=1.5), "compression"),
+        (dict(block_config=()), "block_config"),
+        (dict(block_config=(3, 0)), r"block_config\[1\]"),
+        (dict(drop_rate=1.0), "drop_rate"),
+        (dict(stem="resnet"), "stem"),
+        (dict(bn_size=-1), "bn_size"),
+    ],
+)
+def test_bad_config_raises_value_error(fields, message):
+    with pytest.raises(ValueError, match=message):
+        DenseNetConfig(**fields)
+
+
+def test_unknown_field_is_named():
+    with pytest.raises(ConfigError, match="growthrate"):
+        DenseNetConfig().replace(growthrate=12)
+
+
+@pytest.mark.parametrize(
+    "stem, blocks, minimum", [("imagenet", 4, 29), ("cifar", 3, 4), ("cifar", 1, 1)]
+)
+def test_min_input_size_is_exact(stem, blocks, minimum):
+    model = DenseNet(**{**TINY, "block_config": (1,) * blocks, "stem": stem}).eval()
+    assert model.config.min_input_size == minimum
+    with torch.no_grad():
+        model(torch.randn(1, 3, minimum, minimum))  # the smallest allowed size runs
+    if minimum > 1:
+        with pytest.raises(ValueError, match=f"at least {minimum} px"):
+            model(torch.randn(1, 3, minimum - 1, minimum))
+
+
+def test_input_checks_happen_before_computation():
+    model = DenseNet(**TINY)
+    calls = []
+    model.features.conv0.register_forward_hook(lambda *a: calls.append(1))
+    with pytest.raises(ValueError, match="3 input channels, got 1"):
+        model(torch.randn(2, 1, 64, 64))
+    with pytest.raises(ValueError, match="4-D"):
+        model(torch.randn(3, 64, 64))
+    assert calls == []
+
+
+def test_layer_shapes_follow_the_paper():
+    # Layer l of a block sees k0 + k*(l-1) channels; transitions keep floor(theta*m).
+    model = DenseNet(
+        growth_rate=12,
+        block_config=(3, 3, 3),
+        num_init_features=24,
+        compression=0.5,
+        stem="cifar",
+        num_classes=10,
+    )
+    block = model.features.denseblock1
+    assert [layer.norm1.num_features for layer in block.values()] == [24, 36, 48]
+    assert model.features.transition1.conv.out_channels == int(60 * 0.5)
+    assert model.num_features == 69  # 24+36=60 -> 30; 30+36=66 -> 33; 33+36
+    assert model.features.denseblock1.denselayer1.conv1.out_channels == 4 * 12
+
+
+def test_plain_layer_has_no_bottleneck():
+    layer = DenseLayer(16, 12, bn_size=0, drop_rate=0.0)
+    assert layer.conv1.kernel_size == (3, 3)
+    assert not hasattr(layer, "conv2")
+
+
+def test_initialisation_matches_the_authors_code():
+    model = DenseNet(
+        growth_rate=32, block_config=(6,), num_init_features=64, num_classes=10, stem="cifar"
+    )
+    conv = model.features.denseblock1.denselayer6.conv1  # 1x1, 128 outputs: std sqrt(2/128)
+    assert conv.weight.std().item() == pytest.approx((2 / 128) ** 0.5, rel=0.05)
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert all(torch.all(m.weight == 1) and torch.all(m.bias == 0) for m in norms)
+    assert torch.all(model.classifier.bias == 0)
+
+
+def test_uniform_interface():
+    model = DenseNet(**TINY).eval()
+    x = torch.randn(2, 3, 32, 32)
+    features = model.forward_features(x)
+    assert features.shape[1] == model.num_features
+    pooled = model.forward_head(features, pre_logits=True)
+    assert pooled.shape == (2, model.num_features)
+    assert torch.equal(model.forward_head(features), model(x))
+    model.reset_classifier(7)
+    assert model(x).shape == (2, 7) and model.config.num_classes == 7
+    model.reset_classifier(0)
+    assert model(x).shape == (2, model.num_features)
+
+
+def test_dropout_after_every_convolution_only_in_training():
+    model = DenseNet(**{**TINY, "drop_rate": 0.5, "bn_size": 0})
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))
+    model.train()
+    zeros = []
+    model.features.denseblock1.denselayer1.register_forward_hook(
+        lambda m, i, out: zeros.append((out == 0).float().mean().item())
+    )
+    model(x)
+    assert 0.3 < zeros[0] < 0.7  # ReLU alone can't zero a conv output this often
+
+
+def test_relu_is_not_in_place_so_hooks_see_their_tensors():
+    model = DenseNet(**TINY)
+    captured = {}
+    model.features.denseblock1.denselayer1.norm1.register_forward_hook(
+        lambda m, i, out: captured.setdefault("bn", out)
+    )
+    model(torch.randn(2, 3, 32, 32))
+    assert (captured["bn"] < 0).any()  # an in-place ReLU would have clamped it
+    assert not any(getattr(m, "inplace", False) for m in model.modules())

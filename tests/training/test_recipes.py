@@ -1,0 +1,80 @@
+import pytest
+
+from densenet.errors import ConfigError
+from densenet.training.config import (
+    TrainConfig,
+    check_resume_overrides,
+    list_recipes,
+    load_config,
+    resolve,
+    save_config,
+)
+from densenet.weights.registry import get_spec
+
+
+@pytest.mark.parametrize("name", ["digits", "cifar10", "cifar100", "svhn", "imagenet"])
+def test_shipped_recipes_are_valid_and_name_real_models(name):
+    config = resolve(name, {})
+    get_spec(config.model).config.replace(**config.model_overrides)
+    assert name in list_recipes()
+
+
+def test_recipes_hold_the_papers_settings():
+    cifar = resolve("cifar10", {})
+    assert (cifar.batch_size, cifar.epochs, cifar.lr, cifar.weight_decay) == (64, 300, 0.1, 1e-4)
+    assert cifar.nesterov and cifar.momentum == 0.9 and cifar.augment == "crop_flip"
+    assert [cifar.lr_at(e) for e in (149, 150, 224, 225)] == pytest.approx([0.1, 0.01, 0.01, 0.001])
+    assert cifar.mean[0] * 255 == pytest.approx(125.3, abs=1e-3)
+    svhn = resolve("svhn", {})
+    assert (svhn.epochs, svhn.drop_rate, svhn.augment, svhn.svhn_extra) == (40, 0.2, "none", True)
+    imagenet = resolve("imagenet", {})
+    assert (imagenet.batch_size, imagenet.epochs) == (256, 90)
+    assert [imagenet.lr_at(e) for e in (29, 30, 59, 60)] == pytest.approx([0.1, 0.01, 0.01, 0.001])
+
+
+def test_dataset_picks_its_recipe_and_overrides_win():
+    config = resolve(None, {"dataset": "svhn", "epochs": 2, "model_overrides": {"growth_rate": 6}})
+    assert (config.dataset, config.epochs, config.drop_rate) == ("svhn", 2, 0.2)
+    assert config.model_overrides == {"growth_rate": 6}
+    assert resolve(None, {}).dataset == "digits"
+
+
+def test_saved_config_round_trips_as_a_recipe(tmp_path):
+    config = resolve("digits", {"mean": [0.5], "std": [0.25]})
+    save_config(config, tmp_path / "config.toml")
+    assert load_config(tmp_path / "config.toml") == config
+    assert resolve(str(tmp_path / "config.toml"), {}) == config
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"epochs": 0}, "epochs must be >= 1"),
+        ({"batch_size": "64"}, "batch_size must be of type int"),
+        ({"augment": "mixup"}, "augment must be one of"),
+        ({"lr_milestones": [150]}, "fractions of the run"),
+        ({"learning_rate": 0.1}, "unknown setting(s) learning_rate"),
+        ({"model_overrides": {"num_classes": 5}}, "may not set num_classes"),
+    ],
+)
+def test_bad_settings_are_refused(settings, message):
+    with pytest.raises(ConfigError) as info:
+        resolve("digits", settings)
+    assert message in str(info.value)
+
+
+def test_bad_recipe_files(tmp_path):
+    with pytest.raises(ConfigError, match="recipe file not found"):
+        resolve(str(tmp_path / "missing.toml"), {})
+    (tmp_path / "bad.toml").write_text("epochs = = 3")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        resolve(str(tmp_path / "bad.toml"), {})
+    with pytest.raises(ConfigError, match="unknown recipe 'cifar11'"):
+        resolve("cifar11", {})
+
+
+def test_resume_allows_only_harmless_changes():
+    saved = TrainConfig(epochs=5, model="densenet40_k12")
+    assert check_resume_overrides(saved, {"workers": 1, "epochs": 5}).workers == 1
+    with pytest.raises(ConfigError, match="model 'densenet40_k12' -> 'densenet_bc100_k12'"):
+        check_resume_overrides(saved, {"model": "densenet_bc100_k12"})

@@ -1,0 +1,134 @@
+import re
+
+import pytest
+import torch
+import torchvision
+from safetensors.torch import save_file
+
+from conftest import randomize_batchnorm
+from densenet import WeightsError, create_model, load_model, save_weights
+from densenet.weights.download import cached_path
+from densenet.weights.io import read_checkpoint
+
+LEGACY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))((?:[12])\.(?:weight|bias|running_mean|running_var))$"
+)
+
+
+def legacy_keys(state_dict):
+    """Rename current torchvision keys to the pre-0.3 style (norm1.weight -> norm.1.weight)."""
+    return {LEGACY.sub(r"\1.\2", key): value for key, value in state_dict.items()}
+
+
+@pytest.mark.parametrize("name", ["densenet121", "densenet161", "densenet169", "densenet201"])
+@pytest.mark.parametrize("style", ["current", "legacy"])
+def test_torchvision_checkpoint_gives_the_same_function(name, style, tmp_path):
+    reference = randomize_batchnorm(getattr(torchvision.models, name)()).eval()
+    state_dict = reference.state_dict()
+    if style == "legacy":
+        state_dict = legacy_keys(state_dict)
+        assert any(".norm.1." in key for key in state_dict)
+        state_dict = {k: v for k, v in state_dict.items() if not k.endswith("num_batches_tracked")}
+    path = tmp_path / "weights.pth"
+    torch.save(state_dict, path)
+
+    model = create_model(name, weights=path).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        difference = (model(x) - reference(x)).abs().max().item()
+    assert difference <= 1e-5
+
+
+def small(name="densenet_bc100_k12", **overrides):
+    return create_model(name, block_config=(2, 2, 2), **overrides)
+
+
+def test_own_format_rebuilds_the_model_from_the_file_alone(tmp_path):
+    model = randomize_batchnorm(small(num_classes=4, growth_rate=6)).eval()
+    path = save_weights(model, tmp_path / "m.safetensors", meta={"classes": list("abcd")})
+    rebuilt, checkpoint = load_model(path)
+    rebuilt.eval()
+    assert rebuilt.config == model.config
+    assert checkpoint.meta == {"classes": list("abcd")}
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), model(x))
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]  # no temporary file left
+
+
+def test_new_head_keeps_the_backbone(tmp_path):
+    model = small(num_classes=10)
+    path = save_weights(model, tmp_path / "m.safetensors")
+    tuned = create_model("densenet_bc100_k12", block_config=(2, 2, 2), weights=path, num_classes=3)
+    assert tuned.classifier.out_features == 3
+    assert torch.equal(tuned.features.conv0.weight, model.features.conv0.weight)
+
+
+def test_mismatched_file_names_every_problem(tmp_path):
+    state_dict = small().state_dict()
+    state_dict.pop("features.conv0.weight")
+    state_dict["features.extra.weight"] = torch.zeros(1)
+    state_dict["features.norm4.weight"] = torch.zeros(7)
+    path = tmp_path / "bad.pth"
+    torch.save(state_dict, path)
+    with pytest.raises(WeightsError) as error:
+        create_model("densenet_bc100_k12", block_config=(2, 2, 2), weights=path)
+    message = str(error.value)
+    assert "missing: features.conv0.weight" in message
+    assert "unexpected: features.extra.weight" in message
+    assert "mis-shaped: features.norm4.weight (7,)" in message
+    assert "\n" not in message
+
+
+def test_different_architecture_is_named(tmp_path):
+    path = save_weights(small(), tmp_path / "m.safetensors")
+    with pytest.raises(WeightsError, match="growth_rate=12"):
+        create_model("densenet_bc100_k12", block_config=(2, 2, 2), growth_rate=6, weights=path)
+
+
+def test_pickles_load_only_plain_tensors(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"state_dict": small().state_dict(), "extra": object()}, path)
+    with pytest.raises(WeightsError, match="weights_only"):
+        read_checkpoint(path)
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", b"\x00" * 64])
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_corrupt_files_give_one_clear_error(tmp_path, content, suffix):
+    path = tmp_path / f"corrupt{suffix}"
+    path.write_bytes(content)
+    with pytest.raises(WeightsError, match="cannot read"):
+        read_checkpoint(path)
+
+
+def test_truncated_safetensors(tmp_path):
+    path = save_weights(small(), tmp_path / "m.safetensors")
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(WeightsError, match="cannot read"):
+        read_checkpoint(path)
+
+
+def test_missing_file_and_unknown_suffix(tmp_path):
+    with pytest.raises(WeightsError, match="not found"):
+        read_checkpoint(tmp_path / "nope.pth")
+    (tmp_path / "w.onnx").write_bytes(b"x")
+    with pytest.raises(WeightsError, match="unknown weights format"):
+        read_checkpoint(tmp_path / "w.onnx")
+
+
+def test_file_url_is_downloaded_once_into_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DENSENET_CACHE", str(tmp_path / "cache"))
+    path = save_weights(small(), tmp_path / "m.safetensors")
+    model = create_model("densenet_bc100_k12", block_config=(2, 2, 2), weights=path.as_uri())
+    assert cached_path(path.as_uri()).is_relative_to(tmp_path / "cache")
+    assert cached_path(path.as_uri()).exists()
+    assert torch.equal(model.features.conv0.weight, load_model(path)[0].features.conv0.weight)
+
+
+def test_safetensors_without_config_needs_a_name(tmp_path):
+    path = tmp_path / "bare.safetensors"
+    save_file(small().state_dict(), path)
+    with pytest.raises(WeightsError, match="no model config"):
+        load_model(path)
+    assert create_model("densenet_bc100_k12", block_config=(2, 2, 2), weights=path) is not None
