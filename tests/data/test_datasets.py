@@ -7,8 +7,8 @@ from PIL import Image
 from torchvision import transforms
 
 from densenet.data.datasets import load_split
-from densenet.data.loaders import Normalize, TensorBatches, crop_and_flip, eval_transform
-from densenet.errors import DatasetError
+from densenet.data.loaders import Normalize, Shard, TensorBatches, crop_and_flip, eval_transform
+from densenet.errors import ConfigError, DatasetError
 from densenet.models.presets import Preprocessing
 from fake_data import write_cifar, write_image_folder, write_svhn
 
@@ -180,3 +180,16 @@ def test_channel_stats_match_torch_on_the_whole_tensor():
     pixels = images.transpose(0, 1).flatten(1).double() / 255
     assert mean == pytest.approx(pixels.mean(1).tolist(), abs=1e-6)
     assert std == pytest.approx(pixels.std(1, correction=0).tolist(), abs=1e-6)
+
+
+def test_training_batches_split_evenly_and_evaluation_batches_nearly_so():
+    assert Shard(1, 4).of(64, train=True) == slice(16, 32)
+    assert Shard().of(64, train=True) == slice(0, 64)
+    with pytest.raises(ConfigError, match="multiple of 3"):
+        Shard(0, 3).of(64, train=True)
+    # 10 evaluation images over 3 processes: 4, 3 and 3, contiguous.
+    assert [Shard(i, 3).of(10, train=False) for i in range(3)] == [
+        slice(0, 4),
+        slice(4, 7),
+        slice(7, 10),
+    ]

@@ -261,7 +261,7 @@ def test_frozen_batchnorm_is_refused_not_bypassed():
 
 
 def test_sync_batchnorm_without_a_process_group_is_batchnorm():
-    from densenet.training.distributed import convert_sync_batchnorm
+    from densenet.models.batchnorm import convert_sync_batchnorm
 
     standard, efficient = make_pair(CONFIGS["bottleneck"])
     efficient = convert_sync_batchnorm(efficient)

@@ -164,18 +164,17 @@ def test_a_diverging_run_stops_every_process_with_one_message(tmp_path):
 
 
 @pytest.mark.parametrize("train", [True, False])
-def test_process_shards_put_together_are_the_one_process_batches(monkeypatch, train):
+def test_process_shards_put_together_are_the_one_process_batches(train):
     data = load_split("digits", "data", "train" if train else "test")
 
-    def batches(context):
-        monkeypatch.setattr(loaders, "current_context", lambda: context)
+    def batches(shard):
         made = loaders.TensorBatches(
-            data, 96, torch.device("cpu"), train=train, augment="crop", padding=1
+            data, 96, torch.device("cpu"), train=train, augment="crop", padding=1, shard=shard
         )
         return list(made.epoch(1))
 
-    whole = batches(DistributedContext())
-    parts = [batches(DistributedContext(rank, 3)) for rank in range(3)]
+    whole = batches(loaders.Shard())
+    parts = [batches(DistributedContext(rank, 3).data_shard) for rank in range(3)]
     # Disjoint, contiguous slices of every global batch, images augmented the same; the last
     # evaluation batch (360 = 3 * 96 + 72) splits too.
     for step, batch in enumerate(whole):

@@ -97,7 +97,7 @@ def _load_data(
 
 def run(args: argparse.Namespace) -> int:
     out = args.out or args.weights.parent
-    # Under torchrun each process evaluates its slice of every batch (loaders.shard_of), the
+    # Under torchrun each process evaluates its slice of every batch (loaders.Shard), the
     # counts are summed over the processes (evaluate.evaluate) and only the main one reports.
     device = resolve_device(args.device)
     with distributed_session(device) as context:
@@ -122,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
             preprocessing=preprocessing,
             in_channels=model.config.in_channels,
             workers=args.workers,
+            shard=context.data_shard,
         )
         normalize = Normalize(preprocessing.mean, preprocessing.std).to(device)
         result = evaluate(

@@ -19,8 +19,8 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 
 from densenet.data.datasets import Data, FolderData, TensorData
+from densenet.errors import ConfigError
 from densenet.models.presets import Preprocessing
-from densenet.training.distributed import current_context
 
 
 @dataclass
@@ -55,18 +55,31 @@ def global_batch(order: Tensor, step: int, batch_size: int) -> Tensor:
     return order[step * batch_size : (step + 1) * batch_size]
 
 
-def shard_of(indices: Tensor, train: bool) -> slice:
-    """This process's contiguous part of a global batch.
+@dataclass(frozen=True)
+class Shard:
+    """The part of every global batch that this process takes: part ``index`` of ``count``.
 
-    Training batches must split evenly (every process computes an equal share of the gradient);
-    the last evaluation batch may not, and its parts may differ by one image.
+    Under torchrun these are the process's rank and the number of processes; a lone process takes
+    whole batches.
     """
-    context = current_context()
-    if train:
-        return context.shard(len(indices))
-    base, extra = divmod(len(indices), context.world_size)
-    start = context.rank * base + min(context.rank, extra)
-    return slice(start, start + base + (context.rank < extra))
+
+    index: int = 0
+    count: int = 1
+
+    def of(self, size: int, train: bool) -> slice:
+        """This process's contiguous part of a global batch of ``size``.
+
+        Training batches must split evenly (every process computes an equal share of the
+        gradient); the last evaluation batch may not, and its parts may differ by one image.
+        """
+        base, extra = divmod(size, self.count)
+        if train and extra:
+            raise ConfigError(
+                f"batch size {size} does not split evenly over {self.count} processes;"
+                f" use a multiple of {self.count}"
+            )
+        start = self.index * base + min(self.index, extra)
+        return slice(start, start + base + (self.index < extra))
 
 
 def crop_and_flip(
@@ -114,11 +127,12 @@ class TensorBatches:
         seed: int = 0,
         augment: str = "none",
         padding: int = 0,
+        shard: Shard = Shard(),
     ) -> None:
         self.images = data.images.to(device)
         self.labels = data.labels.to(device)
         self.batch_size, self.train, self.seed = batch_size, train, seed
-        self.augment, self.padding = augment, padding
+        self.augment, self.padding, self.shard = augment, padding, shard
 
     def __len__(self) -> int:
         return batches_per_epoch(len(self.labels), self.batch_size, self.train)
@@ -127,7 +141,7 @@ class TensorBatches:
         order = epoch_order(len(self.labels), self.seed, epoch, self.train)
         for step in range(start_step, len(self)):
             batch = global_batch(order, step, self.batch_size)
-            shard = shard_of(batch, self.train)
+            shard = self.shard.of(len(batch), self.train)
             index = batch[shard].to(self.images.device)
             images = self.images[index]
             if self.train and self.augment in ("crop", "crop_flip"):
@@ -217,10 +231,11 @@ class FolderBatches:
         mode: str,
         workers: int,
         seed: int = 0,
+        shard: Shard = Shard(),
     ) -> None:
         self.files = ImageFiles(data, transform, mode)
         self.batch_size, self.device, self.train = batch_size, device, train
-        self.workers, self.seed = workers, seed
+        self.workers, self.seed, self.shard = workers, seed, shard
 
     def __len__(self) -> int:
         return batches_per_epoch(len(self.files), self.batch_size, self.train)
@@ -231,7 +246,7 @@ class FolderBatches:
         # A generator: an ImageNet epoch's million (index, seed) pairs are made as they are needed.
         def requests(step: int) -> list[tuple[int, int]]:
             batch = global_batch(order, step, self.batch_size)
-            shard = batch[shard_of(batch, self.train)]
+            shard = batch[self.shard.of(len(batch), self.train)]
             return [(int(i), mix_seed(self.seed, epoch, step, int(i))) for i in shard]
 
         batches = (requests(step) for step in range(start_step, len(self)))
@@ -262,10 +277,18 @@ def make_batches(
     padding: int = 0,
     workers: int = 0,
     seed: int = 0,
+    shard: Shard = Shard(),
 ) -> TensorBatches | FolderBatches:
     if isinstance(data, TensorData):
         return TensorBatches(
-            data, batch_size, device, train=train, seed=seed, augment=augment, padding=padding
+            data,
+            batch_size,
+            device,
+            train=train,
+            seed=seed,
+            augment=augment,
+            padding=padding,
+            shard=shard,
         )
     if train:
         transform = train_transform(preprocessing, augment, padding)
@@ -280,6 +303,7 @@ def make_batches(
         mode=image_mode(in_channels),
         workers=workers,
         seed=seed,
+        shard=shard,
     )
 
 

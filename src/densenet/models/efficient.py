@@ -20,7 +20,7 @@ the same function in training mode with these changes:
 * A transition average-pools before its 1x1 convolution (both are linear and per-pixel, so they
   commute exactly): its convolution does a quarter of the work and nothing but its input is kept.
 
-With torch.distributed and :class:`~densenet.training.distributed.SyncBatchNorm2d` layers,
+With torch.distributed and :class:`~densenet.models.batchnorm.SyncBatchNorm2d` layers,
 statistics and BN's backward sums cover the global batch, as SyncBatchNorm's do.
 
 Parameters, buffers and their names are untouched; running statistics are updated once per BN and
@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from densenet.errors import ConfigError
-from densenet.training.distributed import SyncBatchNorm2d, combine_batch_stats, update_running_stats
+from densenet.models.batchnorm import SyncBatchNorm2d, combine_batch_stats, update_running_stats
 
 _SAVED_PER_LAYER = 5  # dropout noise 1, bottleneck output, its mean and variance, dropout noise 2
 

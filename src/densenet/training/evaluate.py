@@ -68,7 +68,7 @@ def evaluate(
             batch.labels * num_classes + logits.argmax(1), minlength=num_classes**2
         )
     model.train(was_training)
-    # With several processes each one saw a shard of the data (see loaders.shard_of): add them up.
+    # With several processes each one saw a shard of the data (see loaders.Shard): add them up.
     for total in (loss_sum, top5, confusion):
         all_reduce_sum(total)
     skipped = int(all_reduce_sum(torch.tensor(skipped, device=device)))

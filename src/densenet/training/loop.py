@@ -32,6 +32,7 @@ from densenet.hardware import (
     resolve_device,
     to_memory_format,
 )
+from densenet.models.batchnorm import convert_sync_batchnorm
 from densenet.models.densenet import DenseNet
 from densenet.models.presets import Preprocessing
 from densenet.training.config import TrainConfig
@@ -39,7 +40,6 @@ from densenet.training.distributed import (
     all_ranks_agree,
     all_reduce_sum,
     broadcast_buffers,
-    convert_sync_batchnorm,
     current_context,
     data_parallel,
     rank_device,
@@ -169,7 +169,7 @@ def _train(config: TrainConfig, run: RunDirectory, resume: bool, progress: bool)
     # Under torchrun every process runs this function; the process group is already up (see
     # distributed.distributed_session) and only the main process writes or prints.
     context = current_context()
-    context.shard(config.batch_size)  # refuse a global batch that does not split evenly
+    context.data_shard.of(config.batch_size, train=True)  # refuse a batch that does not split
     progress = progress and context.is_main
     device = rank_device(resolve_device(config.device), context)
     # Every process has read the data (and the checkpoint) before the run directory changes, and
@@ -210,6 +210,7 @@ def _train(config: TrainConfig, run: RunDirectory, resume: bool, progress: bool)
         in_channels=data.in_channels,
         workers=config.workers,
         seed=config.seed,
+        shard=context.data_shard,
     )
     train_batches = make_batches(
         data.train, train=True, augment=config.augment, padding=config.crop_padding, **batches

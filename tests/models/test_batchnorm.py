@@ -1,18 +1,13 @@
 import socket
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from densenet import ConfigError, create_model
-from densenet.training.distributed import (
-    DistributedContext,
-    SyncBatchNorm2d,
-    broadcast_buffers,
-    convert_sync_batchnorm,
-)
+from densenet import create_model
+from densenet.models.batchnorm import SyncBatchNorm2d, convert_sync_batchnorm
+from densenet.training.distributed import broadcast_buffers
 
 
 def free_port() -> int:
@@ -96,10 +91,3 @@ def test_without_a_process_group_it_is_plain_batchnorm():
         create_model("densenet_bc100_k12", block_config=(2, 2, 2)).state_dict()
     )
     assert torch.allclose(converted(x), expected, atol=1e-6)
-
-
-def test_global_batch_is_split_evenly():
-    assert DistributedContext(1, 4, 1).shard(64) == slice(16, 32)
-    assert DistributedContext().shard(64) == slice(0, 64)
-    with pytest.raises(ConfigError, match="multiple of 3"):
-        DistributedContext(0, 3, 0).shard(64)
