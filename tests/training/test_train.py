@@ -16,6 +16,8 @@ import densenet
 from densenet.cli import main
 from densenet.data.datasets import load_split
 from densenet.data.loaders import Normalize
+from densenet.training.loop import SYNC_STEPS
+from densenet.training.metrics import DeviceTally
 from densenet.training.rundir import METRICS
 from fake_data import write_cifar, write_image_folder
 
@@ -281,3 +283,43 @@ def test_finetune_options_that_cannot_work_are_refused(cifar, tmp_path, capsys):
     missing = str(tmp_path / "missing.safetensors")
     assert train_cifar(cifar, tmp_path / "b", "--finetune", missing) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def count_reads(monkeypatch) -> list[int]:
+    """Record every time the loop reads its running sums back from the device."""
+    reads: list[int] = []
+    original = DeviceTally.read
+
+    def read(self):
+        reads.append(1)
+        return original(self)
+
+    monkeypatch.setattr(DeviceTally, "read", read)
+    return reads
+
+
+def test_steps_do_not_wait_for_the_device(tmp_path, monkeypatch):
+    # Digits at batch 64: 22 steps an epoch. The sums are read at step 16 and at the end only.
+    reads = count_reads(monkeypatch)
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), "--epochs", "1", "--batch-size", "64", *TINY]) == 0
+    assert len(reads) == 2 == 1 + 22 // SYNC_STEPS
+
+
+def test_a_non_finite_loss_noticed_late_is_reported_at_its_step(tmp_path, monkeypatch, capsys):
+    # lr 1e30: the first step's update blows the weights up, so the loss of step 2 is not finite.
+    # It is noticed at the first read (step 16) and reported where it happened.
+    reads = count_reads(monkeypatch)
+    run = tmp_path / "run"
+    argv = ["train", "--out", str(run), "--epochs", "1", "--batch-size", "8", "--lr", "1e30"]
+    assert main([*argv, *TINY]) == 2
+    assert len(reads) == 1
+    error = capsys.readouterr().err
+    assert "at epoch 1 step 2 (global step 2)" in error and "nothing was saved" in error
+    assert not (run / "last.pt").exists()
+
+
+def test_metrics_show_the_scheduled_lr_without_binary_noise(cifar, tmp_path):
+    run = tmp_path / "run"
+    assert train_cifar(cifar, run, "--lr-milestones", "0.5") == 0
+    assert [row["lr"] for row in read_metrics(run)] == ["0.1", "0.01"]

@@ -9,16 +9,19 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from densenet.files import atomic_write
+from densenet.training.metrics import EpochRow
 
 
-def plot_curves(history: list[dict[str, float]], path: Path) -> None:
+def plot_curves(history: list[EpochRow], path: Path) -> None:
     """Loss and top-1 accuracy per epoch, train and test."""
-    epochs = [row["epoch"] for row in history]
+    epochs = [row.epoch for row in history]
     figure = Figure(figsize=(10, 4), layout="constrained")
     loss_axes, acc_axes = figure.subplots(1, 2)
     for split in ("train", "test"):
-        loss_axes.plot(epochs, [row[f"{split}_loss"] for row in history], marker=".", label=split)
-        acc_axes.plot(epochs, [row[f"{split}_top1"] for row in history], marker=".", label=split)
+        losses = [getattr(row, f"{split}_loss") for row in history]
+        accuracies = [getattr(row, f"{split}_top1") for row in history]
+        loss_axes.plot(epochs, losses, marker=".", label=split)
+        acc_axes.plot(epochs, accuracies, marker=".", label=split)
     loss_axes.set(xlabel="epoch", ylabel="cross-entropy loss", title="loss")
     acc_axes.set(xlabel="epoch", ylabel="top-1 accuracy (%)", title="accuracy")
     for axes in (loss_axes, acc_axes):

@@ -5,6 +5,7 @@ the main process writes (with several processes, the others compute the same sta
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 from pathlib import Path
 
@@ -14,28 +15,16 @@ from densenet.errors import CheckpointError, ConfigError
 from densenet.files import atomic_write
 from densenet.training.config import TrainConfig, load_config, save_config
 from densenet.training.distributed import current_context
+from densenet.training.metrics import EpochRow
 from densenet.training.plots import plot_curves
-from densenet.training.state import load_checkpoint, save_checkpoint
+from densenet.training.state import SavedRun, TrainState, load_state, save_state
 from densenet.weights.io import save_weights
 
-METRICS = (
-    "epoch",
-    "train_loss",
-    "train_top1",
-    "train_top5",
-    "test_loss",
-    "test_top1",
-    "test_top5",
-    "lr",
-    "img_per_s",
-    "seconds",
-    "data_share",
-    "skipped_images",
-)
+METRICS = EpochRow.columns()
 
 
 class RunDirectory:
-    CONFIG, CHECKPOINT, METRICS, CURVES = "config.toml", "last.pt", "metrics.csv", "curves.png"
+    CONFIG, STATE, METRICS, CURVES = "config.toml", "last.pt", "metrics.csv", "curves.png"
     BEST, FINAL = "best.safetensors", "final.safetensors"
 
     def __init__(self, path: str | Path) -> None:
@@ -84,25 +73,31 @@ class RunDirectory:
         if self.writes:
             save_config(config, self / self.CONFIG)
 
-    def read_checkpoint(self) -> dict[str, object] | None:
-        path = self / self.CHECKPOINT
-        return load_checkpoint(path) if path.exists() else None
+    def read_state(self) -> SavedRun | None:
+        path = self / self.STATE
+        return load_state(path) if path.exists() else None
 
-    def write_checkpoint(self, state: dict[str, object]) -> None:
+    def write_state(
+        self,
+        state: TrainState,
+        learners: dict[str, dict],
+        config: dict[str, object],
+        model_config: dict[str, object],
+    ) -> None:
         if self.writes:
-            save_checkpoint(state, self / self.CHECKPOINT)
+            save_state(self / self.STATE, state, learners, config, model_config)
 
     def write_weights(self, model: nn.Module, name: str, meta: dict[str, object]) -> None:
         if self.writes:
             save_weights(model, self / name, meta=meta)
 
-    def write_metrics(self, history: list[dict[str, float]]) -> None:
-        """Rewrite metrics.csv and curves.png from the whole history (kept in the checkpoint)."""
+    def write_metrics(self, history: list[EpochRow]) -> None:
+        """Rewrite metrics.csv and curves.png from the whole history (kept in the state)."""
         if not self.writes:
             return
         text = io.StringIO()
         writer = csv.DictWriter(text, fieldnames=METRICS, lineterminator="\n")
         writer.writeheader()
-        writer.writerows(history)
+        writer.writerows(dataclasses.asdict(row) for row in history)
         atomic_write(self / self.METRICS, lambda tmp: tmp.write_text(text.getvalue()))
         plot_curves(history, self / self.CURVES)

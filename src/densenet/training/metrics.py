@@ -1,0 +1,84 @@
+"""What a run measures: an epoch's running sums, and the rows of metrics.csv."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Tally:
+    """Sums over the steps of an epoch so far, over every process."""
+
+    loss_sum: float = 0.0  # loss times images, so that the mean is exact over uneven batches
+    top1: float = 0.0
+    top5: float = 0.0
+    images: float = 0.0
+    skipped: float = 0.0  # unreadable images left out
+
+    @classmethod
+    def read(cls, totals: Tensor) -> Tally:
+        """The sums a device tensor holds in field order; waits for the device."""
+        return cls(*totals.tolist())
+
+    def totals(self, device: torch.device) -> Tensor:
+        return torch.tensor(dataclasses.astuple(self), dtype=torch.float64, device=device)
+
+
+class DeviceTally:
+    """An epoch's running sums kept on the device, so that a step never waits for the host, and
+    the first step whose loss was not finite."""
+
+    def __init__(self, start: Tally, device: torch.device) -> None:
+        self.totals = start.totals(device)
+        self.first_bad_step = torch.tensor(-1, device=device)
+
+    def add(self, step_sums: Tensor, step: int) -> None:
+        """Add one step's sums (a tensor in :class:`Tally`'s field order)."""
+        self.totals += step_sums
+        bad = ~torch.isfinite(step_sums[0]) & (self.first_bad_step < 0)
+        self.first_bad_step = torch.where(bad, step, self.first_bad_step)
+
+    def read(self) -> tuple[Tally, int | None]:
+        """The sums so far and the first non-finite step, if any; waits for the device."""
+        bad_step = int(self.first_bad_step)
+        return Tally.read(self.totals), bad_step if bad_step >= 0 else None
+
+
+@dataclass(frozen=True)
+class EpochRow:
+    """One line of metrics.csv: the field names are its header."""
+
+    epoch: int
+    train_loss: float
+    train_top1: float
+    train_top5: float
+    test_loss: float
+    test_top1: float
+    test_top5: float
+    lr: float
+    img_per_s: float
+    seconds: float
+    data_share: float
+    skipped_images: int
+
+    @classmethod
+    def columns(cls) -> tuple[str, ...]:
+        return tuple(field.name for field in dataclasses.fields(cls))
+
+    def line(self, epochs: int) -> str:
+        """The line printed at the end of the epoch."""
+        skipped = (
+            f", {self.skipped_images} unreadable images skipped" if self.skipped_images else ""
+        )
+        return (
+            f"epoch {self.epoch}/{epochs}: train loss {self.train_loss:.4f} "
+            f"top-1 {self.train_top1:.2f}% | test loss {self.test_loss:.4f} "
+            f"top-1 {self.test_top1:.2f}% top-5 {self.test_top5:.2f}% | lr {self.lr:g} | "
+            f"{self.img_per_s:.0f} img/s, {self.seconds:.1f}s "
+            f"(waiting for data {100 * self.data_share:.0f}%, compute "
+            f"{100 * (1 - self.data_share):.0f}%){skipped}"
+        )

@@ -1,0 +1,202 @@
+"""Everything a run needs before its first step: its data, its resolved config, the network and
+what updates it, and its batches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from densenet.data.datasets import Data, TensorData, channel_stats, download, load_split
+from densenet.data.loaders import FolderBatches, Shard, TensorBatches, make_batches
+from densenet.errors import CheckpointError, ConfigError, DatasetError
+from densenet.hardware import (
+    check_precision,
+    default_memory_format,
+    default_precision,
+    resolve_device,
+)
+from densenet.models.batchnorm import convert_sync_batchnorm
+from densenet.models.densenet import DenseNet
+from densenet.models.presets import Preprocessing
+from densenet.training.config import TrainConfig
+from densenet.training.finetune import freeze_backbone, parameter_groups
+from densenet.training.state import SavedRun
+from densenet.weights.registry import create_model
+
+# ImageNet's usual ratio of evaluation resize to crop (256 -> 224).
+CROP_RATIO = 0.875
+
+
+@dataclass
+class DataSetup:
+    train: Data
+    test: Data
+    class_names: list[str]
+    in_channels: int
+
+
+def load_data(config: TrainConfig) -> DataSetup:
+    if config.download:
+        download(config.dataset, config.data_dir, svhn_extra=config.svhn_extra)
+    train = load_split(config.dataset, config.data_dir, "train", svhn_extra=config.svhn_extra)
+    test = load_split(config.dataset, config.data_dir, "test")
+    if train.class_names != test.class_names:
+        raise DatasetError(
+            f"the train and test splits of {config.data_dir} have different classes "
+            f"({len(train.class_names)} vs {len(test.class_names)}); they must match"
+        )
+    in_channels = train.images.shape[1] if isinstance(train, TensorData) else 3
+    return DataSetup(train, test, train.class_names, in_channels)
+
+
+def resolve_config(config: TrainConfig, data: DataSetup) -> TrainConfig:
+    """Replace every "auto" or empty setting by the value this run uses, for the saved config."""
+    device = resolve_device(config.device)
+    precision = default_precision(device) if config.precision == "auto" else config.precision
+    check_precision(device, precision)
+    memory_format = config.memory_format
+    if memory_format == "auto":
+        memory_format = default_memory_format(device, precision)
+    changes: dict[str, object] = {
+        "device": str(device),
+        "precision": precision,
+        "memory_format": memory_format,
+    }
+    if isinstance(data.train, TensorData):
+        size = data.train.images.shape[-1]
+        if config.input_size not in (0, size) or config.resize_size not in (0, size):
+            raise ConfigError(
+                f"{config.dataset} images are {size}x{size}; input_size and resize_size can't "
+                "change that"
+            )
+        changes["input_size"] = changes["resize_size"] = size
+        if config.augment == "random_resized_crop_flip":
+            raise ConfigError(
+                f"augment random_resized_crop_flip is for ImageFolder data; {config.dataset} "
+                "takes none, crop or crop_flip"
+            )
+        if not config.mean:
+            mean, std = channel_stats(data.train.images)
+            changes["mean"], changes["std"] = mean, std
+    else:
+        if not config.mean:
+            raise ConfigError("ImageFolder data needs mean and std (e.g. --mean 0.485 0.456 ...)")
+        input_size = config.input_size or 224
+        changes["input_size"] = input_size
+        changes["resize_size"] = config.resize_size or round(input_size / CROP_RATIO)
+    resolved = config.replace(**changes)
+    if len(resolved.mean) != data.in_channels:
+        raise ConfigError(
+            f"mean/std have {len(resolved.mean)} values but the images have {data.in_channels} "
+            "channels"
+        )
+    return resolved
+
+
+def preprocessing_of(config: TrainConfig) -> Preprocessing:
+    return Preprocessing(
+        config.input_size, config.resize_size, config.mean, config.std, config.interpolation
+    )
+
+
+def build_model(config: TrainConfig, in_channels: int, num_classes: int) -> DenseNet:
+    """The one place a training run's network is made: the preset plus the run's overrides."""
+    model = create_model(
+        config.model,
+        weights=config.finetune or None,
+        num_classes=num_classes,
+        in_channels=in_channels,
+        drop_rate=config.drop_rate,
+        memory_efficient=config.memory_efficient,
+        **config.model_overrides,
+    )
+    return freeze_backbone(model) if config.freeze_backbone else model
+
+
+def weights_meta(config: TrainConfig, data: DataSetup, **extra: object) -> dict[str, object]:
+    """What `densenet predict` and `densenet eval` need to use the weights on new images."""
+    return {
+        "model": None if config.model_overrides else config.model,
+        "dataset": config.dataset,
+        "class_names": data.class_names,
+        "preprocessing": preprocessing_of(config).to_dict(),
+        "in_channels": data.in_channels,
+        **extra,
+    }
+
+
+@dataclass
+class Learner:
+    """The network and everything that updates it; their state dicts are what a run saves."""
+
+    model: DenseNet
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+
+    def state_dicts(self) -> dict[str, dict]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+        }
+
+
+def build_learner(
+    config: TrainConfig, data: DataSetup, device: torch.device, saved: SavedRun | None, source: str
+) -> Learner:
+    """The run's network, SGD optimizer, lr schedule and loss scaler, restored from ``saved``."""
+    torch.manual_seed(config.seed)
+    model = build_model(config, data.in_channels, len(data.class_names))
+    if config.sync_bn:
+        model = convert_sync_batchnorm(model)
+    model = model.to(device)
+    if config.memory_format == "channels_last":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(
+        parameter_groups(model, config.lr, config.backbone_lr_scale),
+        lr=config.lr,
+        momentum=config.momentum,
+        nesterov=config.nesterov,
+        weight_decay=config.weight_decay,
+    )
+    # Loss scaling keeps fp16 gradients from underflowing; bf16 and fp32 don't need it.
+    scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
+    epoch = 0
+    if saved is not None:
+        if saved.model_config != model.config.to_dict():
+            raise CheckpointError(f"{source} holds a different model than the run's config.toml")
+        model.load_state_dict(saved.learners["model"])
+        optimizer.load_state_dict(saved.learners["optimizer"])
+        scaler.load_state_dict(saved.learners["scaler"])
+        epoch = saved.state.epoch
+    # The step schedule scales each group's own lr (a fine-tuned backbone's may be lower). Made
+    # after a saved optimizer is restored, it starts at the saved epoch.
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda e: config.lr_at(e) / config.lr, last_epoch=epoch - 1
+    )
+    return Learner(model, optimizer, schedule, scaler)
+
+
+def build_batches(
+    config: TrainConfig, data: DataSetup, device: torch.device, shard: Shard
+) -> tuple[TensorBatches | FolderBatches, TensorBatches | FolderBatches]:
+    """The training and test batches of this process."""
+    common = dict(
+        batch_size=config.batch_size,
+        device=device,
+        preprocessing=preprocessing_of(config),
+        in_channels=data.in_channels,
+        workers=config.workers,
+        seed=config.seed,
+        shard=shard,
+    )
+    train = make_batches(
+        data.train, train=True, augment=config.augment, padding=config.crop_padding, **common
+    )
+    if len(train) == 0:
+        raise ConfigError(
+            f"batch_size {config.batch_size} is larger than the {len(data.train)} training images"
+        )
+    return train, make_batches(data.test, train=False, **common)
