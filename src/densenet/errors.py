@@ -10,6 +10,9 @@ def first_line(error: BaseException) -> str:
 class DenseNetError(Exception):
     """A problem with the user's input (config, file, dataset), with what to do about it."""
 
+    exit_status = 2  # what the CLI exits with
+    label = "error"  # and how it introduces the message
+
 
 class ConfigError(DenseNetError, ValueError):
     """An invalid architecture, recipe or command-line setting."""
@@ -29,3 +32,21 @@ class CheckpointError(DenseNetError):
 
 class TrainingError(DenseNetError):
     """Training that cannot go on (a non-finite loss), with where to restart from."""
+
+
+class Preempted(DenseNetError):
+    """A run stopped on request (SIGTERM, SIGUSR1) after saving its state: resume it later."""
+
+    exit_status = 75  # EX_TEMPFAIL: a temporary failure, to be retried
+    label = "stopped"
+
+
+class Interrupted(DenseNetError):
+    """Ctrl-C during a run that has a saved state to continue from."""
+
+    exit_status = 130  # the shell's status for SIGINT
+    label = "interrupted"
+
+
+class WriteError(DenseNetError):
+    """A file that could not be written: full disk, quota, read-only or failing storage."""

@@ -1,11 +1,24 @@
-"""Writing files so that readers only see complete ones: never half-written, never rejected."""
+"""Writing files so that readers only see complete ones: never half-written, never rejected.
+
+A write that fails (a full disk, a quota, read-only or failing storage) removes its temporary file,
+leaves the previous file as it was and raises a one-line :class:`WriteError` naming the file.
+"""
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from densenet.errors import WriteError
+
+# Where freeing space or choosing another place is the fix.
+_SPACE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+# The temporary names of staged(): hidden, with the writing process's id.
+_TEMPORARY = re.compile(r"^\..+\.\d+\.tmp(\.[^.]*)?$")
 
 
 @contextmanager
@@ -23,8 +36,28 @@ def staged(path: Path) -> Iterator[Path]:
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as error:
+        raise write_error(path, error) from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_error(path: Path, error: OSError) -> WriteError:
+    reason = error.strerror or str(error)
+    if error.errno in _SPACE_ERRORS:
+        return WriteError(f"cannot write {path}: {reason}; free some space or write elsewhere")
+    return WriteError(f"cannot write {path}: {reason}")
+
+
+def remove_leftovers(directory: Path) -> list[Path]:
+    """Delete the temporary files that writers killed mid-write left in ``directory``.
+
+    Only call this while no other process writes there (a run directory one holds the lock of).
+    """
+    leftovers = [p for p in directory.iterdir() if p.is_file() and _TEMPORARY.match(p.name)]
+    for path in leftovers:
+        path.unlink(missing_ok=True)
+    return leftovers
 
 
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:

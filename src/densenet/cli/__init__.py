@@ -37,8 +37,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.run(args) or 0)
     except DenseNetError as error:
-        print(f"densenet {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        print(f"densenet {args.command}: {error.label}: {error}", file=sys.stderr)
+        return error.exit_status
     except KeyboardInterrupt:
         print(f"densenet {args.command}: interrupted", file=sys.stderr)
         return 130

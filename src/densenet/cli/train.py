@@ -7,13 +7,15 @@ import contextlib
 import sys
 import time
 import typing
+from collections.abc import Iterator
 from pathlib import Path
 
-from densenet.errors import ConfigError, DenseNetError
+from densenet.errors import ConfigError, DenseNetError, Interrupted
 from densenet.hardware import resolve_device
 from densenet.training.config import (
     FIELD_TYPES,
     FIELDS,
+    TrainConfig,
     check_resume_overrides,
     list_recipes,
     resolve,
@@ -105,29 +107,50 @@ def run(args: argparse.Namespace) -> int:
         if args.recipe or args.out:
             raise ConfigError("--resume continues a run with its own config: drop --recipe/--out")
         run_dir = RunDirectory(args.resume)
-        config = check_resume_overrides(run_dir.check_resumable(), overrides)
-        with distributed_session(resolve_device(config.device)):
-            train(config, run_dir, resume=True, progress=progress)
+        try:
+            config = check_resume_overrides(run_dir.check_resumable(), overrides)
+            with distributed_session(resolve_device(config.device)), _resume_hint(run_dir):
+                train(config, run_dir, resume=True, progress=progress)
+        finally:
+            run_dir.release()
         return 0
     config = resolve(args.recipe, overrides)
     get_spec(config.model).config.replace(**config.model_overrides)  # fail before any work
     # Under torchrun, join the other processes first: only the main one may make the directory.
     device = resolve_device(config.device)
     with distributed_session(device) as context:
-        # Processes may start in different seconds: the main one's clock names the directory.
-        stamp = from_main(time.strftime("%Y%m%d-%H%M%S"))
-        run_dir = RunDirectory(
-            args.out or Path("runs") / f"{config.dataset}-{config.model}-{stamp}"
-        )
-        existed = run_dir.path.exists()
         with stop_together(rank_device(device, context)):
+            run_dir = RunDirectory(from_main(_run_path(args.out, config, context.is_main)))
             run_dir.create()
         try:
-            train(config, run_dir, progress=progress)
+            with _resume_hint(run_dir):
+                train(config, run_dir, progress=progress)
         except DenseNetError:
-            # Nothing was trained: don't leave an empty run directory behind.
-            if not existed and context.is_main:
-                with contextlib.suppress(OSError):
-                    run_dir.path.rmdir()
+            run_dir.abandon()  # failed before writing its config: leave nothing behind
             raise
+        finally:
+            run_dir.release()
     return 0
+
+
+def _run_path(out: Path | None, config: TrainConfig, is_main: bool) -> Path | None:
+    """``--out``, or a new directory named by the main process (only it may make one)."""
+    if out is not None or not is_main:
+        return out
+    # Two runs started in the same second get two directories: the name is taken by mkdir.
+    name = f"{config.dataset}-{config.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return RunDirectory.new_default(Path("runs"), name).path
+
+
+@contextlib.contextmanager
+def _resume_hint(run_dir: RunDirectory) -> Iterator[None]:
+    """Ctrl-C says how to continue once the run has saved a state to continue from."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if (run_dir / run_dir.STATE).exists():
+            raise Interrupted(
+                f"the run is saved up to its last checkpoint; continue with: densenet train "
+                f"--resume {run_dir.path}"
+            ) from None
+        raise

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from densenet.data.loaders import Batch, FolderBatches, Normalize, mix_seed
-from densenet.errors import TrainingError
+from densenet.errors import Preempted, TrainingError
 from densenet.hardware import autocast, resolve_device, to_memory_format
 from densenet.training.config import TrainConfig
 from densenet.training.distributed import (
@@ -43,6 +43,7 @@ from densenet.training.distributed import (
 )
 from densenet.training.evaluate import EvalResult, evaluate, topk_correct
 from densenet.training.metrics import DeviceTally, EpochRow, Tally
+from densenet.training.preemption import StopRequests
 from densenet.training.rundir import RunDirectory
 from densenet.training.setup import (
     DataSetup,
@@ -66,12 +67,15 @@ def train(
     previous_determinism = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(config.deterministic)
     try:
-        return _train(config, run, resume, progress)
+        with StopRequests() as stops:
+            return _train(config, run, resume, progress, stops)
     finally:
         torch.use_deterministic_algorithms(previous_determinism)
 
 
-def _train(config: TrainConfig, run: RunDirectory, resume: bool, progress: bool) -> EpochRow:
+def _train(
+    config: TrainConfig, run: RunDirectory, resume: bool, progress: bool, stops: StopRequests
+) -> EpochRow:
     # Under torchrun every process runs this function; the process group is already up (see
     # distributed.distributed_session) and only the main process writes or prints.
     context = current_context()
@@ -83,21 +87,22 @@ def _train(config: TrainConfig, run: RunDirectory, resume: bool, progress: bool)
         data = load_data(config)
         config = resolve_config(config, data)
         saved = run.read_state() if resume else None
+        learner = build_learner(config, data, device, saved, str(run / run.STATE))
+        train_batches, test_batches = build_batches(config, data, device, context.data_shard)
+    # Written once everything above has been checked: a run that could not start leaves no run.
     if not resume:
         run.write_config(config)
-    learner = build_learner(config, data, device, saved, str(run / run.STATE))
-    train_batches, test_batches = build_batches(config, data, device, context.data_shard)
     steps, state = len(train_batches), saved.state if saved else TrainState()
     normalize = Normalize(config.mean, config.std).to(device)
     meta = weights_meta(config, data)
     say = print if context.is_main else lambda line: None
-    say(_opening_line(config, meta, data, steps, device, context.world_size, state))
+    say(_opening_line(config, meta, data, steps, device, context.world_size, state, resume))
 
     def save() -> None:
         # A diverging step can leave inf weights behind a finite loss: never save those.
         if not all(bool(torch.isfinite(p).all()) for p in learner.model.parameters()):
             global_step = state.epoch * steps + state.step
-            raise _diverged(run, "weights became non-finite", global_step, steps)
+            raise _diverged(run, config, "weights became non-finite", global_step, steps)
         learner_states = learner.state_dicts()
         run.write_state(state, learner_states, config.to_dict(), learner.model.config.to_dict())
 
@@ -117,13 +122,17 @@ def _train(config: TrainConfig, run: RunDirectory, resume: bool, progress: bool)
             sums.add(step_sums, state.step)
             state.step += 1
             save_now = _periodic_save_due(config, state, steps)
-            if save_now or state.step % SYNC_STEPS == 0 or state.step == steps:
+            sync = save_now or state.step % SYNC_STEPS == 0 or state.step == steps
+            stop = stops.agreed(sync or not context.enabled, device)
+            if sync or stop:
                 state.tally, bad_step = sums.read()
                 if bad_step is not None:
-                    raise _loss_diverged(run, state, bad_step, steps, context)
+                    raise _loss_diverged(run, config, state, bad_step, steps, context)
                 bar.set_postfix(_postfix(state), refresh=False)
-            if save_now:
+            if save_now or stop:
                 save()
+            if stop:
+                raise _preempted(run, stops, state, steps)
             tick = time.perf_counter()  # everything but waiting for data counts as compute
             state.compute_seconds += tick - fetched
             bar.update(1)
@@ -256,6 +265,7 @@ def _opening_line(
     device: torch.device,
     world_size: int,
     state: TrainState,
+    resume: bool,
 ) -> str:
     processes = f" x {world_size} processes" if world_size > 1 else ""
     line = (
@@ -268,11 +278,22 @@ def _opening_line(
         return f"{line}\nthe run has finished its {config.epochs} epochs; writing its final files"
     if state.epoch or state.step:
         return f"{line}\nresuming at epoch {state.epoch + 1}, step {state.step}/{steps}"
+    if resume:  # the run stopped before its first save
+        return f"{line}\nno state was saved yet: starting at epoch 1"
     return line
+
+
+def _preempted(run: RunDirectory, stops: StopRequests, state: TrainState, steps: int) -> Preempted:
+    where = f"epoch {state.epoch + 1} step {state.step}/{steps}"
+    return Preempted(
+        f"{stops.received or 'a stop request'} at {where}: the run is saved; continue with: "
+        f"densenet train --resume {run.path}"
+    )
 
 
 def _loss_diverged(
     run: RunDirectory,
+    config: TrainConfig,
     state: TrainState,
     bad_step: int,
     steps: int,
@@ -282,18 +303,20 @@ def _loss_diverged(
         return TrainingError(stopped_with_others(context.rank))
     where = " on at least one process" if context.enabled else ""
     loss = state.tally.loss_sum / max(state.tally.images, 1)
-    return _diverged(run, f"loss is {loss}{where}", state.epoch * steps + bad_step + 1, steps)
+    global_step = state.epoch * steps + bad_step + 1
+    return _diverged(run, config, f"loss is {loss}{where}", global_step, steps)
 
 
-def _diverged(run: RunDirectory, what: str, global_step: int, steps: int = 0) -> TrainingError:
+def _diverged(
+    run: RunDirectory, config: TrainConfig, what: str, global_step: int, steps: int
+) -> TrainingError:
     """The error for a run that produced non-finite numbers at (1-based) ``global_step``."""
-    where = f"global step {global_step}"
-    if steps:
-        epoch, step = (global_step - 1) // steps + 1, (global_step - 1) % steps + 1
-        where = f"epoch {epoch} step {step} ({where})"
+    epoch, step = (global_step - 1) // steps + 1, (global_step - 1) % steps + 1
     path = run / run.STATE
     kept = f"the last good checkpoint {path} is kept" if path.exists() else "nothing was saved"
+    # A resumed run keeps its settings, so the fix is a new run with other ones.
+    fix = "a lower --lr" if config.precision == "fp32" else "--precision fp32 or a lower --lr"
     return TrainingError(
-        f"{what} at {where}; training stopped and {kept}: lower --lr or use --precision fp32, "
-        "then --resume or start again"
+        f"{what} at epoch {epoch} step {step} (global step {global_step}); training stopped and "
+        f"{kept}: start a new run (another --out) with {fix}"
     )

@@ -9,7 +9,7 @@ import torch
 
 from densenet.data.datasets import Data, TensorData, channel_stats, download, load_split
 from densenet.data.loaders import FolderBatches, Shard, TensorBatches, make_batches
-from densenet.errors import CheckpointError, ConfigError, DatasetError
+from densenet.errors import CheckpointError, ConfigError, DatasetError, first_line
 from densenet.hardware import (
     check_precision,
     default_memory_format,
@@ -19,7 +19,7 @@ from densenet.hardware import (
 from densenet.models.batchnorm import convert_sync_batchnorm
 from densenet.models.densenet import DenseNet
 from densenet.models.presets import Preprocessing
-from densenet.training.config import TrainConfig
+from densenet.training.config import RESUMABLE_CHANGES, TrainConfig
 from densenet.training.finetune import freeze_backbone, parameter_groups
 from densenet.training.state import SavedRun
 from densenet.weights.registry import create_model
@@ -154,19 +154,24 @@ def build_learner(
     model = model.to(device)
     if config.memory_format == "channels_last":
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(
-        parameter_groups(model, config.lr, config.backbone_lr_scale),
-        lr=config.lr,
-        momentum=config.momentum,
-        nesterov=config.nesterov,
-        weight_decay=config.weight_decay,
-    )
+    model.config.stage_sizes(config.input_size, config.input_size)  # too small for the blocks?
+    try:
+        optimizer = torch.optim.SGD(
+            parameter_groups(model, config.lr, config.backbone_lr_scale),
+            lr=config.lr,
+            momentum=config.momentum,
+            nesterov=config.nesterov,
+            weight_decay=config.weight_decay,
+        )
+    except ValueError as error:  # e.g. Nesterov without momentum
+        raise ConfigError(f"the optimizer settings are invalid: {first_line(error)}") from None
     # Loss scaling keeps fp16 gradients from underflowing; bf16 and fp32 don't need it.
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
     epoch = 0
     if saved is not None:
         if saved.model_config != model.config.to_dict():
             raise CheckpointError(f"{source} holds a different model than the run's config.toml")
+        _check_same_training(config, saved.config, source)
         model.load_state_dict(saved.learners["model"])
         optimizer.load_state_dict(saved.learners["optimizer"])
         scaler.load_state_dict(saved.learners["scaler"])
@@ -177,6 +182,21 @@ def build_learner(
         optimizer, lambda e: config.lr_at(e) / config.lr, last_epoch=epoch - 1
     )
     return Learner(model, optimizer, schedule, scaler)
+
+
+def _check_same_training(config: TrainConfig, saved: dict[str, object], source: str) -> None:
+    """A resumed run must go on with the settings its state was trained with."""
+    current = config.to_dict()
+    changed = [
+        f"{key} {saved.get(key)!r} -> {value!r}"
+        for key, value in current.items()
+        if key not in RESUMABLE_CHANGES and saved.get(key) != value
+    ]
+    if changed:
+        raise CheckpointError(
+            f"config.toml no longer matches {source} ({'; '.join(changed)}): restore it, or start "
+            "a new run with these settings"
+        )
 
 
 def build_batches(

@@ -70,7 +70,13 @@ def save_state(
         "history": [dataclasses.asdict(row) for row in state.history],
         "best_top1": state.best_top1,
     }
-    atomic_write(path, lambda tmp: torch.save(data, tmp))
+    atomic_write(path, lambda tmp: _save(data, tmp))
+
+
+def _save(data: dict[str, object], path: Path) -> None:
+    # Through a Python file: a full disk is then an OSError naming the file, not torch's own error.
+    with open(path, "wb") as handle:
+        torch.save(data, handle)
 
 
 def load_state(path: Path) -> SavedRun:

@@ -12,9 +12,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import safetensors.torch
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from densenet.errors import WeightsError, first_line
@@ -145,7 +146,9 @@ def save_weights(
         "config": json.dumps(config.to_dict()),
         "meta": json.dumps(meta or {}),
     }
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    # Serialised here and written by Python, so a full disk is an OSError that names the file.
+    data = safetensors.torch.save(tensors, metadata=metadata)
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
     return path
 
 
