@@ -1,5 +1,9 @@
 """Errors a user can act on. The CLI prints them as one line and exits non-zero."""
 
+from __future__ import annotations
+
+from collections.abc import Sequence
+
 
 def first_line(error: BaseException) -> str:
     """The gist of a library's exception, for a one-line message."""
@@ -29,3 +33,9 @@ class CheckpointError(DenseNetError):
 
 class TrainingError(DenseNetError):
     """Training that cannot go on (a non-finite loss), with where to restart from."""
+
+
+def check_choice(name: str, value: object, choices: Sequence[object]) -> None:
+    """Refuse a setting that is not one of ``choices`` (a ``Literal`` type's arguments)."""
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(map(str, choices))}, got {value!r}")

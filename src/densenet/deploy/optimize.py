@@ -34,9 +34,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from densenet.errors import ConfigError
+from densenet.hardware import DTYPES, Precision
 from densenet.models.densenet import DenseBlock, DenseLayer, DenseNet, DenseNetConfig, Transition
 
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
+# The precisions the rewritten network is built in (see optimize_for_inference).
+INFERENCE_PRECISIONS: tuple[Precision, ...] = ("fp32", "bf16")
+SUPPORTED_DTYPES = tuple(DTYPES[precision] for precision in INFERENCE_PRECISIONS)
 
 
 def _bn_scale_shift(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:

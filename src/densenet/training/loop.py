@@ -26,10 +26,8 @@ from densenet.data.loaders import Normalize, make_batches, mix_seed
 from densenet.errors import CheckpointError, ConfigError, DatasetError, TrainingError
 from densenet.hardware import (
     autocast,
-    check_precision,
-    default_memory_format,
-    default_precision,
     resolve_device,
+    resolve_precision_and_format,
     to_memory_format,
 )
 from densenet.models.batchnorm import convert_sync_batchnorm
@@ -80,11 +78,9 @@ def load_data(config: TrainConfig) -> DataSetup:
 def resolve_config(config: TrainConfig, data: DataSetup) -> TrainConfig:
     """Replace every "auto" or empty setting by the value this run uses, for the saved config."""
     device = resolve_device(config.device)
-    precision = default_precision(device) if config.precision == "auto" else config.precision
-    check_precision(device, precision)
-    memory_format = config.memory_format
-    if memory_format == "auto":
-        memory_format = default_memory_format(device, precision)
+    precision, memory_format = resolve_precision_and_format(
+        device, config.precision, config.memory_format
+    )
     changes: dict[str, object] = {
         "device": str(device),
         "precision": precision,
