@@ -8,8 +8,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+import densenet.models.efficient as efficient_functions
 from conftest import randomize_batchnorm
 from densenet import ConfigError, DenseNet, DenseNetConfig, create_model
+from densenet.models.densenet import EfficientParts
 from densenet.models.efficient import stem_forward
 
 CONFIGS = {
@@ -137,6 +139,42 @@ def test_eval_mode_is_the_standard_path():
     x = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
         assert torch.equal(efficient.eval()(x), standard.eval()(x))
+
+
+@pytest.mark.parametrize(
+    "fields, parts",
+    [
+        (dict(memory_efficient=False), EfficientParts(stem=False, blocks=False, transitions=False)),
+        (dict(), EfficientParts(stem=True, blocks=True, transitions=True)),
+        (dict(stem="cifar"), EfficientParts(stem=False, blocks=True, transitions=True)),
+        (dict(drop_rate=0.3), EfficientParts(stem=True, blocks=True, transitions=False)),
+    ],
+)
+def test_efficient_parts_decide_which_paths_train_efficiently(monkeypatch, fields, parts):
+    fields = {**CONFIGS["imagenet_three_blocks"], "memory_efficient": True, **fields}
+    config = DenseNetConfig(**fields)
+    assert config.efficient_parts == parts
+    taken = []
+    for part, function in [
+        ("stem", "stem_forward"),
+        ("blocks", "dense_block_forward"),
+        ("transitions", "transition_forward"),
+    ]:
+        original = getattr(efficient_functions, function)
+
+        def record(*args, part=part, original=original):
+            taken.append(part)
+            return original(*args)
+
+        monkeypatch.setattr(efficient_functions, function, record)
+    model = DenseNet(config).train()
+    x = torch.randn(2, 3, 40, 40)
+    model(x)
+    assert set(taken) == {part for part, on in vars(parts).items() if on}
+    taken.clear()
+    with torch.no_grad():
+        model.eval()(x)
+    assert taken == []
 
 
 def test_training_without_gradients_updates_statistics_like_the_standard_path():

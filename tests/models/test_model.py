@@ -56,6 +56,15 @@ def test_input_checks_happen_before_computation():
     assert calls == []
 
 
+def test_the_config_checks_inputs_for_every_network_built_from_it():
+    config = DenseNetConfig(**TINY)
+    config.check_input(torch.randn(2, 3, 5, 5))  # two blocks after the ImageNet stem
+    with pytest.raises(ConfigError, match="3 input channels, got 1"):
+        config.check_input(torch.randn(2, 1, 64, 64))
+    with pytest.raises(ConfigError, match="at least 5 px"):
+        config.check_input(torch.randn(2, 3, 4, 64))
+
+
 def test_layer_shapes_follow_the_paper():
     # Layer l of a block sees k0 + k*(l-1) channels; transitions keep floor(theta*m).
     model = DenseNet(

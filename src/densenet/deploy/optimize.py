@@ -379,8 +379,7 @@ class InferenceDenseNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if not torch.jit.is_scripting() and not torch.compiler.is_compiling():
-            # check_input reads only ``config``, which this network shares with the original.
-            DenseNet.check_input(self, x)  # type: ignore[arg-type]
+            self.config.check_input(x)
         dtype = self.head.fc.weight.dtype
         out = self.stem(x.to(dtype=dtype, memory_format=torch.channels_last))
         return self.head(self.stages(out)).to(x.dtype)

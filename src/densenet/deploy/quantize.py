@@ -48,7 +48,7 @@ def quantize_int8(
     if device.type != "cpu":
         raise ConfigError(f"int8 quantization runs on the CPU; move the model there (not {device})")
     for batch in batches:
-        model.check_input(batch)
+        model.config.check_input(batch)
     batch_size = torch.export.Dim("batch", min=1)
     with torch.no_grad():
         # BN-normalised convolution inputs: one int8 scale per tensor fits them (see
