@@ -1,5 +1,6 @@
 import copy
 import os
+import sys
 
 import pytest
 import torch
@@ -7,6 +8,7 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
 from densenet import ConfigError, DenseNet, quantize_int8
+from densenet.errors import MissingPackageError
 
 # What int8 must keep of the fp32 network on held-out digits, and the margins behind each bound.
 # Observed over 34 trainings of the fixture's network, each kernel set giving other weights: seeds
@@ -144,6 +146,14 @@ def test_bad_inputs_raise_config_errors(digits_model):
         quantize_int8(model, [torch.rand(4, 3, 8, 8)])
     with pytest.raises(ConfigError, match=r"densenet\.DenseNet"):
         quantize_int8(torch.nn.Linear(2, 2), [x_train[:4]])  # type: ignore[arg-type]
+
+
+def test_missing_torchao_is_named_with_the_install_command(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchao", None)  # import fails as if not installed
+    model = DenseNet(growth_rate=4, block_config=(2,), stem="cifar", num_classes=3).eval()
+    message = r"int8 quantization needs the torchao package: pip install 'densenet\[int8\]'"
+    with pytest.raises(MissingPackageError, match=message):
+        quantize_int8(model, [torch.rand(2, 3, 8, 8)])
 
 
 @pytest.mark.skipif(

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from densenet.deploy.optimize import INFERENCE_PRECISIONS, optimize_for_inference
-from densenet.errors import ConfigError, DenseNetError, first_line
+from densenet.errors import ConfigError, DenseNetError, first_line, require
 from densenet.files import staged
 from densenet.hardware import DTYPES, Precision
 from densenet.models.densenet import DenseNet
@@ -65,6 +65,8 @@ def export_model(
             "checked; export ONNX as fp32 (runtimes can lower precision themselves) or use "
             "--format exported-program/torchscript for bf16"
         )
+    if format == "onnx":
+        require("onnx", "onnxscript", "onnxruntime", purpose="ONNX export", extra="export")
     path = Path(path)
     if format == "exported-program" and path.suffix != ".pt2":
         raise ConfigError(f"exported programs are .pt2 archives; name the output {path.stem}.pt2")
