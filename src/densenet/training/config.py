@@ -44,7 +44,7 @@ DEFAULT_RECIPES: dict[Dataset, str] = {
 RESUMABLE_CHANGES = frozenset({"data_dir", "download", "workers", "checkpoint_every"})
 
 
-def setting(default: object = dataclasses.MISSING, *, help: str, **options: object) -> Any:
+def _setting(default: object = dataclasses.MISSING, *, help: str, **options: object) -> Any:
     """A TrainConfig field with its documentation, which `densenet train --help` shows."""
     return field(default=default, metadata={"help": help}, **options)  # type: ignore[call-overload]
 
@@ -53,97 +53,97 @@ def setting(default: object = dataclasses.MISSING, *, help: str, **options: obje
 class TrainConfig:
     """Everything that determines a training run. Defaults are the paper's CIFAR recipe."""
 
-    dataset: Dataset = setting(
+    dataset: Dataset = _setting(
         "digits", help="the images to train on (digits is built in: no download, a few minutes)"
     )
-    data_dir: str = setting(
+    data_dir: str = _setting(
         "data", help="where the dataset lives (ImageFolder: DIR/train/CLASS/*, DIR/val/CLASS/*)"
     )
-    download: bool = setting(
+    download: bool = _setting(
         False, help="fetch the dataset with torchvision's downloaders if it is missing"
     )
-    model: str = setting("densenet_bc100_k12", help="model preset (see `densenet list`)")
-    model_overrides: dict[str, object] = setting(
+    model: str = _setting("densenet_bc100_k12", help="model preset (see `densenet list`)")
+    model_overrides: dict[str, object] = _setting(
         help="fields of the preset to change, e.g. growth_rate=24 or block_config=[4,4,4] (the "
         "dataset sets in_channels and num_classes, drop_rate is its own setting)",
         default_factory=dict,
     )
-    drop_rate: float = setting(
+    drop_rate: float = _setting(
         0.0, help="dropout after each convolution (the paper: 0.2 without augmentation)"
     )
-    memory_efficient: bool = setting(
+    memory_efficient: bool = _setting(
         False,
         help="dense blocks with activation memory linear in depth: same results, far less memory",
     )
-    finetune: str = setting(
+    finetune: str = _setting(
         "",
         help="start from these weights: a file, URL or published name (see README); the head is "
         "re-initialised when the number of classes differs",
     )
-    freeze_backbone: bool = setting(False, help="with --finetune: train only the classifier")
-    backbone_lr_scale: float = setting(
+    freeze_backbone: bool = _setting(False, help="with --finetune: train only the classifier")
+    backbone_lr_scale: float = _setting(
         1.0,
         help="with --finetune: the backbone learns at lr times this (fine-tuning often wants it "
         "smaller)",
     )
-    epochs: int = setting(300, help="passes over the training set")
-    batch_size: int = setting(
+    epochs: int = _setting(300, help="passes over the training set")
+    batch_size: int = _setting(
         64, help="global batch size (with several processes each takes an equal slice)"
     )
-    lr: float = setting(0.1, help="SGD learning rate at the start")
-    momentum: float = setting(0.9, help="SGD momentum")
-    nesterov: bool = setting(True, help="Nesterov momentum")
-    weight_decay: float = setting(1e-4, help="SGD weight decay (L2 penalty)")
-    lr_milestones: tuple[float, ...] = setting(
+    lr: float = _setting(0.1, help="SGD learning rate at the start")
+    momentum: float = _setting(0.9, help="SGD momentum")
+    nesterov: bool = _setting(True, help="Nesterov momentum")
+    weight_decay: float = _setting(1e-4, help="SGD weight decay (L2 penalty)")
+    lr_milestones: tuple[float, ...] = _setting(
         (0.5, 0.75), help="fractions of the run at which the lr is multiplied by lr_gamma"
     )
-    lr_gamma: float = setting(0.1, help="what the lr is multiplied by at each milestone")
-    augment: Augmentation = setting(
+    lr_gamma: float = _setting(0.1, help="what the lr is multiplied by at each milestone")
+    augment: Augmentation = _setting(
         "crop_flip",
         help="training augmentation: none, crop (pad + random crop), crop_flip (and mirror), "
         "random_resized_crop_flip (ImageFolder only)",
     )
-    crop_padding: int = setting(4, help="zero padding on each side before a random crop, in px")
-    svhn_extra: bool = setting(
+    crop_padding: int = _setting(4, help="zero padding on each side before a random crop, in px")
+    svhn_extra: bool = _setting(
         True, help="SVHN only: train on train + extra (the paper's 604,388 images)"
     )
-    mean: tuple[float, ...] = setting(
+    mean: tuple[float, ...] = _setting(
         (), help="per-channel mean on the 0-1 scale (default: measured on the training set)"
     )
-    std: tuple[float, ...] = setting(
+    std: tuple[float, ...] = _setting(
         (),
         help="per-channel standard deviation on the 0-1 scale (default: measured on the training "
         "set)",
     )
-    input_size: int = setting(
+    input_size: int = _setting(
         0, help="network input side in px (0: 224 for ImageFolder data, else the images' size)"
     )
-    resize_size: int = setting(
+    resize_size: int = _setting(
         0,
         help="evaluation resize of the short side before the centre crop (0: input_size / 0.875 "
         "for ImageFolder data, else the images' size)",
     )
-    interpolation: Interpolation = setting(
+    interpolation: Interpolation = _setting(
         "bilinear", help="resampling filter for resizing ImageFolder images"
     )
-    seed: int = setting(0, help="seeds initialisation, data order, augmentation and dropout")
-    precision: PrecisionChoice = setting(
+    seed: int = _setting(0, help="seeds initialisation, data order, augmentation and dropout")
+    precision: PrecisionChoice = _setting(
         "auto", help="autocast precision (auto: bf16 on AMX CPUs and Ampere+ GPUs, else fp32)"
     )
-    memory_format: MemoryFormatChoice = setting(
+    memory_format: MemoryFormatChoice = _setting(
         "auto", help="activation layout (auto: channels_last, but contiguous for fp32 on GPUs)"
     )
-    device: str = setting("auto", help="auto, cpu, cuda or cuda:N")
-    workers: int = setting(
+    device: str = _setting("auto", help="auto, cpu, cuda or cuda:N")
+    workers: int = _setting(
         4, help="DataLoader worker processes (ImageFolder only; in-memory datasets need none)"
     )
-    checkpoint_every: int = setting(
+    checkpoint_every: int = _setting(
         0, help="also checkpoint every N optimizer steps (0: at the end of each epoch only)"
     )
-    deterministic: bool = setting(
+    deterministic: bool = _setting(
         False, help="deterministic algorithms only (bitwise-reproducible runs, may be slower)"
     )
-    sync_bn: bool = setting(
+    sync_bn: bool = _setting(
         False,
         help="with several processes (torchrun): BatchNorm statistics over the global batch, not "
         "each process's share",
