@@ -5,13 +5,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from architectures import TINY
 from conftest import randomize_batchnorm
 from densenet import ConfigError, DenseNet, save_weights
 from densenet.cli import main
 from densenet.deploy import export as export_module
 from densenet.deploy.export import ExportError, export_model
 
-TINY = dict(growth_rate=4, block_config=(2, 2), num_init_features=8, num_classes=5)
 SIZE = (40, 40)
 
 

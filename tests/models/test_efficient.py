@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 import densenet.models.efficient as efficient_functions
+from architectures import short_bc
 from conftest import randomize_batchnorm
 from densenet import ConfigError, DenseNet, DenseNetConfig, create_model
 from densenet.models.densenet import EfficientParts
@@ -291,9 +292,7 @@ def test_single_value_per_channel_is_rejected_like_batchnorm():
 def test_frozen_batchnorm_is_refused_not_bypassed():
     from densenet.training.finetune import freeze_backbone
 
-    model = freeze_backbone(
-        create_model("densenet_bc100_k12", block_config=(2, 2, 2), memory_efficient=True)
-    ).train()
+    model = freeze_backbone(short_bc(memory_efficient=True)).train()
     with pytest.raises(ConfigError, match="BatchNorm2d or SyncBatchNorm2d"):
         model(torch.randn(2, 3, 32, 32))
 

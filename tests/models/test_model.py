@@ -2,10 +2,9 @@ import pytest
 import torch
 from torch import nn
 
+from architectures import TINY
 from densenet import ConfigError, DenseNet, DenseNetConfig
 from densenet.models.densenet import DenseLayer
-
-TINY = dict(growth_rate=4, block_config=(2, 2), num_init_features=8, num_classes=5)
 
 
 @pytest.mark.parametrize(
