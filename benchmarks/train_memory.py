@@ -29,16 +29,16 @@ import threading
 import time
 from pathlib import Path
 
+from densenet.hardware import DTYPES, PRECISIONS, cpu_flags
+
 IMPLEMENTATIONS = ("torchvision", "torchvision-me", "ours", "ours-standard")
 DEFAULT_IMPLEMENTATIONS = ("torchvision", "torchvision-me", "ours")
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def cpu_features() -> str:
     """The vector extensions that decide fp32 and bf16 speed on this CPU."""
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
+    flags = cpu_flags()
+    if not flags:
         return "unknown vector extensions"
     wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
     return ", ".join(flag for flag in wanted if flag in flags) or "no AVX2"
@@ -88,7 +88,7 @@ def child(spec: dict) -> None:
     import torch
 
     torch.set_num_threads(spec["threads"])
-    dtype = getattr(torch, DTYPES[spec["dtype"]])
+    dtype = DTYPES[spec["dtype"]]
     layout = torch.channels_last if spec["channels_last"] else torch.contiguous_format
     torch.manual_seed(0)
     model = build(spec["implementation"], spec).train().to(memory_format=layout)
@@ -269,7 +269,7 @@ def main() -> None:
     model.add_argument("--bc-depth", type=int, nargs="+", help="DenseNet-BC k=12 depth(s) L")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--dtype", choices=DTYPES, default="bf16", help="autocast dtype")
+    parser.add_argument("--dtype", choices=PRECISIONS, default="bf16", help="autocast dtype")
     parser.add_argument("--nchw", action="store_true", help="NCHW instead of channels_last")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)

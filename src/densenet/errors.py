@@ -1,5 +1,10 @@
 """Errors a user can act on. The CLI prints them as one line and exits non-zero."""
 
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+
 
 def first_line(error: BaseException) -> str:
     """The gist of a library's exception, for a one-line message."""
@@ -50,3 +55,32 @@ class Interrupted(DenseNetError):
 
 class WriteError(DenseNetError):
     """A file that could not be written: full disk, quota, read-only or failing storage."""
+
+
+class MissingPackageError(DenseNetError):
+    """An optional dependency that is not installed, with the command that installs it."""
+
+
+def check_choice(name: str, value: object, choices: Sequence[object]) -> None:
+    """Refuse a setting that is not one of ``choices`` (a ``Literal`` type's arguments)."""
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(map(str, choices))}, got {value!r}")
+
+
+def require(*packages: str, purpose: str, extra: str) -> None:
+    """Refuse ``purpose``, with the command that installs them, if any of ``packages`` is missing.
+
+    ``extra`` is the ``densenet[...]`` extra of pyproject.toml that holds ``packages``.
+    """
+    missing = []
+    for package in packages:
+        try:
+            importlib.import_module(package)
+        except ImportError:
+            missing.append(package)
+    if missing:
+        names = ", ".join(missing[:-1]) + " and " + missing[-1] if missing[1:] else missing[0]
+        noun = "packages" if missing[1:] else "package"
+        raise MissingPackageError(
+            f"{purpose} needs the {names} {noun}: pip install 'densenet[{extra}]'"
+        )

@@ -3,13 +3,25 @@
 from __future__ import annotations
 
 import contextlib
+import typing
 from pathlib import Path
+from typing import Literal
 
 import torch
 
-from densenet.errors import ConfigError
+from densenet.errors import ConfigError, check_choice
 
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+Precision = Literal["fp32", "bf16", "fp16"]
+PRECISIONS: tuple[Precision, ...] = typing.get_args(Precision)
+DTYPES: dict[Precision, torch.dtype] = {
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
+MemoryFormat = Literal["channels_last", "contiguous"]
+# What a user may ask for: "auto" leaves the choice to resolve_precision_and_format.
+PrecisionChoice = Literal["auto", Precision]
+MemoryFormatChoice = Literal["auto", MemoryFormat]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -26,23 +38,62 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def cpu_info(path: Path = Path("/proc/cpuinfo")) -> dict[str, str]:
+    """The first processor's fields in ``path`` ("model name", "flags", ...); empty if unreadable.
+
+    Every processor repeats the same fields, each block ending at a blank line.
+    """
+    try:
+        text = path.read_text()
+    except OSError:
+        return {}
+    info = {}
+    for line in text.splitlines():
+        if not line.strip():
+            break
+        key, _, value = line.partition(":")
+        info[key.strip()] = value.strip()
+    return info
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (avx2, avx512f, amx_bf16, ...); empty where the kernel lists none."""
+    return frozenset(cpu_info().get("flags", "").split())
+
+
 def cpu_has_amx() -> bool:
     """AMX tiles make bf16 matrix maths several times faster than fp32 on recent Xeons."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags
+    return "amx_bf16" in cpu_flags()
 
 
-def default_precision(device: torch.device) -> str:
+def resolve_precision_and_format(
+    device: torch.device,
+    precision: PrecisionChoice = "auto",
+    memory_format: MemoryFormatChoice = "auto",
+) -> tuple[Precision, MemoryFormat]:
+    """The precision and memory layout to run in on ``device``.
+
+    "auto" picks what is fast there; a precision the hardware cannot run is refused.
+    """
+    check_choice("precision", precision, typing.get_args(PrecisionChoice))
+    check_choice("memory_format", memory_format, typing.get_args(MemoryFormatChoice))
+    resolved = _default_precision(device) if precision == "auto" else precision
+    # fp16 runs everywhere (slowly on CPUs without AVX512-FP16); bf16 needs GPU support.
+    if resolved == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("this GPU has no bf16 support; use --precision fp16 or fp32")
+    if memory_format == "auto":
+        return resolved, _default_memory_format(device, resolved)
+    return resolved, memory_format
+
+
+def _default_precision(device: torch.device) -> Precision:
     """bf16 where the hardware has fast bf16 units (Ampere+ GPUs, AMX CPUs), fp32 elsewhere."""
     if device.type == "cuda":
         return "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp32"
     return "bf16" if device.type == "cpu" and cpu_has_amx() else "fp32"
 
 
-def default_memory_format(device: torch.device, precision: str) -> str:
+def _default_memory_format(device: torch.device, precision: Precision) -> MemoryFormat:
     # oneDNN and cuDNN both run convolutions faster in NHWC, most of all with bf16/fp16; fp32 on
     # a GPU gains little and some older cuDNN kernels lose, so it stays NCHW there.
     if device.type == "cuda" and precision == "fp32":
@@ -50,19 +101,13 @@ def default_memory_format(device: torch.device, precision: str) -> str:
     return "channels_last"
 
 
-def check_precision(device: torch.device, precision: str) -> None:
-    # fp16 runs everywhere (slowly on CPUs without AVX512-FP16); bf16 needs GPU support.
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError("this GPU has no bf16 support; use --precision fp16 or fp32")
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+def autocast(device: torch.device, precision: Precision) -> contextlib.AbstractContextManager:
     if precision == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
+    return torch.autocast(device.type, dtype=DTYPES[precision])
 
 
-def to_memory_format(tensor: torch.Tensor, memory_format: str) -> torch.Tensor:
+def to_memory_format(tensor: torch.Tensor, memory_format: MemoryFormat) -> torch.Tensor:
     if memory_format == "channels_last":
         return tensor.contiguous(memory_format=torch.channels_last)
     return tensor

@@ -1,4 +1,5 @@
 import pickle
+import sys
 
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ from torchvision import transforms
 
 from densenet.data.datasets import load_split
 from densenet.data.loaders import Normalize, Shard, TensorBatches, crop_and_flip, eval_transform
-from densenet.errors import ConfigError, DatasetError
+from densenet.errors import ConfigError, DatasetError, MissingPackageError
 from densenet.models.presets import Preprocessing
 from fake_data import write_cifar, write_image_folder, write_svhn
 
@@ -34,6 +35,18 @@ def test_svhn_mat_files_map_label_10_to_digit_0_and_add_extra(tmp_path):
     test = load_split("svhn", tmp_path, "test")
     assert test.labels.tolist() == [(i % 10 + 1) % 10 for i in range(12)]
     assert test.images.shape == (12, 3, 32, 32)
+
+
+def test_svhn_without_scipy_is_named_with_the_install_command(tmp_path, monkeypatch):
+    from densenet.data.datasets import download
+
+    write_svhn(tmp_path)
+    monkeypatch.setitem(sys.modules, "scipy", None)  # import fails as if not installed
+    message = r"SVHN's MATLAB files needs the scipy package: pip install 'densenet\[svhn\]'"
+    with pytest.raises(MissingPackageError, match=message):
+        load_split("svhn", tmp_path, "test")
+    with pytest.raises(MissingPackageError, match=message):  # before anything is fetched
+        download("svhn", tmp_path)
 
 
 def test_digits_split_is_stratified_and_fixed():

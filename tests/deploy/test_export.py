@@ -1,16 +1,17 @@
 import json
+import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from architectures import TINY
 from conftest import randomize_batchnorm
 from densenet import ConfigError, DenseNet, save_weights
 from densenet.cli import main
 from densenet.deploy import export as export_module
 from densenet.deploy.export import ExportError, export_model
 
-TINY = dict(growth_rate=4, block_config=(2, 2), num_init_features=8, num_classes=5)
 SIZE = (40, 40)
 
 
@@ -89,6 +90,28 @@ def test_unwritable_output_is_a_one_line_error(weights, tmp_path, capsys):
     output = tmp_path / "missing" / "m.onnx"
     argv = ["export", "--weights", str(path), "--format", "onnx", "--output", str(output)]
     assert "does not exist" in _cli_error(argv, capsys)
+
+
+@pytest.mark.parametrize(
+    "missing, message",
+    [
+        (
+            ["onnxruntime"],
+            "ONNX export needs the onnxruntime package: pip install 'densenet[export]'",
+        ),
+        (["onnx", "onnxscript", "onnxruntime"], "the onnx, onnxscript and onnxruntime packages:"),
+    ],
+)
+def test_missing_onnx_packages_are_named_with_the_install_command(
+    weights, tmp_path, capsys, monkeypatch, missing, message
+):
+    path, _ = weights
+    for package in missing:
+        monkeypatch.setitem(sys.modules, package, None)  # import fails as if not installed
+    output = tmp_path / "m.onnx"
+    argv = ["export", "--weights", str(path), "--format", "onnx", "--output", str(output)]
+    assert message in _cli_error(argv, capsys)
+    assert not output.exists()
 
 
 def test_weights_that_do_not_match_are_a_one_line_error(weights, tmp_path, capsys):

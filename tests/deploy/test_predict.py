@@ -4,7 +4,8 @@ import torch
 import torchvision
 from PIL import Image
 
-from densenet import DenseNetError, Preprocessing, create_model, save_weights
+from architectures import short_bc
+from densenet import DenseNetError, Preprocessing, save_weights
 from densenet.cli import main
 from densenet.deploy.predict import Predictor, load_image
 
@@ -46,7 +47,7 @@ def test_grayscale_models_get_one_channel(tmp_path):
 
 
 def test_predictions_match_the_model_and_use_class_names(tmp_path):
-    model = create_model("densenet_bc100_k12", block_config=(2, 2, 2), num_classes=4).eval()
+    model = short_bc(num_classes=4).eval()
     paths = [write_image(tmp_path / f"{i}.png", seed=i) for i in range(3)]
     predictor = Predictor(model, PREPROCESSING, ["cat", "dog", "fox", "owl"])
     predictions = predictor.predict(paths, top_k=2, batch_size=2)
@@ -63,7 +64,7 @@ def test_predictions_match_the_model_and_use_class_names(tmp_path):
 
 
 def test_cli_reads_preprocessing_and_classes_from_the_weights_file(tmp_path, capsys):
-    model = create_model("densenet_bc100_k12", block_config=(2, 2, 2), num_classes=3)
+    model = short_bc(num_classes=3)
     weights = save_weights(
         model,
         tmp_path / "m.safetensors",
@@ -89,7 +90,7 @@ def test_cli_with_a_torchvision_checkpoint_uses_the_preset(tmp_path, capsys):
 
 
 def test_unreadable_image_is_named(tmp_path, capsys):
-    model = create_model("densenet_bc100_k12", block_config=(2, 2, 2), num_classes=3)
+    model = short_bc(num_classes=3)
     weights = save_weights(
         model, tmp_path / "m.safetensors", meta={"preprocessing": PREPROCESSING.to_dict()}
     )

@@ -1,12 +1,15 @@
 import copy
 import os
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
+from architectures import DIGITS
 from densenet import ConfigError, DenseNet, quantize_int8
+from densenet.errors import MissingPackageError
 
 # What int8 must keep of the fp32 network on held-out digits, and the margins behind each bound.
 # Observed over 34 trainings of the fixture's network, each kernel set giving other weights: seeds
@@ -38,10 +41,7 @@ def digits_model():
     order = torch.randperm(len(y))
     x, y = x[order], y[order]
     train, test = slice(0, 1400), slice(1400, None)
-    model = DenseNet(
-        growth_rate=8, block_config=(3, 3), num_init_features=16, stem="cifar",
-        in_channels=1, num_classes=10,
-    )  # fmt: skip
+    model = DenseNet(**DIGITS, num_classes=10)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(150):
         batch = torch.randint(0, 1400, (64,))
@@ -144,6 +144,14 @@ def test_bad_inputs_raise_config_errors(digits_model):
         quantize_int8(model, [torch.rand(4, 3, 8, 8)])
     with pytest.raises(ConfigError, match=r"densenet\.DenseNet"):
         quantize_int8(torch.nn.Linear(2, 2), [x_train[:4]])  # type: ignore[arg-type]
+
+
+def test_missing_torchao_is_named_with_the_install_command(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchao", None)  # import fails as if not installed
+    model = DenseNet(**DIGITS, num_classes=10).eval()
+    message = r"int8 quantization needs the torchao package: pip install 'densenet\[int8\]'"
+    with pytest.raises(MissingPackageError, match=message):
+        quantize_int8(model, [torch.rand(2, 1, 8, 8)])
 
 
 @pytest.mark.skipif(

@@ -5,7 +5,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from densenet import create_model
+from architectures import short_bc
 from densenet.models.batchnorm import SyncBatchNorm2d, convert_sync_batchnorm
 from densenet.training.distributed import broadcast_buffers
 
@@ -81,13 +81,11 @@ def test_sync_batchnorm_over_two_processes_equals_one_big_batch():
 
 
 def test_without_a_process_group_it_is_plain_batchnorm():
-    model = create_model("densenet_bc100_k12", block_config=(2, 2, 2))
+    model = short_bc()
     x = torch.randn(4, 3, 32, 32)
     expected = model(x)
     converted = convert_sync_batchnorm(model)
     assert all(type(m) is not nn.BatchNorm2d for m in converted.modules())
     assert sum(isinstance(m, SyncBatchNorm2d) for m in converted.modules()) > 0
-    assert set(converted.state_dict()) == set(
-        create_model("densenet_bc100_k12", block_config=(2, 2, 2)).state_dict()
-    )
+    assert set(converted.state_dict()) == set(short_bc().state_dict())
     assert torch.allclose(converted(x), expected, atol=1e-6)

@@ -8,8 +8,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+import densenet.models.efficient as efficient_functions
+from architectures import short_bc
 from conftest import randomize_batchnorm
 from densenet import ConfigError, DenseNet, DenseNetConfig, create_model
+from densenet.models.densenet import EfficientParts
 from densenet.models.efficient import stem_forward
 
 CONFIGS = {
@@ -139,6 +142,42 @@ def test_eval_mode_is_the_standard_path():
         assert torch.equal(efficient.eval()(x), standard.eval()(x))
 
 
+@pytest.mark.parametrize(
+    "fields, parts",
+    [
+        (dict(memory_efficient=False), EfficientParts(stem=False, blocks=False, transitions=False)),
+        (dict(), EfficientParts(stem=True, blocks=True, transitions=True)),
+        (dict(stem="cifar"), EfficientParts(stem=False, blocks=True, transitions=True)),
+        (dict(drop_rate=0.3), EfficientParts(stem=True, blocks=True, transitions=False)),
+    ],
+)
+def test_efficient_parts_decide_which_paths_train_efficiently(monkeypatch, fields, parts):
+    fields = {**CONFIGS["imagenet_three_blocks"], "memory_efficient": True, **fields}
+    config = DenseNetConfig(**fields)
+    assert config.efficient_parts == parts
+    taken = []
+    for part, function in [
+        ("stem", "stem_forward"),
+        ("blocks", "dense_block_forward"),
+        ("transitions", "transition_forward"),
+    ]:
+        original = getattr(efficient_functions, function)
+
+        def record(*args, part=part, original=original):
+            taken.append(part)
+            return original(*args)
+
+        monkeypatch.setattr(efficient_functions, function, record)
+    model = DenseNet(config).train()
+    x = torch.randn(2, 3, 40, 40)
+    model(x)
+    assert set(taken) == {part for part, on in vars(parts).items() if on}
+    taken.clear()
+    with torch.no_grad():
+        model.eval()(x)
+    assert taken == []
+
+
 def test_training_without_gradients_updates_statistics_like_the_standard_path():
     standard, efficient = make_pair(CONFIGS["plain"])
     x = torch.randn(4, 3, 16, 16)
@@ -253,9 +292,7 @@ def test_single_value_per_channel_is_rejected_like_batchnorm():
 def test_frozen_batchnorm_is_refused_not_bypassed():
     from densenet.training.finetune import freeze_backbone
 
-    model = freeze_backbone(
-        create_model("densenet_bc100_k12", block_config=(2, 2, 2), memory_efficient=True)
-    ).train()
+    model = freeze_backbone(short_bc(memory_efficient=True)).train()
     with pytest.raises(ConfigError, match="BatchNorm2d or SyncBatchNorm2d"):
         model(torch.randn(2, 3, 32, 32))
 

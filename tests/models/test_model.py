@@ -2,10 +2,9 @@ import pytest
 import torch
 from torch import nn
 
+from architectures import TINY
 from densenet import ConfigError, DenseNet, DenseNetConfig
 from densenet.models.densenet import DenseLayer
-
-TINY = dict(growth_rate=4, block_config=(2, 2), num_init_features=8, num_classes=5)
 
 
 @pytest.mark.parametrize(
@@ -54,6 +53,15 @@ def test_input_checks_happen_before_computation():
     with pytest.raises(ValueError, match="4-D"):
         model(torch.randn(3, 64, 64))
     assert calls == []
+
+
+def test_the_config_checks_inputs_for_every_network_built_from_it():
+    config = DenseNetConfig(**TINY)
+    config.check_input(torch.randn(2, 3, 5, 5))  # two blocks after the ImageNet stem
+    with pytest.raises(ConfigError, match="3 input channels, got 1"):
+        config.check_input(torch.randn(2, 1, 64, 64))
+    with pytest.raises(ConfigError, match="at least 5 px"):
+        config.check_input(torch.randn(2, 3, 4, 64))
 
 
 def test_layer_shapes_follow_the_paper():

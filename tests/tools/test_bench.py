@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from architectures import TINY
 from conftest import randomize_batchnorm
 from densenet import DenseNet
 from densenet.cli import main
@@ -8,9 +9,7 @@ from densenet.tools.bench import torchvision_twin
 
 
 def test_torchvision_twin_computes_the_same_function():
-    model = randomize_batchnorm(
-        DenseNet(growth_rate=4, block_config=(2, 2), num_init_features=8, num_classes=5)
-    ).eval()
+    model = randomize_batchnorm(DenseNet(**TINY)).eval()
     twin = torchvision_twin(model)
     x = torch.randn(2, 3, 40, 40)
     with torch.no_grad():

@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file
 from test_train import read_metrics
 
+from architectures import TINY_TRAIN_FLAGS
 from densenet.cli import main
 from densenet.data import loaders
 from densenet.data.datasets import load_split
@@ -34,7 +35,7 @@ ARGS = [
     # batch 128 -- and one process run with 1 or with 2 threads differs as much, so longer runs
     # can't be compared at 1e-5 in fp32 (the tolerance).
     *("--epochs", "1", "--batch-size", "256", "--lr", "0.01", "--lr-milestones", "1.0"),
-    *("--model-override", "block_config=[1,1,1]", "--model-override", "growth_rate=4"),
+    *TINY_TRAIN_FLAGS,
     *("--precision", "fp32", "--deterministic", "--sync-bn", "--no-progress"),
 ]
 TOLERANCE = 1e-5

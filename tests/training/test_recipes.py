@@ -52,6 +52,8 @@ def test_saved_config_round_trips_as_a_recipe(tmp_path):
         ({"epochs": 0}, "epochs must be >= 1"),
         ({"batch_size": "64"}, "batch_size must be of type int"),
         ({"augment": "mixup"}, "augment must be one of"),
+        ({"interpolation": "cubic"}, "interpolation must be one of bilinear, bicubic"),
+        ({"precision": 16}, "precision must be of type str"),
         ({"lr_milestones": [150]}, "fractions of the run"),
         ({"learning_rate": 0.1}, "unknown setting(s) learning_rate"),
         ({"model_overrides": {"num_classes": 5}}, "may not set num_classes"),

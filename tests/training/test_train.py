@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from torchvision import transforms
 
 import densenet
+from architectures import TINY_TRAIN_FLAGS
 from densenet.cli import main
 from densenet.data.datasets import load_split
 from densenet.data.loaders import Normalize
@@ -21,15 +22,7 @@ from densenet.training.metrics import DeviceTally
 from densenet.training.rundir import METRICS
 from fake_data import write_cifar, write_image_folder
 
-TINY = [
-    "--model-override",
-    "block_config=[1,1,1]",
-    "--model-override",
-    "growth_rate=4",
-    "--precision",
-    "fp32",
-    "--no-progress",
-]
+TINY = [*TINY_TRAIN_FLAGS, "--precision", "fp32", "--no-progress"]
 # What must not differ between two runs that compute the same thing (timings may).
 EXACT_COLUMNS = [c for c in METRICS if c not in ("img_per_s", "seconds", "data_share")]
 
@@ -107,7 +100,7 @@ def test_sigkill_mid_epoch_then_resume_gives_bitwise_identical_weights(tmp_path)
     # Digits: 5 steps of 256 per epoch; dropout and augmentation make every step random.
     args = [
         *("--epochs", "2", "--batch-size", "256", "--deterministic", "--drop-rate", "0.1"),
-        *("--model-override", "block_config=[1,1,1]", "--model-override", "growth_rate=4"),
+        *TINY_TRAIN_FLAGS,
         *("--precision", "fp32", "--no-progress"),
     ]
     whole, killed = tmp_path / "whole", tmp_path / "killed"

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
+from architectures import DIGITS, short_bc
 from conftest import randomize_batchnorm
 from densenet import ConfigError, DenseNet, create_model, load_model, save_weights
 from densenet.models.features import FeatureExtractor
@@ -89,7 +90,7 @@ def test_feature_extractor_rejects_bad_input():
 
 
 def test_freeze_backbone_trains_only_the_head():
-    model = randomize_batchnorm(create_model("densenet_bc100_k12", block_config=(2, 2, 2)))
+    model = randomize_batchnorm(short_bc())
     before = {k: v.clone() for k, v in model.state_dict().items()}
     freeze_backbone(model)
     groups = parameter_groups(model, lr=0.1)
@@ -107,7 +108,7 @@ def test_freeze_backbone_trains_only_the_head():
 
 
 def test_parameter_groups_give_the_backbone_a_lower_rate():
-    model = create_model("densenet_bc100_k12", block_config=(2, 2, 2))
+    model = short_bc()
     backbone, head = parameter_groups(model, lr=0.1, backbone_lr_scale=0.01)
     assert backbone["lr"] == pytest.approx(0.001) and head["lr"] == 0.1
     total = sum(p.numel() for g in (backbone, head) for p in g["params"])
@@ -162,13 +163,6 @@ def accuracy(model, x, y):
         return (model.eval()(x).argmax(1) == y).float().mean().item()
 
 
-def small_digit_net():
-    return DenseNet(
-        growth_rate=8, block_config=(3, 3), num_init_features=16, stem="cifar",
-        in_channels=1, num_classes=5,
-    )  # fmt: skip
-
-
 @pytest.fixture
 def one_thread():
     # Steps of an 8x8 network are too small to share between threads: one is several times faster.
@@ -181,7 +175,7 @@ def one_thread():
 def test_backbone_trained_on_digits_0_to_4_transfers_to_5_to_9(tmp_path, one_thread):
     torch.manual_seed(0)
     x_source, y_source = digits(0)
-    source = small_digit_net()
+    source = DenseNet(**DIGITS, num_classes=5)
     train(source, source.parameters(), x_source, y_source, PRETRAIN_STEPS)
     assert accuracy(source, x_source, y_source) >= MIN_SOURCE_ACCURACY
     path = save_weights(source, tmp_path / "digits04.safetensors")
@@ -195,7 +189,7 @@ def test_backbone_trained_on_digits_0_to_4_transfers_to_5_to_9(tmp_path, one_thr
         groups = parameter_groups(tuned, lr=3e-3, backbone_lr_scale=0.3)
         train(tuned, groups, x_train, y_train, FINETUNE_STEPS)
         torch.manual_seed(seed)
-        scratch = small_digit_net()
+        scratch = DenseNet(**DIGITS, num_classes=5)
         train(scratch, scratch.parameters(), x_train, y_train, FINETUNE_STEPS)
         tuned_accuracy, scratch_accuracy = (
             accuracy(tuned, x_test, y_test),

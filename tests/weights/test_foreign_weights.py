@@ -13,6 +13,7 @@ import torch
 
 from conftest import randomize_batchnorm
 from densenet import WeightsError, create_model
+from densenet.errors import MissingPackageError
 from densenet.weights.keras import KERAS_BN_EPSILON
 
 os.environ["KERAS_BACKEND"] = "torch"
@@ -219,5 +220,6 @@ def test_missing_h5py_is_explained(tmp_path, monkeypatch):
     path = tmp_path / "w.h5"
     path.write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(100))
     monkeypatch.setitem(sys.modules, "h5py", None)
-    with pytest.raises(WeightsError, match=r"needs h5py: pip install 'densenet\[keras\]'"):
+    message = r"needs the h5py package: pip install 'densenet\[keras\]'"
+    with pytest.raises(MissingPackageError, match=message):
         create_model("densenet121", weights=path)

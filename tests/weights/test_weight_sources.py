@@ -7,17 +7,12 @@ import re
 import pytest
 import torch
 
+from architectures import short_bc
 from densenet import WeightsError, create_model, load_model, save_weights
 from densenet.cli import main
 from densenet.weights.download import cached_path, fetch
 from densenet.weights.io import read_checkpoint
 from densenet.weights.pretrained import PUBLISHED
-
-SMALL = {"block_config": (2, 2, 2)}
-
-
-def small(**overrides):
-    return create_model("densenet_bc100_k12", **SMALL, **overrides)
 
 
 @pytest.fixture
@@ -30,7 +25,7 @@ def cache(tmp_path, monkeypatch):
 def weights_file(tmp_path):
     path = tmp_path / "source" / "m.safetensors"
     path.parent.mkdir()
-    return save_weights(small(), path)
+    return save_weights(short_bc(), path)
 
 
 def sha256(path):
@@ -39,17 +34,17 @@ def sha256(path):
 
 def test_url_is_downloaded_once_then_used_offline(cache, weights_file):
     url = weights_file.as_uri()
-    first = create_model("densenet_bc100_k12", **SMALL, weights=url)
+    first = short_bc(weights=url)
     assert cached_path(url).is_file()
     weights_file.unlink()  # the "server" is gone: the cached copy must do
-    second = create_model("densenet_bc100_k12", **SMALL, weights=url)
+    second = short_bc(weights=url)
     assert torch.equal(first.features.conv0.weight, second.features.conv0.weight)
 
 
 def test_same_file_name_from_two_urls_does_not_collide(cache, tmp_path):
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
-    a = save_weights(small(growth_rate=4), tmp_path / "a" / "model.safetensors")
-    b = save_weights(small(growth_rate=6), tmp_path / "b" / "model.safetensors")
+    a = save_weights(short_bc(growth_rate=4), tmp_path / "a" / "model.safetensors")
+    b = save_weights(short_bc(growth_rate=6), tmp_path / "b" / "model.safetensors")
     assert load_model(fetch(a.as_uri()))[0].config.growth_rate == 4
     assert load_model(fetch(b.as_uri()))[0].config.growth_rate == 6
 
@@ -134,12 +129,14 @@ def test_unknown_weights_name_is_explained(name, source, message):
 
 
 def test_backbone_only_file_needs_a_head_decision(tmp_path):
-    state_dict = {k: v for k, v in small().state_dict().items() if not k.startswith("classifier")}
+    state_dict = {
+        k: v for k, v in short_bc().state_dict().items() if not k.startswith("classifier")
+    }
     path = tmp_path / "notop.pth"
     torch.save(state_dict, path)
     with pytest.raises(WeightsError, match=r"holds no classifier.*num_classes=N"):
-        create_model("densenet_bc100_k12", **SMALL, weights=path)
-    model = create_model("densenet_bc100_k12", **SMALL, weights=path, num_classes=7)
+        short_bc(weights=path)
+    model = short_bc(weights=path, num_classes=7)
     assert model.classifier.out_features == 7
     assert torch.equal(model.features.conv0.weight, state_dict["features.conv0.weight"])
 
@@ -169,7 +166,7 @@ def test_convert_cli_writes_a_self_describing_file(tmp_path, capsys):
 
 def test_convert_cli_errors(tmp_path, capsys):
     source = tmp_path / "tv.pth"
-    torch.save(small().state_dict(), source)
+    torch.save(short_bc().state_dict(), source)
     assert main(["convert", str(source), "--output", str(tmp_path / "o.safetensors")]) == 2
     assert "pass --model NAME" in capsys.readouterr().err
     assert main(["convert", str(source), "--output", str(tmp_path / "o.pth")]) == 2

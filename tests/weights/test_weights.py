@@ -5,6 +5,7 @@ import torch
 import torchvision
 from safetensors.torch import save_file
 
+from architectures import short_bc
 from conftest import randomize_batchnorm
 from densenet import WeightsError, create_model, load_model, save_weights
 from densenet.weights.download import cached_path
@@ -39,12 +40,8 @@ def test_torchvision_checkpoint_gives_the_same_function(name, style, tmp_path):
     assert difference <= 1e-5
 
 
-def small(name="densenet_bc100_k12", **overrides):
-    return create_model(name, block_config=(2, 2, 2), **overrides)
-
-
 def test_own_format_rebuilds_the_model_from_the_file_alone(tmp_path):
-    model = randomize_batchnorm(small(num_classes=4, growth_rate=6)).eval()
+    model = randomize_batchnorm(short_bc(num_classes=4, growth_rate=6)).eval()
     path = save_weights(model, tmp_path / "m.safetensors", meta={"classes": list("abcd")})
     rebuilt, checkpoint = load_model(path)
     rebuilt.eval()
@@ -57,22 +54,22 @@ def test_own_format_rebuilds_the_model_from_the_file_alone(tmp_path):
 
 
 def test_new_head_keeps_the_backbone(tmp_path):
-    model = small(num_classes=10)
+    model = short_bc(num_classes=10)
     path = save_weights(model, tmp_path / "m.safetensors")
-    tuned = create_model("densenet_bc100_k12", block_config=(2, 2, 2), weights=path, num_classes=3)
+    tuned = short_bc(weights=path, num_classes=3)
     assert tuned.classifier.out_features == 3
     assert torch.equal(tuned.features.conv0.weight, model.features.conv0.weight)
 
 
 def test_mismatched_file_names_every_problem(tmp_path):
-    state_dict = small().state_dict()
+    state_dict = short_bc().state_dict()
     state_dict.pop("features.conv0.weight")
     state_dict["features.extra.weight"] = torch.zeros(1)
     state_dict["features.norm4.weight"] = torch.zeros(7)
     path = tmp_path / "bad.pth"
     torch.save(state_dict, path)
     with pytest.raises(WeightsError) as error:
-        create_model("densenet_bc100_k12", block_config=(2, 2, 2), weights=path)
+        short_bc(weights=path)
     message = str(error.value)
     assert "missing: features.conv0.weight" in message
     assert "unexpected: features.extra.weight" in message
@@ -81,14 +78,14 @@ def test_mismatched_file_names_every_problem(tmp_path):
 
 
 def test_different_architecture_is_named(tmp_path):
-    path = save_weights(small(), tmp_path / "m.safetensors")
+    path = save_weights(short_bc(), tmp_path / "m.safetensors")
     with pytest.raises(WeightsError, match="growth_rate=12"):
-        create_model("densenet_bc100_k12", block_config=(2, 2, 2), growth_rate=6, weights=path)
+        short_bc(growth_rate=6, weights=path)
 
 
 def test_pickles_load_only_plain_tensors(tmp_path):
     path = tmp_path / "evil.pth"
-    torch.save({"state_dict": small().state_dict(), "extra": object()}, path)
+    torch.save({"state_dict": short_bc().state_dict(), "extra": object()}, path)
     with pytest.raises(WeightsError, match="weights_only"):
         read_checkpoint(path)
 
@@ -103,7 +100,7 @@ def test_corrupt_files_give_one_clear_error(tmp_path, content, suffix):
 
 
 def test_truncated_safetensors(tmp_path):
-    path = save_weights(small(), tmp_path / "m.safetensors")
+    path = save_weights(short_bc(), tmp_path / "m.safetensors")
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(WeightsError, match="cannot read"):
         read_checkpoint(path)
@@ -119,8 +116,8 @@ def test_missing_file_and_unknown_suffix(tmp_path):
 
 def test_file_url_is_downloaded_once_into_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("DENSENET_CACHE", str(tmp_path / "cache"))
-    path = save_weights(small(), tmp_path / "m.safetensors")
-    model = create_model("densenet_bc100_k12", block_config=(2, 2, 2), weights=path.as_uri())
+    path = save_weights(short_bc(), tmp_path / "m.safetensors")
+    model = short_bc(weights=path.as_uri())
     assert cached_path(path.as_uri()).is_relative_to(tmp_path / "cache")
     assert cached_path(path.as_uri()).exists()
     assert torch.equal(model.features.conv0.weight, load_model(path)[0].features.conv0.weight)
@@ -128,7 +125,7 @@ def test_file_url_is_downloaded_once_into_the_cache(tmp_path, monkeypatch):
 
 def test_safetensors_without_config_needs_a_name(tmp_path):
     path = tmp_path / "bare.safetensors"
-    save_file(small().state_dict(), path)
+    save_file(short_bc().state_dict(), path)
     with pytest.raises(WeightsError, match="no model config"):
         load_model(path)
-    assert create_model("densenet_bc100_k12", block_config=(2, 2, 2), weights=path) is not None
+    assert short_bc(weights=path) is not None

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import torch
 
+from densenet.deploy.optimize import INFERENCE_PRECISIONS
 from densenet.errors import ConfigError
 from densenet.files import atomic_write
 from densenet.hardware import resolve_device
 from densenet.tools.bench import (
-    PRECISIONS,
     TORCHVISION_DEFAULT,
     Timing,
     candidates,
@@ -29,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("name", help="model preset (see `densenet list`)")
     parser.add_argument("--batch", nargs="+", type=int, default=[1, 32], metavar="N")
     parser.add_argument(
-        "--precision", nargs="+", choices=sorted(PRECISIONS), default=["fp32", "bf16"]
+        "--precision", nargs="+", choices=INFERENCE_PRECISIONS, default=["fp32", "bf16"]
     )
     parser.add_argument(
         "--compile", action="store_true", help="also time torch.compile'd runs (slow to warm up)"

@@ -9,6 +9,7 @@ import argparse
 import csv
 import json
 import math
+import typing
 from pathlib import Path
 
 import torch
@@ -17,12 +18,7 @@ from densenet.data.datasets import Data, TensorData, load_split
 from densenet.data.loaders import Normalize, make_batches
 from densenet.errors import ConfigError, DatasetError, WeightsError
 from densenet.files import atomic_write, staged
-from densenet.hardware import (
-    check_precision,
-    default_memory_format,
-    default_precision,
-    resolve_device,
-)
+from densenet.hardware import PrecisionChoice, resolve_device, resolve_precision_and_format
 from densenet.models.densenet import DenseNet
 from densenet.models.presets import Preprocessing
 from densenet.training.config import DATASETS
@@ -48,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--batch-size", type=int, default=256, help="split over the processes under torchrun"
     )
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    parser.add_argument("--precision", default="auto", choices=typing.get_args(PrecisionChoice))
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument(
         "--out", type=Path, help="where the PNG, CSV and JSON go (default: beside the weights)"
@@ -105,13 +101,11 @@ def run(args: argparse.Namespace) -> int:
         with stop_together(device):
             model, preprocessing, class_names = _load(args)
             data = _load_data(args, model, preprocessing, class_names)
-            precision = default_precision(device) if args.precision == "auto" else args.precision
-            check_precision(device, precision)
+            precision, memory_format = resolve_precision_and_format(device, args.precision)
             if context.is_main:
                 RunDirectory.check_writable(out)
 
         model.to(device)
-        memory_format = default_memory_format(device, precision)
         if memory_format == "channels_last":
             model.to(memory_format=torch.channels_last)
         batches = make_batches(

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from densenet.deploy.export import FORMATS, PRECISIONS, export_model
+from densenet.deploy.export import FORMATS, export_model
+from densenet.deploy.optimize import INFERENCE_PRECISIONS
 from densenet.weights.registry import create_model, load_model
 
 
@@ -21,7 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--model", help="a preset name, with freshly initialised weights (for trying deployment)"
     )
     parser.add_argument("--format", required=True, choices=FORMATS)
-    parser.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32")
+    parser.add_argument("--precision", choices=INFERENCE_PRECISIONS, default="fp32")
     parser.add_argument("--output", required=True, help="file to write")
     parser.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"))
     parser.set_defaults(run=run)

@@ -9,6 +9,7 @@ import time
 import typing
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 from densenet.errors import ConfigError, DenseNetError, Interrupted
 from densenet.hardware import resolve_device
@@ -26,30 +27,6 @@ from densenet.training.loop import train
 from densenet.training.rundir import RunDirectory
 from densenet.weights.registry import get_spec
 
-HELP = {
-    "dataset": "digits (built in, the default), cifar10, cifar100, svhn or imagefolder",
-    "data_dir": "where the dataset lives (ImageFolder: DIR/train/CLASS/*, DIR/val/CLASS/*)",
-    "download": "fetch the dataset with torchvision's downloaders if it is missing",
-    "model": "model preset (see `densenet list`)",
-    "model_override": "change a field of the preset, e.g. growth_rate=24 or block_config=[4,4,4]",
-    "drop_rate": "dropout after each convolution (the paper: 0.2 without augmentation)",
-    "batch_size": "global batch size (split evenly across processes)",
-    "lr_milestones": "fractions of the run at which the lr is multiplied by lr_gamma",
-    "augment": "none, crop (pad + random crop), crop_flip, random_resized_crop_flip",
-    "mean": "per-channel mean on the 0-1 scale (default: measured on the training set)",
-    "precision": "auto (bf16 on AMX CPUs and Ampere+ GPUs, else fp32), fp32, bf16 or fp16",
-    "memory_format": "auto, channels_last or contiguous",
-    "device": "auto, cpu, cuda or cuda:N",
-    "workers": "DataLoader worker processes for ImageFolder data",
-    "checkpoint_every": "also checkpoint every N steps (0: at the end of each epoch only)",
-    "deterministic": "deterministic algorithms only (bitwise-reproducible runs, may be slower)",
-    "memory_efficient": "dense blocks in memory linear in depth (same results)",
-    "finetune": "start from these weights: a file, URL or published name (see README)",
-    "freeze_backbone": "with --finetune: train only the classifier",
-    "backbone_lr_scale": "with --finetune: the backbone's lr is lr times this",
-    "sync_bn": "with several processes (torchrun), BatchNorm statistics over the global batch",
-}
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -65,21 +42,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue this run exactly")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     settings = parser.add_argument_group("settings (each overrides the recipe)")
-    for name in FIELDS:
+    for name, field in FIELDS.items():
         kind = FIELD_TYPES[name]
         flag = "--" + name.replace("_", "-")
-        common = {"dest": name, "default": argparse.SUPPRESS, "help": HELP.get(name)}
+        common = {"dest": name, "default": argparse.SUPPRESS, "help": field.metadata["help"]}
         if name == "model_overrides":
             settings.add_argument(
-                "--model-override",
-                action="append",
-                metavar="KEY=VALUE",
-                **{**common, "help": HELP["model_override"]},
+                "--model-override", action="append", metavar="KEY=VALUE", **common
             )
         elif kind is bool:
             settings.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
         elif typing.get_origin(kind) is tuple:
             settings.add_argument(flag, nargs="+", type=float, metavar="X", **common)
+        elif typing.get_origin(kind) is Literal:
+            settings.add_argument(flag, choices=typing.get_args(kind), **common)
         else:
             settings.add_argument(flag, type=kind, metavar=name.upper(), **common)
     parser.set_defaults(run=run)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from densenet.errors import DatasetError
+from densenet.errors import DatasetError, require
 
 DIGITS_TEST_FRACTION = 0.2
 # The held-out digits split never changes with the training seed: results stay comparable.
@@ -42,6 +42,7 @@ CIFAR = {
 }
 SVHN_FILES = {"train": "train_32x32.mat", "extra": "extra_32x32.mat", "test": "test_32x32.mat"}
 SVHN_URL = "http://ufldl.stanford.edu/housenumbers/"
+SVHN_READER = "reading SVHN's MATLAB files"
 
 
 @dataclass
@@ -97,6 +98,7 @@ def download(name: str, data_dir: str | Path, *, svhn_extra: bool = True) -> Non
         elif name == "cifar100":
             tvd.CIFAR100(str(data_dir), download=True)
         elif name == "svhn":
+            require("scipy", purpose=SVHN_READER, extra="svhn")  # torchvision reads what it fetched
             for split in ["train", "test"] + (["extra"] if svhn_extra else []):
                 tvd.SVHN(str(data_dir), split=split, download=True)
         elif name == "imagefolder":
@@ -211,6 +213,7 @@ def _cifar(name: str, data_dir: Path, split: str) -> TensorData:
 
 
 def _svhn(data_dir: Path, parts: list[str]) -> TensorData:
+    require("scipy", purpose=SVHN_READER, extra="svhn")
     from scipy.io import loadmat
 
     images, labels = [], []

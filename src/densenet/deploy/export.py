@@ -17,15 +17,15 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from densenet.deploy.optimize import optimize_for_inference
-from densenet.errors import ConfigError, DenseNetError, first_line
+from densenet.deploy.optimize import INFERENCE_PRECISIONS, optimize_for_inference
+from densenet.errors import ConfigError, DenseNetError, first_line, require
 from densenet.files import staged
+from densenet.hardware import DTYPES, Precision
 from densenet.models.densenet import DenseNet
 
 FORMATS = ("onnx", "torchscript", "exported-program")
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Largest |exported - eager| allowed, relative to the largest |eager logit|.
-TOLERANCE = {"fp32": 1e-5, "bf16": 2e-2}
+TOLERANCE: dict[Precision, float] = {"fp32": 1e-5, "bf16": 2e-2}
 TRACE_BATCH, CHECK_BATCH = 2, 3
 
 
@@ -49,20 +49,24 @@ def export_model(
     path: str | os.PathLike[str],
     format: str,
     *,
-    precision: str = "fp32",
+    precision: Precision = "fp32",
     input_size: tuple[int, int] | None = None,
 ) -> ExportReport:
     """Write ``model``'s inference network to ``path`` and check it against ``model`` (eval)."""
     if format not in FORMATS:
         raise ConfigError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
-    if precision not in PRECISIONS:
-        raise ConfigError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision not in INFERENCE_PRECISIONS:
+        raise ConfigError(
+            f"unknown precision {precision!r}; choose one of {', '.join(INFERENCE_PRECISIONS)}"
+        )
     if format == "onnx" and precision == "bf16":
         raise ConfigError(
             "onnxruntime has no bfloat16 convolutions on CPU, so a bf16 ONNX file could not be "
             "checked; export ONNX as fp32 (runtimes can lower precision themselves) or use "
             "--format exported-program/torchscript for bf16"
         )
+    if format == "onnx":
+        require("onnx", "onnxscript", "onnxruntime", purpose="ONNX export", extra="export")
     path = Path(path)
     if format == "exported-program" and path.suffix != ".pt2":
         raise ConfigError(f"exported programs are .pt2 archives; name the output {path.stem}.pt2")
@@ -71,7 +75,7 @@ def export_model(
     height, width = input_size or _default_input_size(model)
     model.config.stage_sizes(height, width)  # a clear error for an input that is too small
     # Exporters trace standard convolutions; oneDNN's reordered weights are opaque to them.
-    network = optimize_for_inference(model, dtype=PRECISIONS[precision], conv_backend="aten")
+    network = optimize_for_inference(model, dtype=DTYPES[precision], conv_backend="aten")
     example = torch.randn(TRACE_BATCH, model.config.in_channels, height, width)
 
     writer, loader = _FORMATS[format]

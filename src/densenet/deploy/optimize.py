@@ -34,9 +34,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from densenet.errors import ConfigError
+from densenet.hardware import DTYPES, Precision
 from densenet.models.densenet import DenseBlock, DenseLayer, DenseNet, DenseNetConfig, Transition
 
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
+# The precisions the rewritten network is built in (see optimize_for_inference).
+INFERENCE_PRECISIONS: tuple[Precision, ...] = ("fp32", "bf16")
+SUPPORTED_DTYPES = tuple(DTYPES[precision] for precision in INFERENCE_PRECISIONS)
 
 
 def _bn_scale_shift(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
@@ -376,8 +379,7 @@ class InferenceDenseNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if not torch.jit.is_scripting() and not torch.compiler.is_compiling():
-            # check_input reads only ``config``, which this network shares with the original.
-            DenseNet.check_input(self, x)  # type: ignore[arg-type]
+            self.config.check_input(x)
         dtype = self.head.fc.weight.dtype
         out = self.stem(x.to(dtype=dtype, memory_format=torch.channels_last))
         return self.head(self.stages(out)).to(x.dtype)

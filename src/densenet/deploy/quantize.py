@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from densenet.deploy.optimize import InferenceDenseNet
-from densenet.errors import ConfigError
+from densenet.errors import ConfigError, require
 from densenet.models.densenet import DenseNet
 
 
@@ -33,6 +33,7 @@ def quantize_int8(
     the compiled network under ``torch.no_grad()`` or ``torch.inference_mode()``.
     """
     # Imported here: torchao takes seconds to load and only this feature needs it.
+    require("torchao", purpose="int8 quantization", extra="int8")
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
         X86InductorQuantizer,
@@ -48,7 +49,7 @@ def quantize_int8(
     if device.type != "cpu":
         raise ConfigError(f"int8 quantization runs on the CPU; move the model there (not {device})")
     for batch in batches:
-        model.check_input(batch)
+        model.config.check_input(batch)
     batch_size = torch.export.Dim("batch", min=1)
     with torch.no_grad():
         # BN-normalised convolution inputs: one int8 scale per tensor fits them (see

@@ -18,6 +18,20 @@ from densenet.errors import ConfigError
 from densenet.models import efficient
 
 Stem = Literal["imagenet", "cifar"]
+# The ImageNet stem's layers, in order; the CIFAR stem is conv0 alone.
+IMAGENET_STEM = ("conv0", "norm0", "relu0", "pool0")
+
+
+@dataclass(frozen=True)
+class EfficientParts:
+    """The parts of a DenseNet that train through :mod:`densenet.models.efficient`.
+
+    Only in training mode: evaluation always takes the standard path.
+    """
+
+    stem: bool
+    blocks: bool
+    transitions: bool
 
 
 @dataclass(frozen=True)
@@ -72,6 +86,31 @@ class DenseNetConfig:
             raise ConfigError(
                 f"memory_efficient must be true or false, got {self.memory_efficient!r}"
             )
+
+    @property
+    def efficient_parts(self) -> EfficientParts:
+        efficient = self.memory_efficient
+        return EfficientParts(
+            # The CIFAR stem is a lone convolution: autograd keeps only its input anyway.
+            stem=efficient and self.stem == "imagenet",
+            blocks=efficient,
+            # Dropout sits between a transition's convolution and its pool, which commute (and so
+            # can be swapped to save memory) only without it.
+            transitions=efficient and self.drop_rate == 0,
+        )
+
+    def check_input(self, x: Tensor) -> None:
+        """Refuse an input a network of this config cannot process, before any computation."""
+        if x.dim() != 4:
+            raise ConfigError(
+                f"expected a 4-D batch (N, C, H, W), got a tensor of shape {tuple(x.shape)}"
+            )
+        if x.shape[1] != self.in_channels:
+            raise ConfigError(
+                f"expected {self.in_channels} input channels, got {x.shape[1]} "
+                f"(input shape {tuple(x.shape)})"
+            )
+        self.stage_sizes(x.shape[2], x.shape[3])
 
     def replace(self, **changes: object) -> DenseNetConfig:
         known = {f.name for f in dataclasses.fields(self)}
@@ -182,7 +221,10 @@ class DenseBlock(nn.ModuleDict):
 
 
 class Transition(nn.Module):
-    """BN-ReLU-Conv1x1-AvgPool2x2 between dense blocks, compressing m channels to floor(theta*m)."""
+    """BN-ReLU-Conv1x1-AvgPool2x2 between dense blocks, compressing m channels to floor(theta*m).
+
+    ``memory_efficient`` needs ``drop_rate`` 0 (see :attr:`DenseNetConfig.efficient_parts`).
+    """
 
     def __init__(
         self, in_channels: int, out_channels: int, drop_rate: float, memory_efficient: bool = False
@@ -196,8 +238,7 @@ class Transition(nn.Module):
         self.pool = nn.AvgPool2d(2, stride=2)
 
     def forward(self, x: Tensor) -> Tensor:
-        # Dropout sits between the convolution and the pool, so they commute only without it.
-        if self.memory_efficient and self.training and self.drop_rate == 0:
+        if self.memory_efficient and self.training:
             return efficient.transition_forward(self, x)
         x = self.conv(self.relu(self.norm(x)))
         if self.drop_rate > 0:
@@ -218,18 +259,20 @@ class DenseNet(nn.Module):
 
         stem_channels = config.num_init_features
         if config.stem == "imagenet":
-            stem = [
-                ("conv0", nn.Conv2d(config.in_channels, stem_channels, 7, 2, 3, bias=False)),
-                ("norm0", nn.BatchNorm2d(stem_channels)),
-                ("relu0", nn.ReLU()),
-                ("pool0", nn.MaxPool2d(3, stride=2, padding=1)),
-            ]
+            layers = (
+                nn.Conv2d(config.in_channels, stem_channels, 7, 2, 3, bias=False),
+                nn.BatchNorm2d(stem_channels),
+                nn.ReLU(),
+                nn.MaxPool2d(3, stride=2, padding=1),
+            )
+            stem = list(zip(IMAGENET_STEM, layers, strict=True))
         else:
             stem = [("conv0", _conv(config.in_channels, stem_channels, 3))]
         self.features = nn.Sequential()
         for name, module in stem:
             self.features.add_module(name, module)
 
+        efficient_parts = config.efficient_parts
         channels = stem_channels
         for i, num_layers in enumerate(config.block_config):
             block = DenseBlock(
@@ -238,14 +281,14 @@ class DenseNet(nn.Module):
                 config.growth_rate,
                 config.bn_size,
                 config.drop_rate,
-                config.memory_efficient,
+                efficient_parts.blocks,
             )
             self.features.add_module(f"denseblock{i + 1}", block)
             channels = block.out_channels
             if i != len(config.block_config) - 1:
                 out_channels = int(channels * config.compression)
                 transition = Transition(
-                    channels, out_channels, config.drop_rate, config.memory_efficient
+                    channels, out_channels, config.drop_rate, efficient_parts.transitions
                 )
                 self.features.add_module(f"transition{i + 1}", transition)
                 channels = out_channels
@@ -273,28 +316,18 @@ class DenseNet(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
 
-    def check_input(self, x: Tensor) -> None:
-        """Raise ``ValueError`` for an input this network cannot process, before any computation."""
-        if x.dim() != 4:
-            raise ConfigError(
-                f"expected a 4-D batch (N, C, H, W), got a tensor of shape {tuple(x.shape)}"
-            )
-        if x.shape[1] != self.config.in_channels:
-            raise ConfigError(
-                f"expected {self.config.in_channels} input channels, got {x.shape[1]} "
-                f"(input shape {tuple(x.shape)})"
-            )
-        self.config.stage_sizes(x.shape[2], x.shape[3])
-
     def forward_features(self, x: Tensor) -> Tensor:
         """The final feature map, after the last BN-ReLU and before pooling."""
         if not torch.jit.is_scripting() and not torch.compiler.is_compiling():
-            self.check_input(x)
-        if self.config.memory_efficient and self.training and self.config.stem == "imagenet":
-            stem = self.features
-            x = efficient.stem_forward(stem.norm0, stem.pool0, stem.conv0(x))
-            return self.features[4:](x)  # after conv0, norm0, relu0, pool0
-        return self.features(x)
+            self.config.check_input(x)
+        if not (self.training and self.config.efficient_parts.stem):
+            return self.features(x)
+        features = self.features
+        x = efficient.stem_forward(features.norm0, features.pool0, features.conv0(x))
+        for name, layer in features.named_children():
+            if name not in IMAGENET_STEM:
+                x = layer(x)
+        return x
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         x = torch.flatten(self.global_pool(x), 1)

@@ -87,7 +87,7 @@ class FeatureExtractor(nn.Module):
 
     def forward(self, x: Tensor) -> list[Tensor]:
         if not torch.jit.is_scripting() and not torch.compiler.is_compiling():
-            DenseNet.check_input(self, x)  # reads only self.config, which this module shares
+            self.config.check_input(x)
         outputs = []
         for name, module in self.features.named_children():
             x = module(x)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Literal
 
 from densenet.models.densenet import DenseNetConfig
 
@@ -11,6 +12,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # Paper section 4.2 / the authors' code, on the 0-255 scale.
 CIFAR10_MEAN = (125.3 / 255, 123.0 / 255, 113.9 / 255)
 CIFAR10_STD = (63.0 / 255, 62.1 / 255, 66.7 / 255)
+# The filters torchvision resizes tensors with, as densenet.deploy.predict does.
+Interpolation = Literal["bilinear", "bicubic", "nearest", "nearest-exact"]
 
 
 @dataclass(frozen=True)
@@ -21,7 +24,7 @@ class Preprocessing:
     resize_size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    interpolation: str = "bilinear"
+    interpolation: Interpolation = "bilinear"
 
     def to_dict(self) -> dict[str, object]:
         data = asdict(self)
@@ -35,7 +38,7 @@ class Preprocessing:
             resize_size=int(data["resize_size"]),  # type: ignore[arg-type]
             mean=tuple(data["mean"]),  # type: ignore[arg-type]
             std=tuple(data["std"]),  # type: ignore[arg-type]
-            interpolation=str(data.get("interpolation", "bilinear")),
+            interpolation=str(data.get("interpolation", "bilinear")),  # type: ignore[arg-type]
         )
 
 

@@ -7,7 +7,6 @@ one slow call from a neighbour on a shared machine does not skew the result.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import platform
 import statistics
@@ -20,9 +19,9 @@ import torchvision
 from torch import Tensor, nn
 
 from densenet.deploy.optimize import onednn_supports, optimize_for_inference
+from densenet.hardware import DTYPES, Precision, autocast, cpu_info
 from densenet.models.densenet import DenseNet
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TORCHVISION_DEFAULT = "torchvision default (fp32, NCHW)"
 
 
@@ -72,14 +71,13 @@ def torchvision_twin(model: DenseNet) -> nn.Module | None:
     return twin.eval()
 
 
-def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
-    if not enabled:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
 def _stock(
-    module: nn.Module, device: torch.device, *, bf16: bool, channels_last: bool, compile: bool
+    module: nn.Module,
+    device: torch.device,
+    *,
+    precision: Precision,
+    channels_last: bool,
+    compile: bool,
 ) -> Callable[[], Callable[[Tensor], Tensor]]:
     """A stock nn.Module run the way PyTorch documents: layout, autocast and compile."""
 
@@ -91,7 +89,7 @@ def _stock(
         net = torch.compile(net) if compile else net
 
         def run(x: Tensor) -> Tensor:
-            with _autocast(device, bf16):
+            with autocast(device, precision):
                 return net(x)
 
         return run
@@ -100,7 +98,7 @@ def _stock(
 
 
 def candidates(
-    model: DenseNet, device: torch.device, precisions: list[str], compile: bool
+    model: DenseNet, device: torch.device, precisions: list[Precision], compile: bool
 ) -> list[Candidate]:
     """What `densenet bench` compares: torchvision's default and best stock runs, and ours."""
     twin = torchvision_twin(model)
@@ -110,7 +108,7 @@ def candidates(
             Candidate(
                 TORCHVISION_DEFAULT,
                 "fp32",
-                _stock(twin, device, bf16=False, channels_last=False, compile=False),
+                _stock(twin, device, precision="fp32", channels_last=False, compile=False),
                 False,
             )
         )
@@ -124,7 +122,9 @@ def candidates(
                     Candidate(
                         name + (" + compile" if compiled else ""),
                         precision,
-                        _stock(twin, device, bf16=bf16, channels_last=True, compile=compiled),
+                        _stock(
+                            twin, device, precision=precision, channels_last=True, compile=compiled
+                        ),
                         True,
                     )
                 )
@@ -133,11 +133,11 @@ def candidates(
             Candidate(
                 eager_name,
                 precision,
-                _stock(model, device, bf16=bf16, channels_last=bf16, compile=False),
+                _stock(model, device, precision=precision, channels_last=bf16, compile=False),
                 bf16,
             )
         )
-        dtype = PRECISIONS[precision]
+        dtype = DTYPES[precision]
         if onednn_supports(device, dtype):
             # Both convolution backends, to show what oneDNN's reordered weights give on top.
             for backend, label in (("aten", "aten convs"), ("onednn", "oneDNN convs")):
@@ -230,12 +230,7 @@ def time_candidates(
 def machine_description(device: torch.device) -> Iterator[str]:
     if device.type == "cuda":
         yield f"device: {torch.cuda.get_device_name(device)}"
-    cpu = platform.processor() or "unknown CPU"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as handle:
-        for line in handle:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    cpu = cpu_info().get("model name") or platform.processor() or "unknown CPU"
     yield f"cpu: {cpu}, torch threads: {torch.get_num_threads()}"
     yield (
         f"torch {torch.__version__}, torchvision {torchvision.__version__}, "

@@ -1,6 +1,7 @@
 """A per-stage description of a model, like the paper's Table 1, measured by running it.
 
-MACs are counted by hooks on every convolution and linear layer during one forward pass.
+MACs are half the FLOPs torch's FlopCounterMode counts in one forward pass (it counts a
+multiply-add as two), which for a DenseNet are those of its convolutions and the classifier.
 Activation memory is what autograd saves for the backward pass, attributed to the stage that saved
 it (each storage counted once): the memory a training step needs beyond the weights.
 """
@@ -11,8 +12,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
 
-from densenet.models.densenet import DenseBlock, DenseNet, Transition
+from densenet.models.densenet import IMAGENET_STEM, DenseBlock, DenseNet, Transition
 
 
 @dataclass
@@ -72,7 +74,7 @@ def _stages(model: DenseNet) -> list[tuple[str, list[nn.Module]]]:
     for name, module in model.features.named_children():
         if isinstance(module, DenseBlock | Transition):
             stages.append((name, [module]))
-        elif name.startswith(("conv0", "norm0", "relu0", "pool0")):
+        elif name in IMAGENET_STEM:
             stages[0][1].append(module)
         else:  # final BN-ReLU belongs with the classification layer, as in Table 1
             if stages[-1][0] != "classifier":
@@ -85,26 +87,23 @@ def _stages(model: DenseNet) -> list[tuple[str, list[nn.Module]]]:
 def summarize(model: DenseNet, input_size: tuple[int, int], batch_size: int = 1) -> ModelSummary:
     """Run one training-mode forward pass on random input and measure each stage."""
     stages = _stages(model)
-    macs = {name: 0 for name, _ in stages}
+    flops = {name: 0 for name, _ in stages}
     saved = {name: 0 for name, _ in stages}
     shapes: dict[str, tuple[int, ...]] = {}
     seen: set[tuple[int, int]] = set()
     current = ["stem"]
+    counter = FlopCounterMode(display=False)
+    counted = [0]  # the counter's total when the current stage was entered
     handles = []
 
-    def count_macs(stage: str):
-        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-            if isinstance(module, nn.Conv2d):
-                kh, kw = module.kernel_size
-                per_output = module.in_channels // module.groups * kh * kw
-            else:
-                per_output = module.in_features  # type: ignore[assignment]
-            macs[stage] += output.numel() * per_output
-
-        return hook
+    def close_stage() -> None:
+        total = counter.get_total_flops()
+        flops[current[0]] += total - counted[0]
+        counted[0] = total
 
     def enter(stage: str):
         def hook(module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+            close_stage()
             current[0] = stage
 
         return hook
@@ -128,9 +127,6 @@ def summarize(model: DenseNet, input_size: tuple[int, int], batch_size: int = 1)
         for module in modules:
             handles.append(module.register_forward_pre_hook(enter(stage)))
             handles.append(module.register_forward_hook(record_output(stage)))
-            for sub in module.modules():
-                if isinstance(sub, nn.Conv2d | nn.Linear):
-                    handles.append(sub.register_forward_hook(count_macs(stage)))
 
     weight_pointers = {p.untyped_storage().data_ptr() for p in model.parameters()}
     device = next(model.parameters()).device
@@ -139,8 +135,9 @@ def summarize(model: DenseNet, input_size: tuple[int, int], batch_size: int = 1)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     model.train()
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             model(x.requires_grad_(False))
+            close_stage()
     finally:
         for handle in handles:
             handle.remove()
@@ -158,7 +155,7 @@ def summarize(model: DenseNet, input_size: tuple[int, int], batch_size: int = 1)
                 channels=shape[1] if len(shape) >= 2 else 0,
                 layers="; ".join(_describe(m) for m in modules if _describe(m) != "-"),
                 params=params,
-                macs=macs[stage] // batch_size,
+                macs=flops[stage] // 2 // batch_size,
                 activation_bytes=saved[stage],
             )
         )

@@ -14,24 +14,26 @@ import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Any, Literal
 
 import tomli_w
 
-from densenet.errors import ConfigError
+from densenet.errors import ConfigError, check_choice
 from densenet.files import atomic_write
+from densenet.hardware import MemoryFormatChoice, PrecisionChoice
+from densenet.models.presets import Interpolation
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-DATASETS = ("digits", "cifar10", "cifar100", "svhn", "imagefolder")
-AUGMENTATIONS = ("none", "crop", "crop_flip", "random_resized_crop_flip")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
+Dataset = Literal["digits", "cifar10", "cifar100", "svhn", "imagefolder"]
+DATASETS: tuple[Dataset, ...] = typing.get_args(Dataset)
+Augmentation = Literal["none", "crop", "crop_flip", "random_resized_crop_flip"]
 # The recipe a dataset gets when none is named.
 RECIPES = resources.files("densenet.training") / "recipes"
-DEFAULT_RECIPES = {
+DEFAULT_RECIPES: dict[Dataset, str] = {
     "digits": "digits",
     "cifar10": "cifar10",
     "cifar100": "cifar100",
@@ -42,58 +44,110 @@ DEFAULT_RECIPES = {
 RESUMABLE_CHANGES = frozenset({"data_dir", "download", "workers", "checkpoint_every"})
 
 
+def _setting(default: object = dataclasses.MISSING, *, help: str, **options: object) -> Any:
+    """A TrainConfig field with its documentation, which `densenet train --help` shows."""
+    return field(default=default, metadata={"help": help}, **options)  # type: ignore[call-overload]
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything that determines a training run. Defaults are the paper's CIFAR recipe."""
 
-    dataset: str = "digits"
-    data_dir: str = "data"
-    download: bool = False
-    model: str = "densenet_bc100_k12"
-    # DenseNetConfig fields that differ from the preset (the data sets in_channels, num_classes).
-    model_overrides: dict[str, object] = field(default_factory=dict)
-    drop_rate: float = 0.0
-    # Linear-memory dense blocks (densenet.models.efficient): same results, far less activation
-    # memory.
-    memory_efficient: bool = False
-    # Start from these weights (file, URL or published name); the head is re-initialised when the
-    # number of classes differs.
-    finetune: str = ""
-    freeze_backbone: bool = False
-    # The backbone learns at lr * backbone_lr_scale (fine-tuning often wants it smaller).
-    backbone_lr_scale: float = 1.0
-    epochs: int = 300
-    # The global batch: with several processes each one takes an equal slice of it.
-    batch_size: int = 64
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 1e-4
-    # The learning rate is multiplied by lr_gamma at each of these fractions of the epochs.
-    lr_milestones: tuple[float, ...] = (0.5, 0.75)
-    lr_gamma: float = 0.1
-    augment: str = "crop_flip"
-    crop_padding: int = 4
-    # SVHN only: train on train + extra (the paper's 604,388 images).
-    svhn_extra: bool = True
-    # Per-channel normalisation on the 0-1 scale; empty means "measure it on the training set".
-    mean: tuple[float, ...] = ()
-    std: tuple[float, ...] = ()
-    # Network input size and evaluation resize for ImageFolder data; 0 means the images' own size.
-    input_size: int = 0
-    resize_size: int = 0
-    interpolation: str = "bilinear"
-    seed: int = 0
-    precision: str = "auto"
-    memory_format: str = "auto"
-    device: str = "auto"
-    # DataLoader worker processes (ImageFolder only; in-memory datasets need none).
-    workers: int = 4
-    # Also checkpoint every N optimizer steps (0: only at the end of each epoch).
-    checkpoint_every: int = 0
-    deterministic: bool = False
-    # With several processes: BatchNorm statistics over the global batch, not each process's share.
-    sync_bn: bool = False
+    dataset: Dataset = _setting(
+        "digits", help="the images to train on (digits is built in: no download, a few minutes)"
+    )
+    data_dir: str = _setting(
+        "data", help="where the dataset lives (ImageFolder: DIR/train/CLASS/*, DIR/val/CLASS/*)"
+    )
+    download: bool = _setting(
+        False, help="fetch the dataset with torchvision's downloaders if it is missing"
+    )
+    model: str = _setting("densenet_bc100_k12", help="model preset (see `densenet list`)")
+    model_overrides: dict[str, object] = _setting(
+        help="fields of the preset to change, e.g. growth_rate=24 or block_config=[4,4,4] (the "
+        "dataset sets in_channels and num_classes, drop_rate is its own setting)",
+        default_factory=dict,
+    )
+    drop_rate: float = _setting(
+        0.0, help="dropout after each convolution (the paper: 0.2 without augmentation)"
+    )
+    memory_efficient: bool = _setting(
+        False,
+        help="dense blocks with activation memory linear in depth: same results, far less memory",
+    )
+    finetune: str = _setting(
+        "",
+        help="start from these weights: a file, URL or published name (see README); the head is "
+        "re-initialised when the number of classes differs",
+    )
+    freeze_backbone: bool = _setting(False, help="with --finetune: train only the classifier")
+    backbone_lr_scale: float = _setting(
+        1.0,
+        help="with --finetune: the backbone learns at lr times this (fine-tuning often wants it "
+        "smaller)",
+    )
+    epochs: int = _setting(300, help="passes over the training set")
+    batch_size: int = _setting(
+        64, help="global batch size (with several processes each takes an equal slice)"
+    )
+    lr: float = _setting(0.1, help="SGD learning rate at the start")
+    momentum: float = _setting(0.9, help="SGD momentum")
+    nesterov: bool = _setting(True, help="Nesterov momentum")
+    weight_decay: float = _setting(1e-4, help="SGD weight decay (L2 penalty)")
+    lr_milestones: tuple[float, ...] = _setting(
+        (0.5, 0.75), help="fractions of the run at which the lr is multiplied by lr_gamma"
+    )
+    lr_gamma: float = _setting(0.1, help="what the lr is multiplied by at each milestone")
+    augment: Augmentation = _setting(
+        "crop_flip",
+        help="training augmentation: none, crop (pad + random crop), crop_flip (and mirror), "
+        "random_resized_crop_flip (ImageFolder only)",
+    )
+    crop_padding: int = _setting(4, help="zero padding on each side before a random crop, in px")
+    svhn_extra: bool = _setting(
+        True, help="SVHN only: train on train + extra (the paper's 604,388 images)"
+    )
+    mean: tuple[float, ...] = _setting(
+        (), help="per-channel mean on the 0-1 scale (default: measured on the training set)"
+    )
+    std: tuple[float, ...] = _setting(
+        (),
+        help="per-channel standard deviation on the 0-1 scale (default: measured on the training "
+        "set)",
+    )
+    input_size: int = _setting(
+        0, help="network input side in px (0: 224 for ImageFolder data, else the images' size)"
+    )
+    resize_size: int = _setting(
+        0,
+        help="evaluation resize of the short side before the centre crop (0: input_size / 0.875 "
+        "for ImageFolder data, else the images' size)",
+    )
+    interpolation: Interpolation = _setting(
+        "bilinear", help="resampling filter for resizing ImageFolder images"
+    )
+    seed: int = _setting(0, help="seeds initialisation, data order, augmentation and dropout")
+    precision: PrecisionChoice = _setting(
+        "auto", help="autocast precision (auto: bf16 on AMX CPUs and Ampere+ GPUs, else fp32)"
+    )
+    memory_format: MemoryFormatChoice = _setting(
+        "auto", help="activation layout (auto: channels_last, but contiguous for fp32 on GPUs)"
+    )
+    device: str = _setting("auto", help="auto, cpu, cuda or cuda:N")
+    workers: int = _setting(
+        4, help="DataLoader worker processes (ImageFolder only; in-memory datasets need none)"
+    )
+    checkpoint_every: int = _setting(
+        0, help="also checkpoint every N optimizer steps (0: at the end of each epoch only)"
+    )
+    deterministic: bool = _setting(
+        False, help="deterministic algorithms only (bitwise-reproducible runs, may be slower)"
+    )
+    sync_bn: bool = _setting(
+        False,
+        help="with several processes (torchrun): BatchNorm statistics over the global batch, not "
+        "each process's share",
+    )
 
     def __post_init__(self) -> None:
         for name in ("lr_milestones", "mean", "std"):
@@ -102,16 +156,9 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
-        def choice(name: str, options: tuple[str, ...]) -> None:
-            if getattr(self, name) not in options:
-                raise ConfigError(
-                    f"{name} must be one of {', '.join(options)}, got {getattr(self, name)!r}"
-                )
-
-        choice("dataset", DATASETS)
-        choice("augment", AUGMENTATIONS)
-        choice("precision", PRECISIONS)
-        choice("memory_format", MEMORY_FORMATS)
+        for name, kind in FIELD_TYPES.items():
+            if typing.get_origin(kind) is Literal:
+                check_choice(name, getattr(self, name), typing.get_args(kind))
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -165,6 +212,8 @@ def _check_type(name: str, value: object) -> object:
     """``value`` converted to the field's type, or a ConfigError naming the field."""
     kind = FIELD_TYPES[name]
     origin = typing.get_origin(kind)
+    if origin is Literal:  # its values are strings; TrainConfig.validate checks which
+        return _check_scalar(name, value, str)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{name} must be a list of numbers, got {value!r}")

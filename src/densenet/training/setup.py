@@ -10,12 +10,7 @@ import torch
 from densenet.data.datasets import Data, TensorData, channel_stats, download, load_split
 from densenet.data.loaders import FolderBatches, Shard, TensorBatches, make_batches
 from densenet.errors import CheckpointError, ConfigError, DatasetError, first_line
-from densenet.hardware import (
-    check_precision,
-    default_memory_format,
-    default_precision,
-    resolve_device,
-)
+from densenet.hardware import resolve_device, resolve_precision_and_format
 from densenet.models.batchnorm import convert_sync_batchnorm
 from densenet.models.densenet import DenseNet
 from densenet.models.presets import Preprocessing
@@ -53,11 +48,9 @@ def load_data(config: TrainConfig) -> DataSetup:
 def resolve_config(config: TrainConfig, data: DataSetup) -> TrainConfig:
     """Replace every "auto" or empty setting by the value this run uses, for the saved config."""
     device = resolve_device(config.device)
-    precision = default_precision(device) if config.precision == "auto" else config.precision
-    check_precision(device, precision)
-    memory_format = config.memory_format
-    if memory_format == "auto":
-        memory_format = default_memory_format(device, precision)
+    precision, memory_format = resolve_precision_and_format(
+        device, config.precision, config.memory_format
+    )
     changes: dict[str, object] = {
         "device": str(device),
         "precision": precision,

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from densenet.errors import WeightsError
+from densenet.errors import WeightsError, require
 
 # keras.applications builds every BatchNormalization with this epsilon; torch's default is 1e-5.
 KERAS_BN_EPSILON = 1.001e-5
@@ -35,12 +35,9 @@ def is_hdf5(path: Path) -> bool:
 
 def read_keras_h5(path: Path) -> dict[str, Tensor]:
     """The state_dict equivalent to the Keras DenseNet whose weights ``path`` holds."""
-    try:
-        import h5py
-    except ImportError:
-        raise WeightsError(
-            f"reading Keras weights ({path}) needs h5py: pip install 'densenet[keras]'"
-        ) from None
+    require("h5py", purpose=f"reading Keras weights ({path})", extra="keras")
+    import h5py
+
     try:
         with h5py.File(path, "r") as handle:
             layers = _read_layers(handle, path)

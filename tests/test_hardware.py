@@ -1,0 +1,54 @@
+import pytest
+import torch
+
+from densenet import hardware
+from densenet.errors import ConfigError
+from densenet.hardware import (
+    DTYPES,
+    PRECISIONS,
+    autocast,
+    cpu_info,
+    resolve_precision_and_format,
+)
+
+CPU = torch.device("cpu")
+
+
+def test_every_precision_has_one_dtype_and_autocasts_to_it():
+    assert tuple(DTYPES) == PRECISIONS
+    for precision in PRECISIONS:
+        with autocast(CPU, precision):
+            out = torch.nn.functional.linear(torch.randn(2, 3), torch.randn(4, 3))
+        assert out.dtype == DTYPES[precision]
+
+
+def test_cpu_info_reads_the_first_processor(tmp_path):
+    path = tmp_path / "cpuinfo"
+    path.write_text(
+        "processor\t: 0\nmodel name\t: Fast CPU\nflags\t\t: fpu avx2 amx_bf16\n\n"
+        "processor\t: 1\nmodel name\t: Other CPU\n"
+    )
+    info = cpu_info(path)
+    assert info["model name"] == "Fast CPU"
+    assert info["flags"].split() == ["fpu", "avx2", "amx_bf16"]
+    assert cpu_info(tmp_path / "missing") == {}
+
+
+@pytest.mark.parametrize("flags, expected", [({"avx2", "amx_bf16"}, "bf16"), ({"avx2"}, "fp32")])
+def test_auto_precision_follows_the_cpu(monkeypatch, flags, expected):
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset(flags))
+    assert resolve_precision_and_format(CPU) == (expected, "channels_last")
+
+
+def test_explicit_choices_are_kept():
+    assert resolve_precision_and_format(CPU, "fp16", "contiguous") == ("fp16", "contiguous")
+    assert resolve_precision_and_format(CPU, "fp32", "auto") == ("fp32", "channels_last")
+
+
+@pytest.mark.parametrize(
+    "precision, memory_format, message",
+    [("fp8", "auto", "precision must be one of auto, fp32"), ("fp32", "nhwc", "memory_format")],
+)
+def test_unknown_choices_are_refused(precision, memory_format, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve_precision_and_format(CPU, precision, memory_format)
