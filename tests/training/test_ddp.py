@@ -55,10 +55,23 @@ def torchrun_command(*args: str, program: tuple[str, ...] = ("-m", "densenet")) 
 
 def kill_launch(process: subprocess.Popen) -> None:
     """End a torchrun launcher and its workers, which torchrun starts in sessions of their own."""
-    for pid in [*child_pids(process.pid), process.pid]:
+    pids = [*child_pids(process.pid), process.pid]
+    for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     process.wait()
+    # The workers are not our children: wait until they are gone (and their run lock with them).
+    deadline = time.monotonic() + 30
+    while any(map(running, pids)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def running(pid: int) -> bool:
+    """A process that exists and has not exited (a zombie has closed its files)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
 
 
 def torchrun(
