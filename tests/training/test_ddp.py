@@ -8,6 +8,7 @@ image once and gives one process's numbers.
 """
 
 import contextlib
+import fcntl
 import json
 import os
 import signal
@@ -27,6 +28,7 @@ from densenet.cli import main
 from densenet.data import loaders
 from densenet.data.datasets import load_split
 from densenet.training.distributed import DistributedContext
+from densenet.training.rundir import RunDirectory
 
 ARGS = [
     # One epoch of 5 steps of 256 at a small lr. Training on digits amplifies float rounding
@@ -72,6 +74,18 @@ def running(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (FileNotFoundError, ProcessLookupError):
         return False
+
+
+def wait_for_lock(run: Path) -> None:
+    """Until no process holds ``run``'s lock: a killed worker's files close as it exits."""
+    lock, deadline = run / RunDirectory.LOCK, time.monotonic() + 60
+    while lock.exists() and time.monotonic() < deadline:
+        with open(lock) as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                time.sleep(0.05)
 
 
 def torchrun(
@@ -163,6 +177,7 @@ def test_two_processes_checkpoint_and_one_process_resumes(one_process, tmp_path)
         kill_launch(process)
     state = torch.load(checkpoint, weights_only=True)
     assert state["step"] >= 2 and not (killed / "final.safetensors").exists()
+    wait_for_lock(killed)
 
     # The checkpoint of 2 processes, finished by one.
     assert main(["train", "--resume", str(killed), "--no-progress"]) == 0
