@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,13 +105,27 @@ def read_checkpoint(source: str | os.PathLike[str], expected_hash: str | None = 
     try:
         # weights_only refuses arbitrary pickled objects: a checkpoint can't run code on load.
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many types for corrupt or unsafe pickles
-        reason = first_line(error)
+    except pickle.UnpicklingError as error:
         raise WeightsError(
-            f"cannot read {path} as a PyTorch checkpoint ({reason}); only plain tensors are "
-            "loaded (weights_only=True): re-save it with torch.save(model.state_dict(), path)"
+            f"cannot read {path} as plain PyTorch weights ({_refusal_reason(error)}): a pickle "
+            "may hold only tensors here, because loading anything else can run code from the "
+            "file. Get these weights as a .safetensors file or as a plain state_dict of tensors "
+            "(torch.save(model.state_dict(), path)); `densenet convert` turns either into this "
+            "project's format"
+        ) from None
+    except Exception as error:  # torch raises many types for corrupt archives
+        raise WeightsError(
+            f"cannot read {path} as a PyTorch checkpoint ({first_line(error)}): the file is "
+            "damaged or not a checkpoint"
         ) from None
     return Checkpoint(rename_legacy_keys(_unwrap(obj, path)), os.fspath(source))
+
+
+def _refusal_reason(error: pickle.UnpicklingError) -> str:
+    """What torch's weights-only unpickler objected to, without its advice: that advice is to
+    load with ``weights_only=False``, which for an untrusted file is the attack."""
+    match = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\.\s|\n|$)", str(error))
+    return match.group(1).strip() if match else "it holds more than tensors"
 
 
 def _read_safetensors(path: Path, source: str) -> Checkpoint:
