@@ -79,6 +79,36 @@ def test_corrupt_dataset_files_are_reported(tmp_path):
         load_split("svhn", tmp_path / "svhn", "test")
 
 
+ROWS = np.zeros((2, 3072), np.uint8)
+
+
+@pytest.mark.parametrize(
+    "file, content, message",
+    [
+        (
+            "test_batch",
+            {"data": None},
+            "'data' must be a uint8 array of 3072 pixels a row, got None",
+        ),
+        ("test_batch", {"data": np.zeros((2, 5), np.uint8), "labels": [0, 1]}, "shape (2, 5)"),
+        ("test_batch", {"data": ROWS.astype(np.int64), "labels": [0, 1]}, "a int64 array"),
+        ("test_batch", {"data": ROWS, "labels": None}, "'labels' must be a list of integer labels"),
+        ("test_batch", {"data": ROWS, "labels": ["cat", "dog"]}, "integer labels, got ['cat'"),
+        ("test_batch", {"data": ROWS, "labels": [0, [1]]}, "integer labels, got [0, [1]]"),
+        ("test_batch", {"data": ROWS, "labels": [0]}, "2 images, 1 labels"),
+        ("batches.meta", {"label_names": None}, "'label_names' must be a list of class names"),
+    ],
+)
+def test_malformed_cifar_batches_name_the_file_and_the_field(tmp_path, file, content, message):
+    folder = write_cifar(tmp_path)
+    with open(folder / file, "wb") as handle:
+        pickle.dump(content, handle)
+    with pytest.raises(DatasetError) as error:
+        load_split("cifar10", tmp_path, "test")
+    assert str(error.value).startswith(f"{folder / file} is corrupt")
+    assert message in str(error.value)
+
+
 def test_cifar_reader_refuses_pickles_that_run_code(tmp_path):
     folder = write_cifar(tmp_path)
 

@@ -1,12 +1,15 @@
+import json
 import re
 
 import pytest
 import torch
 import torchvision
+from PIL import Image
 from safetensors.torch import save_file
 
 from conftest import randomize_batchnorm
 from densenet import WeightsError, create_model, load_model, save_weights
+from densenet.cli import main
 from densenet.weights.download import cached_path
 from densenet.weights.io import read_checkpoint
 
@@ -138,3 +141,50 @@ def test_safetensors_without_config_needs_a_name(tmp_path):
     with pytest.raises(WeightsError, match="no model config"):
         load_model(path)
     assert create_model("densenet_bc100_k12", block_config=(2, 2, 2), weights=path) is not None
+
+
+PREPROCESSING = {"input_size": 32, "resize_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3}
+
+
+def with_preprocessing(**changes):
+    return json.dumps({"preprocessing": {**PREPROCESSING, **changes}})
+
+
+@pytest.mark.parametrize(
+    "metadata, message",
+    [
+        ({"config": "{not json"}, "metadata 'config' is not JSON"),
+        ({"config": "[6, 12, 24]"}, "metadata 'config' is a JSON array, expected a JSON object"),
+        ({"config": '{"growth_rate": "12"}'}, "growth_rate must be an integer >= 1, got '12'"),
+        ({"config": '{"compression": "half"}'}, "compression must be a number, got 'half'"),
+        ({"config": '{"block_config": 5}'}, "block_config must be a list of layer counts, got 5"),
+        ({"meta": "{'preprocessing': 1}"}, "metadata 'meta' is not JSON"),
+        ({"meta": '"text"'}, "metadata 'meta' is a JSON string, expected a JSON object"),
+        ({"meta": '{"preprocessing": {"input_size": 32}}'}, "lacks resize_size, mean, std"),
+        ({"meta": with_preprocessing(input_size="32")}, "input_size must be an integer >= 1"),
+        ({"meta": with_preprocessing(input_size=0)}, "input_size must be an integer >= 1, got 0"),
+        ({"meta": with_preprocessing(std=[0.5, 0, 0.5])}, "std[1] must be a finite number > 0"),
+        ({"meta": with_preprocessing(mean=None)}, "mean must be a list of numbers, got None"),
+        ({"meta": with_preprocessing(mean=[0.5], std=[0.5])}, "the model takes 3 channels"),
+        ({"meta": with_preprocessing(interpolation="lanczos")}, "interpolation must be one of"),
+        ({"meta": '{"class_names": 5}'}, "class_names must be a list of strings, got 5"),
+        ({"meta": '{"class_names": ["a"]}'}, "1 names for a model with 3 outputs"),
+    ],
+)
+def test_bad_metadata_is_one_line_naming_the_file_and_the_field(
+    tmp_path, capsys, metadata, message
+):
+    model = small(num_classes=3)
+    path = tmp_path / "m.safetensors"
+    stored = {"config": json.dumps(model.config.to_dict()), "meta": with_preprocessing()}
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        path,
+        metadata={**stored, **metadata},
+    )
+    image = tmp_path / "x.png"
+    Image.new("RGB", (40, 40)).save(image)
+    assert main(["predict", str(image), "--weights", str(path)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"densenet predict: error: {path}: metadata ")
+    assert message in error and error.count("\n") == 1

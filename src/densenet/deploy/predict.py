@@ -12,7 +12,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torchvision.transforms import InterpolationMode
 
-from densenet.errors import DenseNetError
+from densenet.errors import ConfigError, DenseNetError
 from densenet.models.densenet import DenseNet
 from densenet.models.presets import Preprocessing
 
@@ -48,7 +48,12 @@ class Predictor:
     def __init__(
         self, model: DenseNet, preprocessing: Preprocessing, class_names: list[str] | None = None
     ) -> None:
-        num_classes = model.config.num_classes
+        num_classes, in_channels = model.config.num_classes, model.config.in_channels
+        if len(preprocessing.mean) != in_channels:
+            raise ConfigError(
+                f"the preprocessing normalises {len(preprocessing.mean)} channels but the model "
+                f"takes {in_channels}"
+            )
         if class_names is not None and len(class_names) != num_classes:
             raise DenseNetError(
                 f"{len(class_names)} class names for a model with {num_classes} outputs"

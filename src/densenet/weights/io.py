@@ -10,17 +10,20 @@ import json
 import os
 import pickle
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from densenet.errors import WeightsError, first_line
+from densenet.errors import ConfigError, WeightsError, brief, first_line
 from densenet.files import atomic_write
 from densenet.models.densenet import DenseNetConfig
+from densenet.models.presets import Preprocessing
 from densenet.weights.download import fetch, is_url
 from densenet.weights.keras import is_hdf5, read_keras_h5
 
@@ -36,12 +39,18 @@ _LEGACY_KEY = re.compile(
 
 @dataclass
 class Checkpoint:
-    """Tensors read from a weights file, with the config and metadata when the file carries them."""
+    """Tensors read from a weights file, with the config and metadata when the file carries them.
+
+    ``preprocessing`` and ``class_names`` are the checked, typed values of the same entries of
+    ``meta``; the rest of ``meta`` is informational (where the weights came from, their accuracy).
+    """
 
     state_dict: dict[str, Tensor]
     source: str
     config: DenseNetConfig | None = None
     meta: dict[str, object] = field(default_factory=dict)
+    preprocessing: Preprocessing | None = None
+    class_names: list[str] | None = None
 
     @property
     def num_classes(self) -> int | None:
@@ -130,18 +139,88 @@ def _refusal_reason(error: pickle.UnpicklingError) -> str:
 
 def _read_safetensors(path: Path, source: str) -> Checkpoint:
     try:
-        state_dict = load_file(path)
-        with open(path, "rb") as handle:
-            header_size = int.from_bytes(handle.read(8), "little")
-            header = json.loads(handle.read(header_size))
+        with safe_open(path, framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            # A safe_open handle has keys() but is not iterable itself.
+            state_dict = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
     except (SafetensorError, OSError, ValueError) as error:
         raise WeightsError(f"cannot read {path} as safetensors: {error}") from None
-    metadata = header.get("__metadata__") or {}
-    config = None
-    if "config" in metadata:
-        config = DenseNetConfig.from_dict(json.loads(metadata["config"]))
-    meta = json.loads(metadata.get("meta", "{}"))
-    return Checkpoint(rename_legacy_keys(state_dict), source, config, meta)
+    checkpoint = Checkpoint(rename_legacy_keys(state_dict), source)
+    config = _metadata_object(metadata, "config", path)
+    if config is not None:
+        checkpoint.config = _checked(DenseNetConfig.from_dict, config, path, "config")
+    checkpoint.meta = _metadata_object(metadata, "meta", path) or {}
+    _read_meta(checkpoint, path)
+    return checkpoint
+
+
+# What a file whose metadata is wrong calls for: nothing in it can be trusted to be meant.
+_UNUSABLE = "the file is damaged or was not written by densenet; get it again from its source"
+
+
+def _metadata_object(metadata: dict[str, str], key: str, path: Path) -> dict | None:
+    """The JSON object stored under ``key`` in safetensors metadata, or None if there is none."""
+    if key not in metadata:
+        return None
+    try:
+        value = json.loads(metadata[key])
+    except (ValueError, RecursionError) as error:
+        raise WeightsError(
+            f"{path}: metadata {key!r} is not JSON ({first_line(error)}); expected a JSON object; "
+            f"{_UNUSABLE}"
+        ) from None
+    if not isinstance(value, dict):
+        kind = _JSON_KINDS.get(type(value), type(value).__name__)
+        raise WeightsError(
+            f"{path}: metadata {key!r} is a JSON {kind}, expected a JSON object; {_UNUSABLE}"
+        )
+    return value
+
+
+_JSON_KINDS = {
+    list: "array",
+    str: "string",
+    int: "number",
+    float: "number",
+    bool: "boolean",
+    type(None): "null",
+}
+Parsed = TypeVar("Parsed")
+
+
+def _checked(parse: Callable[[object], Parsed], value: object, path: Path, key: str) -> Parsed:
+    """``parse(value)``, with a ``ConfigError`` turned into a ``WeightsError`` naming the file."""
+    try:
+        return parse(value)
+    except ConfigError as error:
+        raise WeightsError(f"{path}: metadata {key!r} is invalid: {error}; {_UNUSABLE}") from None
+
+
+def _read_meta(checkpoint: Checkpoint, path: Path) -> None:
+    """Check the entries of ``meta`` that the library uses and set their typed fields."""
+    meta, config = checkpoint.meta, checkpoint.config
+    if "preprocessing" in meta:
+        preprocessing = _checked(Preprocessing.from_dict, meta["preprocessing"], path, "meta")
+        if config is not None and len(preprocessing.mean) != config.in_channels:
+            raise WeightsError(
+                f"{path}: metadata preprocessing.mean has {len(preprocessing.mean)} values but "
+                f"the model takes {config.in_channels} channels; {_UNUSABLE}"
+            )
+        checkpoint.preprocessing = preprocessing
+    if "class_names" in meta:
+        names = meta["class_names"]
+        if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+            raise WeightsError(
+                f"{path}: metadata class_names must be a list of strings, got {brief(names)}; "
+                f"{_UNUSABLE}"
+            )
+        outputs = config.num_classes if config is not None else checkpoint.num_classes
+        if outputs is not None and len(names) != outputs:
+            raise WeightsError(
+                f"{path}: metadata class_names has {len(names)} names for a model with {outputs} "
+                f"outputs; {_UNUSABLE}"
+            )
+        checkpoint.class_names = names
 
 
 def save_weights(
