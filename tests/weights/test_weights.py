@@ -163,6 +163,7 @@ def with_preprocessing(**changes):
         ({"meta": '{"preprocessing": {"input_size": 32}}'}, "lacks resize_size, mean, std"),
         ({"meta": with_preprocessing(input_size="32")}, "input_size must be an integer >= 1"),
         ({"meta": with_preprocessing(input_size=0)}, "input_size must be an integer >= 1, got 0"),
+        ({"meta": with_preprocessing(resize_size=100000)}, "100000 px, more than the 2048 allowed"),
         ({"meta": with_preprocessing(std=[0.5, 0, 0.5])}, "std[1] must be a finite number > 0"),
         ({"meta": with_preprocessing(mean=None)}, "mean must be a list of numbers, got None"),
         ({"meta": with_preprocessing(mean=[0.5], std=[0.5])}, "the model takes 3 channels"),
@@ -188,3 +189,31 @@ def test_bad_metadata_is_one_line_naming_the_file_and_the_field(
     error = capsys.readouterr().err
     assert error.startswith(f"densenet predict: error: {path}: metadata ")
     assert message in error and error.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        # The file: 190 KB whose config asked for a 5 GB network, built before checking.
+        (
+            {"block_config": [100000] * 3},
+            "asks for 300000 dense layers, but the file holds only 92 tensors",
+        ),
+        (
+            {"block_config": [60, 60, 60]},
+            "asks for 180 dense layers, but the file holds only 92 tensors",
+        ),
+        # As many layers as the file has, each 10000 times too wide: checked shapes-only first.
+        ({"growth_rate": 120000}, "conv2.weight (12, 48, 3, 3) vs model (120000, 480000, 3, 3)"),
+    ],
+)
+def test_a_config_is_checked_against_the_tensors_before_the_network_is_built(
+    tmp_path, change, message
+):
+    model = small()
+    path = tmp_path / "m.safetensors"
+    config = {**model.config.to_dict(), **change}
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, path, metadata={"config": json.dumps(config)})
+    with pytest.raises(WeightsError, match=re.escape(message)):
+        load_model(path)

@@ -17,6 +17,10 @@ CIFAR10_STD = (63.0 / 255, 62.1 / 255, 66.7 / 255)
 
 # The interpolations torchvision resizes uint8 image tensors with.
 INTERPOLATIONS = ("nearest", "nearest-exact", "bilinear", "bicubic")
+# The largest network input or resize side (px) taken from a file or a flag. Far above what
+# classification uses (224-600), and still small enough to run: an input side decides the memory
+# of every activation (a 100000 px resize asks for 40 GB).
+MAX_IMAGE_SIZE = 2048
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,10 @@ class Preprocessing:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(
                     f"preprocessing.{name} must be an integer >= 1, got {brief(value)}"
+                )
+            if value > MAX_IMAGE_SIZE:
+                raise ConfigError(
+                    f"preprocessing.{name} is {value} px, more than the {MAX_IMAGE_SIZE} allowed"
                 )
         if not self.mean or len(self.mean) != len(self.std):
             raise ConfigError(

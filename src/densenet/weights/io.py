@@ -243,14 +243,17 @@ def save_weights(
     return path
 
 
-def load_state_dict(model: nn.Module, state_dict: dict[str, Tensor], source: str = "") -> None:
-    """Load ``state_dict`` strictly, or raise one ``WeightsError`` naming every mismatch."""
-    expected = model.state_dict()
+def fitted_state_dict(
+    expected: dict[str, Tensor], state_dict: dict[str, Tensor], source: str = ""
+) -> dict[str, Tensor]:
+    """``state_dict``, completed, if its keys and shapes are those of ``expected`` (whose values
+    may be on the meta device: only shapes are compared); else one ``WeightsError`` naming every
+    mismatch."""
     # Checkpoints saved before PyTorch 0.4.1 carry no BN batch counters; they don't affect outputs.
     state_dict = dict(state_dict)
     for key in expected:
         if key.endswith("num_batches_tracked") and key not in state_dict:
-            state_dict[key] = expected[key]
+            state_dict[key] = torch.zeros((), dtype=torch.long)
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
     misshaped = sorted(
@@ -272,4 +275,4 @@ def load_state_dict(model: nn.Module, state_dict: dict[str, Tensor], source: str
                 problems.append(f"{label}: {shown}")
         where = f" in {source}" if source else ""
         raise WeightsError(f"weights{where} do not fit the model; " + "; ".join(problems))
-    model.load_state_dict(state_dict)
+    return state_dict
