@@ -51,6 +51,25 @@ def test_image_folder_lists_classes(tmp_path):
     assert data.class_names == ["cat", "dog"] and len(data) == 8
 
 
+def test_directory_links_inside_a_class_folder_are_not_followed(tmp_path):
+    write_image_folder(tmp_path)
+    cat = tmp_path / "train" / "cat"
+    (cat / "up").symlink_to("..")  # would list the dog images again, labelled cat, many times
+    (cat / "self").symlink_to(".")  # would list forever
+    (cat / "linked.png").symlink_to(tmp_path / "val" / "cat" / "0.png")  # a file link is fine
+    data = load_split("imagefolder", tmp_path, "train")
+    assert data.class_names == ["cat", "dog"] and len(data) == 9
+    assert all((f"{tmp_path}/train/cat/" in path) == (label == 0) for path, label in data.samples)
+
+
+@pytest.mark.parametrize("target", [".", ".."])
+def test_a_class_folder_that_leads_back_to_the_split_is_refused(tmp_path, target):
+    write_image_folder(tmp_path)
+    (tmp_path / "train" / "bird").symlink_to(target)
+    with pytest.raises(DatasetError, match=r"train/bird leads to .* which holds .*/train itself"):
+        load_split("imagefolder", tmp_path, "train")
+
+
 @pytest.mark.parametrize(
     "name, expected",
     [

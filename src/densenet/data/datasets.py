@@ -7,6 +7,7 @@ torchvision's downloaders (which verify checksums) and then the same readers.
 
 from __future__ import annotations
 
+import os
 import pickle
 import typing
 from dataclasses import dataclass
@@ -283,7 +284,14 @@ def _checked(data: TensorData, where: Path) -> TensorData:
 
 
 def _image_folder(data_dir: Path, split: str) -> FolderData:
-    from torchvision.datasets import ImageFolder
+    """The images of ``data_dir/split/CLASS/...``, listed in torchvision ImageFolder's order.
+
+    Inside a class folder, links to directories are not followed: one to ``..`` would add every
+    other class's images under this class's label, one to ``.`` would list forever. Links to
+    files are followed, and a class folder may itself be a link (to data stored elsewhere), unless
+    it leads back to a folder that holds the split.
+    """
+    from torchvision.datasets.folder import IMG_EXTENSIONS
 
     root = data_dir / split
     if not root.is_dir():
@@ -292,8 +300,33 @@ def _image_folder(data_dir: Path, split: str) -> FolderData:
             f"class, under {data_dir}/train and {data_dir}/val)"
         )
     try:
+        classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
         # Only lists the files: images are opened (and bad ones counted) when batches are made.
-        folder = ImageFolder(str(root))
-    except (FileNotFoundError, OSError) as error:
-        raise DatasetError(f"{root}: {error}") from None
-    return FolderData(folder.samples, list(folder.classes), root)
+        samples = []
+        for label, name in enumerate(classes):
+            folder = root / name
+            if root.resolve().is_relative_to(folder.resolve()):
+                raise DatasetError(
+                    f"{folder} leads to {folder.resolve()}, which holds {root} itself: its "
+                    "images would be listed again under this class; make it a folder of images"
+                )
+            files = [
+                os.path.join(directory, file)
+                for directory, _, names in sorted(os.walk(folder))
+                for file in sorted(names)
+                if file.lower().endswith(IMG_EXTENSIONS)
+            ]
+            if not files:
+                raise DatasetError(
+                    f"{folder} holds no images (files ending in {', '.join(IMG_EXTENSIONS)}); "
+                    "put the class's images there or remove the folder"
+                )
+            samples += [(file, label) for file in files]
+    except OSError as error:
+        raise DatasetError(f"cannot list {root}: {error}") from None
+    if not classes:
+        raise DatasetError(
+            f"{root} holds no class folders: expected {root}/CLASS_NAME/IMAGE.jpg, one folder per "
+            "class"
+        )
+    return FolderData(samples, classes, root)
