@@ -7,7 +7,8 @@ from PIL import Image
 from torchvision import transforms
 
 from densenet.data.datasets import load_split
-from densenet.data.loaders import Normalize, Shard, TensorBatches, crop_and_flip, eval_transform
+from densenet.data.images import eval_transform
+from densenet.data.loaders import Normalize, Shard, TensorBatches, crop_and_flip
 from densenet.errors import ConfigError, DatasetError
 from densenet.models.presets import Preprocessing
 from fake_data import write_cifar, write_image_folder, write_svhn
@@ -170,19 +171,13 @@ def test_batches_depend_only_on_seed_epoch_and_step():
 
 def test_normalize_is_bitwise_totensor_then_normalize():
     pixels = np.random.default_rng(0).integers(0, 256, (37, 50, 3), dtype=np.uint8)
-    image = Image.fromarray(pixels)
     preprocessing = Preprocessing(32, 36, (0.4, 0.5, 0.6), (0.2, 0.25, 0.3))
+    cropped = eval_transform(preprocessing)(torch.from_numpy(pixels).permute(2, 0, 1))
+    assert cropped.shape == (3, 32, 32) and cropped.dtype == torch.uint8
     reference = transforms.Compose(
-        [
-            transforms.Resize(36),
-            transforms.CenterCrop(32),
-            transforms.ToTensor(),
-            transforms.Normalize(preprocessing.mean, preprocessing.std),
-        ]
-    )(image)
-    ours = Normalize(preprocessing.mean, preprocessing.std)(
-        eval_transform(preprocessing)(image)[None]
-    )
+        [transforms.ToTensor(), transforms.Normalize(preprocessing.mean, preprocessing.std)]
+    )(Image.fromarray(cropped.permute(1, 2, 0).numpy()))
+    ours = Normalize(preprocessing.mean, preprocessing.std)(cropped[None])
     assert torch.equal(ours[0], reference)
 
 

@@ -6,7 +6,10 @@ from PIL import Image
 
 from densenet import DenseNetError, Preprocessing, create_model, save_weights
 from densenet.cli import main
+from densenet.data.datasets import load_split
+from densenet.data.loaders import Normalize, make_batches
 from densenet.deploy.predict import Predictor, load_image
+from fake_data import write_image_folder
 
 PREPROCESSING = Preprocessing(
     input_size=32, resize_size=36, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3)
@@ -37,6 +40,25 @@ def test_preprocessing_is_resize_crop_normalise(tmp_path):
     # float32 rounding of normalised values of magnitude ~3 (a few 1e-7).
     one_step = 1 / 255 / 0.2
     assert (x - ref).abs().max() <= one_step + 1e-5
+
+
+@pytest.mark.parametrize("in_channels", [3, 1])
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_evaluation_and_prediction_make_the_same_input_from_a_file(
+    tmp_path, in_channels, interpolation
+):
+    write_image_folder(tmp_path, per_class=2, size=45)
+    data = load_split("imagefolder", tmp_path, "val")
+    mean, std = PREPROCESSING.mean[:in_channels], PREPROCESSING.std[:in_channels]
+    preprocessing = Preprocessing(32, 36, mean, std, interpolation)
+    batches = make_batches(data, 4, torch.device("cpu"), train=False,
+                           preprocessing=preprocessing, in_channels=in_channels)  # fmt: skip
+    evaluated = Normalize(mean, std)(next(batches.epoch(0)).images)
+    predicted = torch.stack(
+        [load_image(path, preprocessing, in_channels) for path, _ in data.samples]
+    )
+    assert evaluated.shape == (4, in_channels, 32, 32)
+    assert torch.equal(evaluated, predicted)
 
 
 def test_grayscale_models_get_one_channel(tmp_path):

@@ -7,11 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torchvision.transforms.v2.functional as TF
-from PIL import Image, UnidentifiedImageError
 from torch import Tensor
-from torchvision.transforms import InterpolationMode
 
+from densenet.data.images import eval_transform, read_image
+from densenet.data.loaders import Normalize
 from densenet.errors import ConfigError, DenseNetError
 from densenet.models.densenet import DenseNet
 from densenet.models.presets import Preprocessing
@@ -26,20 +25,13 @@ class Prediction:
 def load_image(
     path: str | os.PathLike[str], preprocessing: Preprocessing, in_channels: int
 ) -> Tensor:
-    """Read an image file and turn it into one normalised network input of shape (C, H, W)."""
-    try:
-        with Image.open(path) as image:
-            image = image.convert("L" if in_channels == 1 else "RGB")
-    except (OSError, UnidentifiedImageError, ValueError) as error:
-        raise DenseNetError(f"cannot read image {os.fspath(path)}: {error}") from None
-    if in_channels not in (1, 3):
-        raise DenseNetError(f"images can feed 1- or 3-channel models, this one has {in_channels}")
-    x = TF.pil_to_tensor(image)
-    interpolation = InterpolationMode(preprocessing.interpolation)
-    x = TF.resize(x, [preprocessing.resize_size], interpolation=interpolation, antialias=True)
-    x = TF.center_crop(x, [preprocessing.input_size])
-    x = TF.to_dtype(x, torch.float32, scale=True)
-    return TF.normalize(x, list(preprocessing.mean), list(preprocessing.std))
+    """Read an image file and turn it into one normalised network input of shape (C, H, W).
+
+    The decoding, resize and crop are evaluation's (:mod:`densenet.data.images`), and so is the
+    normalisation: a file gets the same input here as in ``densenet eval``.
+    """
+    image = eval_transform(preprocessing)(read_image(path, in_channels))
+    return Normalize(preprocessing.mean, preprocessing.std)(image[None])[0]
 
 
 class Predictor:
