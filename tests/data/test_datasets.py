@@ -216,6 +216,21 @@ def test_image_folder_batches_are_the_same_with_or_without_workers(tmp_path):
     assert torch.equal(resumed[0].images, serial[1].images)
 
 
+def test_image_folder_batches_skip_and_count_images_with_too_many_pixels(tmp_path):
+    from densenet.data.loaders import make_batches
+
+    write_image_folder(tmp_path, per_class=2)
+    Image.new("1", (14000, 13000)).save(tmp_path / "train" / "cat" / "bomb.png")
+    Image.new("L", (200000, 1)).save(tmp_path / "train" / "dog" / "strip.png")  # 157 M once resized
+    data = load_split("imagefolder", tmp_path, "train")
+    preprocessing = Preprocessing(24, 28, (0.5,) * 3, (0.5,) * 3)
+    for train in (True, False):
+        options = dict(preprocessing=preprocessing, in_channels=3, augment="crop")
+        batches = make_batches(data, 6, torch.device("cpu"), train=train, **options)
+        (batch,) = batches.epoch(0)
+        assert batch.skipped == 2 and batch.images.shape == (4, 3, 24, 24)
+
+
 def test_channel_stats_match_torch_on_the_whole_tensor():
     from densenet.data.datasets import channel_stats
 

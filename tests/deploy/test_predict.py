@@ -124,3 +124,32 @@ def test_unreadable_image_is_named(tmp_path, capsys):
     assert "cannot read image" in captured.err and "bad.png" in captured.err
     with pytest.raises(DenseNetError, match=r"missing\.png"):
         load_image(tmp_path / "missing.png", PREPROCESSING, 3)
+
+
+@pytest.fixture
+def tiny_weights(tmp_path):
+    model = create_model("densenet_bc100_k12", block_config=(2, 2, 2), num_classes=3)
+    return save_weights(
+        model, tmp_path / "m.safetensors", meta={"preprocessing": PREPROCESSING.to_dict()}
+    )
+
+
+def test_a_decompression_bomb_is_an_unreadable_image(tmp_path, tiny_weights, capsys):
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (14000, 13000)).save(bomb)  # 22 KB on disk, 182 M pixels decoded
+    assert bomb.stat().st_size < 30_000
+    assert main(["predict", str(bomb), "--weights", str(tiny_weights)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"densenet predict: error: cannot read image {bomb}: ")
+    assert error.count("\n") == 1
+
+
+def test_images_past_the_pixel_limit_before_or_after_the_resize_are_refused(tmp_path):
+    large = tmp_path / "large.png"
+    Image.new("L", (9000, 8000)).save(large)  # under Pillow's own limit, over ours
+    with pytest.raises(DenseNetError, match=r"large\.png: it is 9000x8000, more than the 67108864"):
+        load_image(large, PREPROCESSING, 3)
+    strip = tmp_path / "strip.png"
+    Image.new("L", (65536, 1)).save(strip)  # 142 bytes; resized to a short side of 36, 85 M pixels
+    with pytest.raises(DenseNetError, match=r"strip\.png: resizing its short side to 36 px"):
+        load_image(strip, PREPROCESSING, 3)

@@ -163,13 +163,12 @@ class ImageFiles(torch.utils.data.Dataset):
     def __getitem__(self, item: tuple[int, int]) -> tuple[Tensor, int] | None:
         index, seed = item
         path, label = self.samples[index]
-        try:
-            image = read_image(path, self.in_channels)
-        except DatasetError:
-            return None
         # torchvision's random transforms draw from the global RNG of the worker process.
         torch.manual_seed(seed)
-        return self.transform(image), label
+        try:
+            return self.transform(read_image(path, self.in_channels)), label
+        except DatasetError:  # undecodable, or too many pixels before or after the resize
+            return None
 
 
 def _collate(items: list[tuple[Tensor, int] | None]) -> tuple[Tensor, Tensor, int]:

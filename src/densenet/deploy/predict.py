@@ -11,7 +11,7 @@ from torch import Tensor
 
 from densenet.data.images import eval_transform, read_image
 from densenet.data.loaders import Normalize
-from densenet.errors import ConfigError, DenseNetError
+from densenet.errors import ConfigError, DatasetError, DenseNetError
 from densenet.models.densenet import DenseNet
 from densenet.models.presets import Preprocessing
 
@@ -30,7 +30,11 @@ def load_image(
     The decoding, resize and crop are evaluation's (:mod:`densenet.data.images`), and so is the
     normalisation: a file gets the same input here as in ``densenet eval``.
     """
-    image = eval_transform(preprocessing)(read_image(path, in_channels))
+    image = read_image(path, in_channels)
+    try:
+        image = eval_transform(preprocessing)(image)
+    except DatasetError as error:  # too large once resized
+        raise DatasetError(f"cannot use image {os.fspath(path)}: {error}") from None
     return Normalize(preprocessing.mean, preprocessing.std)(image[None])[0]
 
 
