@@ -7,6 +7,7 @@ from PIL import Image
 from densenet import DenseNetError, Preprocessing, create_model, save_weights
 from densenet.cli import main
 from densenet.data.datasets import load_split
+from densenet.data.images import eval_transform, read_image
 from densenet.data.loaders import Normalize, make_batches
 from densenet.deploy.predict import Predictor, load_image
 from fake_data import write_image_folder
@@ -153,3 +154,35 @@ def test_images_past_the_pixel_limit_before_or_after_the_resize_are_refused(tmp_
     Image.new("L", (65536, 1)).save(strip)  # 142 bytes; resized to a short side of 36, 85 M pixels
     with pytest.raises(DenseNetError, match=r"strip\.png: resizing its short side to 36 px"):
         load_image(strip, PREPROCESSING, 3)
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path):
+    values = np.linspace(0, 65535, 40 * 50).round().astype(np.uint16).reshape(40, 50)
+    Image.fromarray(values).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode == "I;16"
+    expected = torch.from_numpy(((values.astype(np.int64) + 128) // 257).astype(np.uint8))
+    assert torch.equal(read_image(tmp_path / "deep.png", 1)[0], expected)
+    assert torch.equal(read_image(tmp_path / "deep.png", 3), expected.expand(3, 40, 50))
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg"])
+def test_exif_orientation_is_applied_in_training_evaluation_and_predict(tmp_path, suffix):
+    rgb = np.random.default_rng(0).integers(0, 256, (30, 60, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to display"
+    folder = tmp_path / "val" / "cat"
+    folder.mkdir(parents=True)
+    path = folder / f"x{suffix}"
+    Image.fromarray(rgb).save(path, exif=exif, quality=100)
+    upright = read_image(path, 3)
+    assert upright.shape == (3, 60, 30)
+    if suffix == ".png":  # lossless: the pixels themselves can be compared
+        assert torch.equal(upright, torch.from_numpy(np.rot90(rgb, k=-1).copy()).permute(2, 0, 1))
+    preprocessing = Preprocessing(24, 24, (0.5,) * 3, (0.5,) * 3)
+    batches = make_batches(load_split("imagefolder", tmp_path, "val"), 1, torch.device("cpu"),
+                           train=True, preprocessing=preprocessing, in_channels=3,
+                           augment="none")  # fmt: skip
+    (batch,) = batches.epoch(0)
+    assert torch.equal(batch.images[0], eval_transform(preprocessing)(upright))
+    predicted = load_image(path, preprocessing, 3)
+    assert torch.equal(predicted, Normalize((0.5,) * 3, (0.5,) * 3)(batch.images)[0])

@@ -12,7 +12,8 @@ from __future__ import annotations
 import os
 import warnings
 
-from PIL import Image
+import numpy as np
+from PIL import Image, ImageOps
 from torch import Tensor
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
@@ -46,12 +47,25 @@ def read_image(path: str | os.PathLike[str], in_channels: int) -> Tensor:
                         f"it is {width}x{height}, more than the {MAX_IMAGE_PIXELS} pixels allowed "
                         "(densenet.data.images.MAX_IMAGE_PIXELS)"
                     )
+                # Cameras store a photo as shot and tag how to turn it upright.
+                image = _to_8_bits(ImageOps.exif_transpose(image))
                 image = image.convert("L" if in_channels == 1 else "RGB")
     # Pillow's decoders raise many exception types for malformed files (OSError, ValueError,
     # SyntaxError, DecompressionBombError, ...): every one of them means this file is unreadable.
     except Exception as error:
         raise DatasetError(f"cannot read image {os.fspath(path)}: {first_line(error)}") from None
     return TF.pil_to_tensor(image)
+
+
+def _to_8_bits(image: Image.Image) -> Image.Image:
+    """16-bit (and 32-bit integer) grayscale images scaled to 8 bits: Pillow's conversion clips
+    them at 255 instead, which turns nearly every pixel of a 16-bit image white. 32-bit images are
+    taken to hold 16-bit values, as Pillow reads some 16-bit files."""
+    if not (image.mode.startswith("I;16") or image.mode == "I"):
+        return image
+    pixels = np.asarray(image, dtype=np.int32).clip(0, 65535)
+    # 65535 / 255 = 257, so this rounds to the nearest 8-bit level (never a tie: 257 is odd).
+    return Image.fromarray(((pixels + 128) // 257).astype(np.uint8))
 
 
 class _ResizeLimit:
