@@ -12,6 +12,12 @@ def first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def brief(value: object, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters: values from files can be any size."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class DenseNetError(Exception):
     """A problem with the user's input (config, file, dataset), with what to do about it."""
 

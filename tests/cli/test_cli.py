@@ -44,6 +44,7 @@ def test_summary_activation_memory_grows_with_batch(capsys):
     [
         (["summary", "densnet121"], "did you mean densenet121"),
         (["summary", "densenet121", "--input-size", "16", "16"], "at least 29 px"),
+        (["summary", "densenet121", "--input-size", "100000", "9"], "larger than the 2048 px"),
     ],
 )
 def test_bad_input_is_one_line_and_nonzero(argv, message):

@@ -8,7 +8,8 @@ from PIL import Image
 from torchvision import transforms
 
 from densenet.data.datasets import load_split
-from densenet.data.loaders import Normalize, Shard, TensorBatches, crop_and_flip, eval_transform
+from densenet.data.images import eval_transform
+from densenet.data.loaders import Normalize, Shard, TensorBatches, crop_and_flip
 from densenet.errors import ConfigError, DatasetError, MissingPackageError
 from densenet.models.presets import Preprocessing
 from fake_data import write_cifar, write_image_folder, write_svhn
@@ -64,6 +65,25 @@ def test_image_folder_lists_classes(tmp_path):
     assert data.class_names == ["cat", "dog"] and len(data) == 8
 
 
+def test_directory_links_inside_a_class_folder_are_not_followed(tmp_path):
+    write_image_folder(tmp_path)
+    cat = tmp_path / "train" / "cat"
+    (cat / "up").symlink_to("..")  # would list the dog images again, labelled cat, many times
+    (cat / "self").symlink_to(".")  # would list forever
+    (cat / "linked.png").symlink_to(tmp_path / "val" / "cat" / "0.png")  # a file link is fine
+    data = load_split("imagefolder", tmp_path, "train")
+    assert data.class_names == ["cat", "dog"] and len(data) == 9
+    assert all((f"{tmp_path}/train/cat/" in path) == (label == 0) for path, label in data.samples)
+
+
+@pytest.mark.parametrize("target", [".", ".."])
+def test_a_class_folder_that_leads_back_to_the_split_is_refused(tmp_path, target):
+    write_image_folder(tmp_path)
+    (tmp_path / "train" / "bird").symlink_to(target)
+    with pytest.raises(DatasetError, match=r"train/bird leads to .* which holds .*/train itself"):
+        load_split("imagefolder", tmp_path, "train")
+
+
 @pytest.mark.parametrize(
     "name, expected",
     [
@@ -90,6 +110,36 @@ def test_corrupt_dataset_files_are_reported(tmp_path):
     (tmp_path / "svhn" / "test_32x32.mat").write_bytes(b"not a mat file")
     with pytest.raises(DatasetError, match=r"test_32x32\.mat is corrupt"):
         load_split("svhn", tmp_path / "svhn", "test")
+
+
+ROWS = np.zeros((2, 3072), np.uint8)
+
+
+@pytest.mark.parametrize(
+    "file, content, message",
+    [
+        (
+            "test_batch",
+            {"data": None},
+            "'data' must be a uint8 array of 3072 pixels a row, got None",
+        ),
+        ("test_batch", {"data": np.zeros((2, 5), np.uint8), "labels": [0, 1]}, "shape (2, 5)"),
+        ("test_batch", {"data": ROWS.astype(np.int64), "labels": [0, 1]}, "a int64 array"),
+        ("test_batch", {"data": ROWS, "labels": None}, "'labels' must be a list of integer labels"),
+        ("test_batch", {"data": ROWS, "labels": ["cat", "dog"]}, "integer labels, got ['cat'"),
+        ("test_batch", {"data": ROWS, "labels": [0, [1]]}, "integer labels, got [0, [1]]"),
+        ("test_batch", {"data": ROWS, "labels": [0]}, "2 images, 1 labels"),
+        ("batches.meta", {"label_names": None}, "'label_names' must be a list of class names"),
+    ],
+)
+def test_malformed_cifar_batches_name_the_file_and_the_field(tmp_path, file, content, message):
+    folder = write_cifar(tmp_path)
+    with open(folder / file, "wb") as handle:
+        pickle.dump(content, handle)
+    with pytest.raises(DatasetError) as error:
+        load_split("cifar10", tmp_path, "test")
+    assert str(error.value).startswith(f"{folder / file} is corrupt")
+    assert message in str(error.value)
 
 
 def test_cifar_reader_refuses_pickles_that_run_code(tmp_path):
@@ -134,19 +184,13 @@ def test_batches_depend_only_on_seed_epoch_and_step():
 
 def test_normalize_is_bitwise_totensor_then_normalize():
     pixels = np.random.default_rng(0).integers(0, 256, (37, 50, 3), dtype=np.uint8)
-    image = Image.fromarray(pixels)
     preprocessing = Preprocessing(32, 36, (0.4, 0.5, 0.6), (0.2, 0.25, 0.3))
+    cropped = eval_transform(preprocessing)(torch.from_numpy(pixels).permute(2, 0, 1))
+    assert cropped.shape == (3, 32, 32) and cropped.dtype == torch.uint8
     reference = transforms.Compose(
-        [
-            transforms.Resize(36),
-            transforms.CenterCrop(32),
-            transforms.ToTensor(),
-            transforms.Normalize(preprocessing.mean, preprocessing.std),
-        ]
-    )(image)
-    ours = Normalize(preprocessing.mean, preprocessing.std)(
-        eval_transform(preprocessing)(image)[None]
-    )
+        [transforms.ToTensor(), transforms.Normalize(preprocessing.mean, preprocessing.std)]
+    )(Image.fromarray(cropped.permute(1, 2, 0).numpy()))
+    ours = Normalize(preprocessing.mean, preprocessing.std)(cropped[None])
     assert torch.equal(ours[0], reference)
 
 
@@ -183,6 +227,21 @@ def test_image_folder_batches_are_the_same_with_or_without_workers(tmp_path):
     for a, b in zip(serial, parallel, strict=True):
         assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
     assert torch.equal(resumed[0].images, serial[1].images)
+
+
+def test_image_folder_batches_skip_and_count_images_with_too_many_pixels(tmp_path):
+    from densenet.data.loaders import make_batches
+
+    write_image_folder(tmp_path, per_class=2)
+    Image.new("1", (14000, 13000)).save(tmp_path / "train" / "cat" / "bomb.png")
+    Image.new("L", (200000, 1)).save(tmp_path / "train" / "dog" / "strip.png")  # 157 M once resized
+    data = load_split("imagefolder", tmp_path, "train")
+    preprocessing = Preprocessing(24, 28, (0.5,) * 3, (0.5,) * 3)
+    for train in (True, False):
+        options = dict(preprocessing=preprocessing, in_channels=3, augment="crop")
+        batches = make_batches(data, 6, torch.device("cpu"), train=train, **options)
+        (batch,) = batches.epoch(0)
+        assert batch.skipped == 2 and batch.images.shape == (4, 3, 24, 24)
 
 
 def test_channel_stats_match_torch_on_the_whole_tensor():

@@ -129,6 +129,14 @@ def test_weights_that_do_not_match_are_a_one_line_error(weights, tmp_path, capsy
     assert "features.conv0.weight" in line
 
 
+def test_an_input_size_beyond_the_limit_is_refused_before_running(weights, tmp_path, capsys):
+    path, _ = weights
+    argv = ["export", "--weights", str(path), "--format", "torchscript"]
+    argv += ["--output", str(tmp_path / "m.pt"), "--input-size", "100000", "100000"]
+    assert "larger than the 2048 px per side" in _cli_error(argv, capsys)
+    assert not (tmp_path / "m.pt").exists()
+
+
 def test_unknown_format_is_rejected(weights, tmp_path, capsys):
     path, model = weights
     with pytest.raises(SystemExit) as exit_info:

@@ -7,7 +7,11 @@ from PIL import Image
 from architectures import short_bc
 from densenet import DenseNetError, Preprocessing, save_weights
 from densenet.cli import main
+from densenet.data.datasets import load_split
+from densenet.data.images import eval_transform, read_image
+from densenet.data.loaders import Normalize, make_batches
 from densenet.deploy.predict import Predictor, load_image
+from fake_data import write_image_folder
 
 PREPROCESSING = Preprocessing(
     input_size=32, resize_size=36, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3)
@@ -38,6 +42,25 @@ def test_preprocessing_is_resize_crop_normalise(tmp_path):
     # float32 rounding of normalised values of magnitude ~3 (a few 1e-7).
     one_step = 1 / 255 / 0.2
     assert (x - ref).abs().max() <= one_step + 1e-5
+
+
+@pytest.mark.parametrize("in_channels", [3, 1])
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_evaluation_and_prediction_make_the_same_input_from_a_file(
+    tmp_path, in_channels, interpolation
+):
+    write_image_folder(tmp_path, per_class=2, size=45)
+    data = load_split("imagefolder", tmp_path, "val")
+    mean, std = PREPROCESSING.mean[:in_channels], PREPROCESSING.std[:in_channels]
+    preprocessing = Preprocessing(32, 36, mean, std, interpolation)
+    batches = make_batches(data, 4, torch.device("cpu"), train=False,
+                           preprocessing=preprocessing, in_channels=in_channels)  # fmt: skip
+    evaluated = Normalize(mean, std)(next(batches.epoch(0)).images)
+    predicted = torch.stack(
+        [load_image(path, preprocessing, in_channels) for path, _ in data.samples]
+    )
+    assert evaluated.shape == (4, in_channels, 32, 32)
+    assert torch.equal(evaluated, predicted)
 
 
 def test_grayscale_models_get_one_channel(tmp_path):
@@ -103,3 +126,64 @@ def test_unreadable_image_is_named(tmp_path, capsys):
     assert "cannot read image" in captured.err and "bad.png" in captured.err
     with pytest.raises(DenseNetError, match=r"missing\.png"):
         load_image(tmp_path / "missing.png", PREPROCESSING, 3)
+
+
+@pytest.fixture
+def tiny_weights(tmp_path):
+    model = short_bc(num_classes=3)
+    return save_weights(
+        model, tmp_path / "m.safetensors", meta={"preprocessing": PREPROCESSING.to_dict()}
+    )
+
+
+def test_a_decompression_bomb_is_an_unreadable_image(tmp_path, tiny_weights, capsys):
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (14000, 13000)).save(bomb)  # 22 KB on disk, 182 M pixels decoded
+    assert bomb.stat().st_size < 30_000
+    assert main(["predict", str(bomb), "--weights", str(tiny_weights)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"densenet predict: error: cannot read image {bomb}: ")
+    assert error.count("\n") == 1
+
+
+def test_images_past_the_pixel_limit_before_or_after_the_resize_are_refused(tmp_path):
+    large = tmp_path / "large.png"
+    Image.new("L", (9000, 8000)).save(large)  # under Pillow's own limit, over ours
+    with pytest.raises(DenseNetError, match=r"large\.png: it is 9000x8000, more than the 67108864"):
+        load_image(large, PREPROCESSING, 3)
+    strip = tmp_path / "strip.png"
+    Image.new("L", (65536, 1)).save(strip)  # 142 bytes; resized to a short side of 36, 85 M pixels
+    with pytest.raises(DenseNetError, match=r"strip\.png: resizing its short side to 36 px"):
+        load_image(strip, PREPROCESSING, 3)
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path):
+    values = np.linspace(0, 65535, 40 * 50).round().astype(np.uint16).reshape(40, 50)
+    Image.fromarray(values).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode == "I;16"
+    expected = torch.from_numpy(((values.astype(np.int64) + 128) // 257).astype(np.uint8))
+    assert torch.equal(read_image(tmp_path / "deep.png", 1)[0], expected)
+    assert torch.equal(read_image(tmp_path / "deep.png", 3), expected.expand(3, 40, 50))
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg"])
+def test_exif_orientation_is_applied_in_training_evaluation_and_predict(tmp_path, suffix):
+    rgb = np.random.default_rng(0).integers(0, 256, (30, 60, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to display"
+    folder = tmp_path / "val" / "cat"
+    folder.mkdir(parents=True)
+    path = folder / f"x{suffix}"
+    Image.fromarray(rgb).save(path, exif=exif, quality=100)
+    upright = read_image(path, 3)
+    assert upright.shape == (3, 60, 30)
+    if suffix == ".png":  # lossless: the pixels themselves can be compared
+        assert torch.equal(upright, torch.from_numpy(np.rot90(rgb, k=-1).copy()).permute(2, 0, 1))
+    preprocessing = Preprocessing(24, 24, (0.5,) * 3, (0.5,) * 3)
+    batches = make_batches(load_split("imagefolder", tmp_path, "val"), 1, torch.device("cpu"),
+                           train=True, preprocessing=preprocessing, in_channels=3,
+                           augment="none")  # fmt: skip
+    (batch,) = batches.epoch(0)
+    assert torch.equal(batch.images[0], eval_transform(preprocessing)(upright))
+    predicted = load_image(path, preprocessing, 3)
+    assert torch.equal(predicted, Normalize((0.5,) * 3, (0.5,) * 3)(batch.images)[0])

@@ -14,6 +14,8 @@ import torch
 from conftest import randomize_batchnorm
 from densenet import WeightsError, create_model
 from densenet.errors import MissingPackageError
+from densenet.weights import keras as keras_weights
+from densenet.weights.io import read_checkpoint
 from densenet.weights.keras import KERAS_BN_EPSILON
 
 os.environ["KERAS_BACKEND"] = "torch"
@@ -223,3 +225,58 @@ def test_missing_h5py_is_explained(tmp_path, monkeypatch):
     message = r"needs the h5py package: pip install 'densenet\[keras\]'"
     with pytest.raises(MissingPackageError, match=message):
         create_model("densenet121", weights=path)
+
+
+def write_keras_stem(path, damage=None):
+    """A Keras .h5 holding the ImageNet stem (conv1_conv, conv1_bn), optionally damaged."""
+    import h5py
+
+    with h5py.File(path, "w") as handle:
+        handle.attrs["layer_names"] = [b"conv1_conv", b"conv1_bn"]
+        kernel = np.zeros((7, 7, 3, 64) if damage != "kernel ndim" else (7, 7, 3), np.float32)
+        handle["conv1_conv/conv1_conv/kernel:0"] = kernel
+        handle["conv1_conv"].attrs["weight_names"] = [b"conv1_conv/kernel:0"]
+        bn = ["gamma:0", "beta:0", "moving_mean:0", "moving_variance:0"]
+        for i, weight in enumerate(bn):
+            length = 63 if damage == "bn lengths" and i == 3 else 64
+            handle[f"conv1_bn/conv1_bn/{weight}"] = np.ones(length, np.float32)
+        handle["conv1_bn"].attrs["weight_names"] = [f"conv1_bn/{w}".encode() for w in bn]
+        if damage == "missing group":
+            del handle["conv1_bn"]
+        elif damage == "missing dataset":
+            del handle["conv1_bn/conv1_bn/beta:0"]
+        elif damage == "strings":
+            del handle["conv1_conv/conv1_conv/kernel:0"]
+            handle["conv1_conv/conv1_conv/kernel:0"] = np.array([b"a", b"b"])
+        elif damage == "names not a list":
+            handle.attrs["layer_names"] = 5
+    return path
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("missing group", "layer_names lists 'conv1_bn' but the file has no group of that name"),
+        ("missing dataset", "'/conv1_bn/conv1_bn/beta:0' but the file has no dataset"),
+        ("strings", "holds |S1 values of shape (2,), expected an array of numbers"),
+        ("kernel ndim", "shapes (7, 7, 3), expected a 4-d kernel"),
+        ("bn lengths", "expected four 1-d arrays of equal length"),
+        ("names not a list", "layer_names attribute must be a list of names"),
+    ],
+)
+def test_damaged_keras_files_name_the_layer_and_what_was_expected(tmp_path, damage, message):
+    pytest.importorskip("h5py")
+    path = write_keras_stem(tmp_path / "w.h5", damage)
+    with pytest.raises(WeightsError) as error:
+        read_checkpoint(path)
+    assert message in str(error.value) and str(path) in str(error.value)
+
+
+def test_keras_arrays_are_counted_before_they_are_read(tmp_path, monkeypatch):
+    pytest.importorskip("h5py")
+    path = write_keras_stem(tmp_path / "w.h5")
+    assert set(read_checkpoint(path).state_dict) >= {"features.conv0.weight"}
+    # HDF5 arrays can be declared far larger than the file: the bound comes first.
+    monkeypatch.setattr(keras_weights, "MAX_KERAS_VALUES", 7 * 7 * 3 * 64 + 3 * 64)
+    with pytest.raises(WeightsError, match=r"the layers up to 'conv1_bn' hold 9664 values"):
+        read_checkpoint(path)

@@ -6,11 +6,12 @@ import re
 
 import pytest
 import torch
+from PIL import Image
 
 from architectures import short_bc
 from densenet import WeightsError, create_model, load_model, save_weights
 from densenet.cli import main
-from densenet.weights.download import cached_path, fetch
+from densenet.weights.download import cached_path, fetch, recorded_hash_path
 from densenet.weights.io import read_checkpoint
 from densenet.weights.pretrained import PUBLISHED
 
@@ -62,6 +63,42 @@ def test_wrong_hash_caches_nothing(cache, weights_file):
     assert not cached_path(url).exists()
     md5 = hashlib.md5(weights_file.read_bytes()).hexdigest()
     assert fetch(url, f"md5:{md5}").is_file()  # the right hash still works afterwards
+
+
+def test_a_pinned_hash_is_checked_even_when_the_url_is_cached(
+    cache, weights_file, tmp_path, capsys
+):
+    url = weights_file.as_uri()
+    meta = {"preprocessing": {"input_size": 32, "resize_size": 32, "mean": [0.5] * 3,
+                              "std": [0.5] * 3}}  # fmt: skip
+    save_weights(short_bc(), weights_file, meta=meta)
+    image = tmp_path / "x.png"
+    Image.new("RGB", (40, 40)).save(image)
+    predict = ["predict", str(image), "--weights"]
+    assert main([*predict, url]) == 0  # downloaded and cached, with no hash to check
+    capsys.readouterr()
+    assert main([*predict, url + "#sha256=deadbeef"]) == 2
+    error = capsys.readouterr().err
+    assert "not the file this hash pins" in error and error.count("\n") == 1
+    with pytest.raises(WeightsError, match=r"md5 [0-9a-f]{32}, expected 0{32}"):
+        fetch(url, "md5:" + "0" * 32)
+    assert fetch(url + f"#sha256={sha256(weights_file)}") == cached_path(url)
+
+
+def test_a_cached_file_that_changed_is_refused_and_one_without_a_record_replaced(
+    cache, weights_file
+):
+    url = weights_file.as_uri()
+    cached = fetch(url)
+    content = bytearray(cached.read_bytes())
+    content[-1] ^= 1
+    cached.write_bytes(bytes(content))
+    with pytest.raises(WeightsError, match=r"has changed since it was downloaded.*delete"):
+        fetch(url)
+    # A file with no record (cut off mid-download, or cached before records) is fetched again.
+    recorded_hash_path(cached).unlink()
+    assert fetch(url).read_bytes() == weights_file.read_bytes()
+    assert recorded_hash_path(cached).read_text().strip() == sha256(weights_file)
 
 
 @pytest.mark.parametrize("spec", ["sha256:abc", "crc:1234abcd", "md5:1234"])

@@ -1,13 +1,16 @@
+import json
 import re
 
 import pytest
 import torch
 import torchvision
+from PIL import Image
 from safetensors.torch import save_file
 
 from architectures import short_bc
 from conftest import randomize_batchnorm
 from densenet import WeightsError, create_model, load_model, save_weights
+from densenet.cli import main
 from densenet.weights.download import cached_path
 from densenet.weights.io import read_checkpoint
 
@@ -83,11 +86,17 @@ def test_different_architecture_is_named(tmp_path):
         short_bc(growth_rate=6, weights=path)
 
 
-def test_pickles_load_only_plain_tensors(tmp_path):
+def test_pickles_load_only_plain_tensors_and_the_refusal_gives_only_the_safe_route(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"state_dict": short_bc().state_dict(), "extra": object()}, path)
-    with pytest.raises(WeightsError, match="weights_only"):
+    with pytest.raises(WeightsError) as error:
         read_checkpoint(path)
+    message = str(error.value)
+    assert "Unsupported global" in message and "evil.pth" in message
+    assert ".safetensors" in message and "densenet convert" in message
+    # torch's own advice (reload with weights_only=False) is how an untrusted file runs its code.
+    assert "False" not in message and "trust" not in message
+    assert "\n" not in message and "\x1b" not in message
 
 
 @pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", b"\x00" * 64])
@@ -129,3 +138,79 @@ def test_safetensors_without_config_needs_a_name(tmp_path):
     with pytest.raises(WeightsError, match="no model config"):
         load_model(path)
     assert short_bc(weights=path) is not None
+
+
+PREPROCESSING = {"input_size": 32, "resize_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3}
+
+
+def with_preprocessing(**changes):
+    return json.dumps({"preprocessing": {**PREPROCESSING, **changes}})
+
+
+@pytest.mark.parametrize(
+    "metadata, message",
+    [
+        ({"config": "{not json"}, "metadata 'config' is not JSON"),
+        ({"config": "[6, 12, 24]"}, "metadata 'config' is a JSON array, expected a JSON object"),
+        ({"config": '{"growth_rate": "12"}'}, "growth_rate must be an integer >= 1, got '12'"),
+        ({"config": '{"compression": "half"}'}, "compression must be a number, got 'half'"),
+        ({"config": '{"block_config": 5}'}, "block_config must be a list of layer counts, got 5"),
+        ({"meta": "{'preprocessing': 1}"}, "metadata 'meta' is not JSON"),
+        ({"meta": '"text"'}, "metadata 'meta' is a JSON string, expected a JSON object"),
+        ({"meta": '{"preprocessing": {"input_size": 32}}'}, "lacks resize_size, mean, std"),
+        ({"meta": with_preprocessing(input_size="32")}, "input_size must be an integer >= 1"),
+        ({"meta": with_preprocessing(input_size=0)}, "input_size must be an integer >= 1, got 0"),
+        ({"meta": with_preprocessing(resize_size=100000)}, "100000 px, more than the 2048 allowed"),
+        ({"meta": with_preprocessing(std=[0.5, 0, 0.5])}, "std[1] must be a finite number > 0"),
+        ({"meta": with_preprocessing(mean=None)}, "mean must be a list of numbers, got None"),
+        ({"meta": with_preprocessing(mean=[0.5], std=[0.5])}, "the model takes 3 channels"),
+        ({"meta": with_preprocessing(interpolation="lanczos")}, "interpolation must be one of"),
+        ({"meta": '{"class_names": 5}'}, "class_names must be a list of strings, got 5"),
+        ({"meta": '{"class_names": ["a"]}'}, "1 names for a model with 3 outputs"),
+    ],
+)
+def test_bad_metadata_is_one_line_naming_the_file_and_the_field(
+    tmp_path, capsys, metadata, message
+):
+    model = short_bc(num_classes=3)
+    path = tmp_path / "m.safetensors"
+    stored = {"config": json.dumps(model.config.to_dict()), "meta": with_preprocessing()}
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        path,
+        metadata={**stored, **metadata},
+    )
+    image = tmp_path / "x.png"
+    Image.new("RGB", (40, 40)).save(image)
+    assert main(["predict", str(image), "--weights", str(path)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"densenet predict: error: {path}: metadata ")
+    assert message in error and error.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        # The file: 190 KB whose config asked for a 5 GB network, built before checking.
+        (
+            {"block_config": [100000] * 3},
+            "asks for 300000 dense layers, but the file holds only 92 tensors",
+        ),
+        (
+            {"block_config": [60, 60, 60]},
+            "asks for 180 dense layers, but the file holds only 92 tensors",
+        ),
+        # As many layers as the file has, each 10000 times too wide: checked shapes-only first.
+        ({"growth_rate": 120000}, "conv2.weight (12, 48, 3, 3) vs model (120000, 480000, 3, 3)"),
+    ],
+)
+def test_a_config_is_checked_against_the_tensors_before_the_network_is_built(
+    tmp_path, change, message
+):
+    model = short_bc()
+    path = tmp_path / "m.safetensors"
+    config = {**model.config.to_dict(), **change}
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, path, metadata={"config": json.dumps(config)})
+    with pytest.raises(WeightsError, match=re.escape(message)):
+        load_model(path)

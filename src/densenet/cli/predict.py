@@ -6,7 +6,6 @@ import argparse
 
 from densenet.deploy.predict import Predictor
 from densenet.errors import ConfigError
-from densenet.models.presets import Preprocessing
 from densenet.weights.io import read_checkpoint
 from densenet.weights.registry import create_model, get_spec, model_from_checkpoint
 
@@ -27,21 +26,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def build_predictor(weights: str, model_name: str | None) -> Predictor:
     checkpoint = read_checkpoint(weights)
-    stored = checkpoint.meta.get("preprocessing")
-    if checkpoint.config is None or stored is None:
+    preprocessing = checkpoint.preprocessing
+    if checkpoint.config is None or preprocessing is None:
         if model_name is None:
             raise ConfigError(
                 f"{weights} does not record its architecture and preprocessing; "
                 "say which preset it is with --model NAME"
             )
         preprocessing = get_spec(model_name).preprocessing
-    else:
-        preprocessing = Preprocessing.from_dict(stored)  # type: ignore[arg-type]
     if checkpoint.config is None:
         model = create_model(model_name, weights=checkpoint)  # type: ignore[arg-type]
     else:
         model = model_from_checkpoint(checkpoint)
-    return Predictor(model, preprocessing, checkpoint.meta.get("class_names"))  # type: ignore[arg-type]
+    return Predictor(model, preprocessing, checkpoint.class_names)
 
 
 def run(args: argparse.Namespace) -> int:

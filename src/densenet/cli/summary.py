@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from densenet.errors import ConfigError
+from densenet.models.presets import MAX_IMAGE_SIZE
 from densenet.tools.summary import format_summary, summarize
 from densenet.weights.registry import create_model, get_spec
 
@@ -21,6 +23,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     spec = get_spec(args.name)
     size = args.input_size or (spec.preprocessing.input_size,) * 2
+    if max(size) > MAX_IMAGE_SIZE:
+        # The summary runs the model at this size: the size decides the memory it takes.
+        raise ConfigError(
+            f"--input-size {size[0]} {size[1]} is larger than the {MAX_IMAGE_SIZE} px per side "
+            "allowed"
+        )
     model = create_model(args.name)
     model.config.stage_sizes(*size)  # a clear error before any computation
     title = f"{args.name}: {spec.description}, input {size[0]}x{size[1]}"

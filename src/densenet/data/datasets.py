@@ -7,6 +7,7 @@ torchvision's downloaders (which verify checksums) and then the same readers.
 
 from __future__ import annotations
 
+import os
 import pickle
 import typing
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from densenet.errors import DatasetError, require
+from densenet.errors import DatasetError, brief, require
 
 DIGITS_TEST_FRACTION = 0.2
 # The held-out digits split never changes with the training seed: results stay comparable.
@@ -174,6 +175,42 @@ def _read_pickle(path: Path) -> dict:
     return data
 
 
+def _cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
+    """A CIFAR batch file's images (N, 3, 32, 32) and labels (N,), checked."""
+    batch = _read_pickle(path)
+    data, labels = _array(batch.get("data")), _array(batch.get(label_key))
+    pixels = 3 * 32 * 32
+    if data is None or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != pixels:
+        raise DatasetError(
+            f"{path} is corrupt: 'data' must be a uint8 array of {pixels} pixels a row, got "
+            f"{_describe(batch.get('data'))}; delete it and run again with --download"
+        )
+    if labels is None or labels.ndim != 1 or labels.dtype.kind not in "iu":
+        raise DatasetError(
+            f"{path} is corrupt: {label_key!r} must be a list of integer labels, got "
+            f"{_describe(batch.get(label_key))}; delete it and run again with --download"
+        )
+    if len(data) != len(labels):
+        raise DatasetError(f"{path} is corrupt: {len(data)} images, {len(labels)} labels")
+    return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)
+
+
+def _array(value: object) -> np.ndarray | None:
+    """``value`` as an array if it is a list or an array with a regular shape, else None."""
+    if not isinstance(value, (list, np.ndarray)):
+        return None
+    try:
+        return np.asarray(value)
+    except ValueError:  # a ragged list
+        return None
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, np.ndarray):
+        return f"a {value.dtype} array of shape {value.shape}"
+    return brief(value)
+
+
 def _cifar(name: str, data_dir: Path, split: str) -> TensorData:
     spec = CIFAR[name]
     folder = data_dir / spec["folder"]
@@ -187,21 +224,15 @@ def _cifar(name: str, data_dir: Path, split: str) -> TensorData:
         )
     images, labels = [], []
     for file in spec[split]:
-        batch = _read_pickle(folder / file)
-        try:
-            data = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-            batch_labels = np.asarray(batch[spec["labels"]], dtype=np.int64)
-        except (KeyError, ValueError) as error:
-            raise DatasetError(
-                f"{folder / file} is corrupt (bad {error} entry); delete it and use --download"
-            ) from None
-        if len(data) != len(batch_labels):
-            raise DatasetError(
-                f"{folder / file} is corrupt: {len(data)} images, {len(batch_labels)} labels"
-            )
+        data, batch_labels = _cifar_batch(folder / file, spec["labels"])
         images.append(data)
         labels.append(batch_labels)
-    class_names = [str(n) for n in _read_pickle(folder / meta_file).get(names_key, [])]
+    class_names = _read_pickle(folder / meta_file).get(names_key)
+    if not isinstance(class_names, list) or not all(isinstance(n, str) for n in class_names):
+        raise DatasetError(
+            f"{folder / meta_file} is corrupt: {names_key!r} must be a list of class names, got "
+            f"{brief(class_names)}; delete it and run again with --download"
+        )
     return _checked(
         TensorData(
             torch.from_numpy(np.concatenate(images)),
@@ -256,7 +287,14 @@ def _checked(data: TensorData, where: Path) -> TensorData:
 
 
 def _image_folder(data_dir: Path, split: str) -> FolderData:
-    from torchvision.datasets import ImageFolder
+    """The images of ``data_dir/split/CLASS/...``, listed in torchvision ImageFolder's order.
+
+    Inside a class folder, links to directories are not followed: one to ``..`` would add every
+    other class's images under this class's label, one to ``.`` would list forever. Links to
+    files are followed, and a class folder may itself be a link (to data stored elsewhere), unless
+    it leads back to a folder that holds the split.
+    """
+    from torchvision.datasets.folder import IMG_EXTENSIONS
 
     root = data_dir / split
     if not root.is_dir():
@@ -265,8 +303,33 @@ def _image_folder(data_dir: Path, split: str) -> FolderData:
             f"class, under {data_dir}/train and {data_dir}/val)"
         )
     try:
+        classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
         # Only lists the files: images are opened (and bad ones counted) when batches are made.
-        folder = ImageFolder(str(root))
-    except (FileNotFoundError, OSError) as error:
-        raise DatasetError(f"{root}: {error}") from None
-    return FolderData(folder.samples, list(folder.classes), root)
+        samples = []
+        for label, name in enumerate(classes):
+            folder = root / name
+            if root.resolve().is_relative_to(folder.resolve()):
+                raise DatasetError(
+                    f"{folder} leads to {folder.resolve()}, which holds {root} itself: its "
+                    "images would be listed again under this class; make it a folder of images"
+                )
+            files = [
+                os.path.join(directory, file)
+                for directory, _, names in sorted(os.walk(folder))
+                for file in sorted(names)
+                if file.lower().endswith(IMG_EXTENSIONS)
+            ]
+            if not files:
+                raise DatasetError(
+                    f"{folder} holds no images (files ending in {', '.join(IMG_EXTENSIONS)}); "
+                    "put the class's images there or remove the folder"
+                )
+            samples += [(file, label) for file in files]
+    except OSError as error:
+        raise DatasetError(f"cannot list {root}: {error}") from None
+    if not classes:
+        raise DatasetError(
+            f"{root} holds no class folders: expected {root}/CLASS_NAME/IMAGE.jpg, one folder per "
+            "class"
+        )
+    return FolderData(samples, classes, root)

@@ -13,13 +13,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import DataLoader
-from torchvision import transforms
+from torchvision.transforms import v2
 
 from densenet.data.datasets import Data, FolderData, TensorData
-from densenet.errors import ConfigError
+from densenet.data.images import eval_transform, read_image, train_transform
+from densenet.errors import ConfigError, DatasetError
 from densenet.models.presets import Preprocessing
 
 
@@ -151,42 +151,11 @@ class TensorBatches:
             yield Batch(images, self.labels[index])
 
 
-def image_mode(in_channels: int) -> str:
-    return "L" if in_channels == 1 else "RGB"
-
-
-def eval_transform(preprocessing: Preprocessing) -> transforms.Compose:
-    """Resize the short side, centre crop: the network input is then only normalised."""
-    interpolation = transforms.InterpolationMode(preprocessing.interpolation)
-    return transforms.Compose(
-        [
-            transforms.Resize(preprocessing.resize_size, interpolation=interpolation),
-            transforms.CenterCrop(preprocessing.input_size),
-            transforms.PILToTensor(),
-        ]
-    )
-
-
-def train_transform(preprocessing: Preprocessing, augment: str, padding: int) -> transforms.Compose:
-    if augment == "none":
-        return eval_transform(preprocessing)
-    interpolation = transforms.InterpolationMode(preprocessing.interpolation)
-    if augment == "random_resized_crop_flip":
-        crop = [transforms.RandomResizedCrop(preprocessing.input_size, interpolation=interpolation)]
-    else:  # the CIFAR-style crop, after the evaluation resize
-        crop = [
-            transforms.Resize(preprocessing.resize_size, interpolation=interpolation),
-            transforms.RandomCrop(preprocessing.input_size, padding=padding),
-        ]
-    flip = [transforms.RandomHorizontalFlip()] if augment.endswith("flip") else []
-    return transforms.Compose([*crop, *flip, transforms.PILToTensor()])
-
-
 class ImageFiles(torch.utils.data.Dataset):
     """Decodes one image per (index, seed) pair; an unreadable file gives None, to be counted."""
 
-    def __init__(self, data: FolderData, transform: transforms.Compose, mode: str) -> None:
-        self.samples, self.transform, self.mode = data.samples, transform, mode
+    def __init__(self, data: FolderData, transform: v2.Compose, in_channels: int) -> None:
+        self.samples, self.transform, self.in_channels = data.samples, transform, in_channels
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -194,14 +163,12 @@ class ImageFiles(torch.utils.data.Dataset):
     def __getitem__(self, item: tuple[int, int]) -> tuple[Tensor, int] | None:
         index, seed = item
         path, label = self.samples[index]
-        try:
-            with Image.open(path) as image:
-                image = image.convert(self.mode)
-        except (OSError, UnidentifiedImageError, ValueError):
-            return None
         # torchvision's random transforms draw from the global RNG of the worker process.
         torch.manual_seed(seed)
-        return self.transform(image), label
+        try:
+            return self.transform(read_image(path, self.in_channels)), label
+        except DatasetError:  # undecodable, or too many pixels before or after the resize
+            return None
 
 
 def _collate(items: list[tuple[Tensor, int] | None]) -> tuple[Tensor, Tensor, int]:
@@ -227,13 +194,13 @@ class FolderBatches:
         device: torch.device,
         *,
         train: bool,
-        transform: transforms.Compose,
-        mode: str,
+        transform: v2.Compose,
+        in_channels: int,
         workers: int,
         seed: int = 0,
         shard: Shard = Shard(),
     ) -> None:
-        self.files = ImageFiles(data, transform, mode)
+        self.files = ImageFiles(data, transform, in_channels)
         self.batch_size, self.device, self.train = batch_size, device, train
         self.workers, self.seed, self.shard = workers, seed, shard
 
@@ -300,7 +267,7 @@ def make_batches(
         device,
         train=train,
         transform=transform,
-        mode=image_mode(in_channels),
+        in_channels=in_channels,
         workers=workers,
         seed=seed,
         shard=shard,
@@ -310,8 +277,8 @@ def make_batches(
 class Normalize(torch.nn.Module):
     """uint8 images to the network input: scale to [0, 1], subtract mean, divide by std.
 
-    The same operations, in the same order, as ToTensor followed by Normalize, so a file predicted
-    through PIL/torchvision gets the input evaluation computed here.
+    The same operations, in the same order, as ToTensor followed by Normalize; ``densenet
+    predict`` normalises with this module too, so it computes the input evaluation computes.
     """
 
     def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:

@@ -22,6 +22,7 @@ from densenet.errors import ConfigError, DenseNetError, first_line, require
 from densenet.files import staged
 from densenet.hardware import DTYPES, Precision
 from densenet.models.densenet import DenseNet
+from densenet.models.presets import MAX_IMAGE_SIZE
 
 FORMATS = ("onnx", "torchscript", "exported-program")
 # Largest |exported - eager| allowed, relative to the largest |eager logit|.
@@ -73,6 +74,12 @@ def export_model(
     _check_writable(path)
     model = model.eval()
     height, width = input_size or _default_input_size(model)
+    if max(height, width) > MAX_IMAGE_SIZE:
+        # The model runs on a batch at this size, so the size decides the memory it takes.
+        raise ConfigError(
+            f"input size {height}x{width} is larger than the {MAX_IMAGE_SIZE} px per side "
+            "allowed; export at the size the model is used at (the batch stays dynamic)"
+        )
     model.config.stage_sizes(height, width)  # a clear error for an input that is too small
     # Exporters trace standard convolutions; oneDNN's reordered weights are opaque to them.
     network = optimize_for_inference(model, dtype=DTYPES[precision], conv_backend="aten")

@@ -7,12 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torchvision.transforms.v2.functional as TF
-from PIL import Image, UnidentifiedImageError
 from torch import Tensor
-from torchvision.transforms import InterpolationMode
 
-from densenet.errors import DenseNetError
+from densenet.data.images import eval_transform, read_image
+from densenet.data.loaders import Normalize
+from densenet.errors import ConfigError, DatasetError, DenseNetError
 from densenet.models.densenet import DenseNet
 from densenet.models.presets import Preprocessing
 
@@ -26,20 +25,17 @@ class Prediction:
 def load_image(
     path: str | os.PathLike[str], preprocessing: Preprocessing, in_channels: int
 ) -> Tensor:
-    """Read an image file and turn it into one normalised network input of shape (C, H, W)."""
+    """Read an image file and turn it into one normalised network input of shape (C, H, W).
+
+    The decoding, resize and crop are evaluation's (:mod:`densenet.data.images`), and so is the
+    normalisation: a file gets the same input here as in ``densenet eval``.
+    """
+    image = read_image(path, in_channels)
     try:
-        with Image.open(path) as image:
-            image = image.convert("L" if in_channels == 1 else "RGB")
-    except (OSError, UnidentifiedImageError, ValueError) as error:
-        raise DenseNetError(f"cannot read image {os.fspath(path)}: {error}") from None
-    if in_channels not in (1, 3):
-        raise DenseNetError(f"images can feed 1- or 3-channel models, this one has {in_channels}")
-    x = TF.pil_to_tensor(image)
-    interpolation = InterpolationMode(preprocessing.interpolation)
-    x = TF.resize(x, [preprocessing.resize_size], interpolation=interpolation, antialias=True)
-    x = TF.center_crop(x, [preprocessing.input_size])
-    x = TF.to_dtype(x, torch.float32, scale=True)
-    return TF.normalize(x, list(preprocessing.mean), list(preprocessing.std))
+        image = eval_transform(preprocessing)(image)
+    except DatasetError as error:  # too large once resized
+        raise DatasetError(f"cannot use image {os.fspath(path)}: {error}") from None
+    return Normalize(preprocessing.mean, preprocessing.std)(image[None])[0]
 
 
 class Predictor:
@@ -48,7 +44,12 @@ class Predictor:
     def __init__(
         self, model: DenseNet, preprocessing: Preprocessing, class_names: list[str] | None = None
     ) -> None:
-        num_classes = model.config.num_classes
+        num_classes, in_channels = model.config.num_classes, model.config.in_channels
+        if len(preprocessing.mean) != in_channels:
+            raise ConfigError(
+                f"the preprocessing normalises {len(preprocessing.mean)} channels but the model "
+                f"takes {in_channels}"
+            )
         if class_names is not None and len(class_names) != num_classes:
             raise DenseNetError(
                 f"{len(class_names)} class names for a model with {num_classes} outputs"

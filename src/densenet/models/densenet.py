@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from densenet.errors import ConfigError
+from densenet.errors import ConfigError, brief
 from densenet.models import efficient
 
 Stem = Literal["imagenet", "cifar"]
@@ -57,6 +57,10 @@ class DenseNetConfig:
     memory_efficient: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.block_config, (list, tuple)):
+            raise ConfigError(
+                f"block_config must be a list of layer counts, got {brief(self.block_config)}"
+            )
         # Lists from JSON or the command line become tuples so configs stay hashable and comparable.
         object.__setattr__(self, "block_config", tuple(self.block_config))
         self.validate()
@@ -65,7 +69,12 @@ class DenseNetConfig:
         def positive_int(name: str, value: object, allow_zero: bool = False) -> None:
             low = 0 if allow_zero else 1
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+                raise ConfigError(f"{name} must be an integer >= {low}, got {brief(value)}")
+
+        for name in ("compression", "drop_rate"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"{name} must be a number, got {brief(value)}")
 
         positive_int("growth_rate", self.growth_rate)
         positive_int("num_init_features", self.num_init_features)
@@ -77,14 +86,14 @@ class DenseNetConfig:
         for i, layers in enumerate(self.block_config):
             positive_int(f"block_config[{i}]", layers)
         if not 0.0 < self.compression <= 1.0:
-            raise ConfigError(f"compression must be in (0, 1], got {self.compression!r}")
+            raise ConfigError(f"compression must be in (0, 1], got {brief(self.compression)}")
         if not 0.0 <= self.drop_rate < 1.0:
-            raise ConfigError(f"drop_rate must be in [0, 1), got {self.drop_rate!r}")
+            raise ConfigError(f"drop_rate must be in [0, 1), got {brief(self.drop_rate)}")
         if self.stem not in ("imagenet", "cifar"):
-            raise ConfigError(f"stem must be 'imagenet' or 'cifar', got {self.stem!r}")
+            raise ConfigError(f"stem must be 'imagenet' or 'cifar', got {brief(self.stem)}")
         if not isinstance(self.memory_efficient, bool):
             raise ConfigError(
-                f"memory_efficient must be true or false, got {self.memory_efficient!r}"
+                f"memory_efficient must be true or false, got {brief(self.memory_efficient)}"
             )
 
     @property
@@ -127,7 +136,9 @@ class DenseNetConfig:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, object]) -> DenseNetConfig:
+    def from_dict(cls, data: object) -> DenseNetConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(f"a model config must be a JSON object, got {brief(data)}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
+from densenet.errors import ConfigError, brief
 from densenet.models.densenet import DenseNetConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -12,8 +14,13 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # Paper section 4.2 / the authors' code, on the 0-255 scale.
 CIFAR10_MEAN = (125.3 / 255, 123.0 / 255, 113.9 / 255)
 CIFAR10_STD = (63.0 / 255, 62.1 / 255, 66.7 / 255)
-# The filters torchvision resizes tensors with, as densenet.deploy.predict does.
+# The filters torchvision resizes uint8 image tensors with (densenet.data.images).
 Interpolation = Literal["bilinear", "bicubic", "nearest", "nearest-exact"]
+INTERPOLATIONS: tuple[Interpolation, ...] = get_args(Interpolation)
+# The largest network input or resize side (px) taken from a file or a flag. Far above what
+# classification uses (224-600), and still small enough to run: an input side decides the memory
+# of every activation (a 100000 px resize asks for 40 GB).
+MAX_IMAGE_SIZE = 2048
 
 
 @dataclass(frozen=True)
@@ -26,19 +33,65 @@ class Preprocessing:
     std: tuple[float, ...]
     interpolation: Interpolation = "bilinear"
 
+    def __post_init__(self) -> None:
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            if not isinstance(values, (list, tuple)):
+                raise ConfigError(
+                    f"preprocessing.{name} must be a list of numbers, got {brief(values)}"
+                )
+            object.__setattr__(self, name, tuple(values))
+        self.validate()
+
+    def validate(self) -> None:
+        for name in ("input_size", "resize_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(
+                    f"preprocessing.{name} must be an integer >= 1, got {brief(value)}"
+                )
+            if value > MAX_IMAGE_SIZE:
+                raise ConfigError(
+                    f"preprocessing.{name} is {value} px, more than the {MAX_IMAGE_SIZE} allowed"
+                )
+        if not self.mean or len(self.mean) != len(self.std):
+            raise ConfigError(
+                "preprocessing.mean and preprocessing.std must hold one number per channel, got "
+                f"{len(self.mean)} and {len(self.std)}"
+            )
+        for name, low in (("mean", -math.inf), ("std", 0.0)):
+            for i, value in enumerate(getattr(self, name)):
+                number = isinstance(value, (int, float)) and not isinstance(value, bool)
+                if not (number and math.isfinite(value) and value > low):
+                    bound = "a finite number" if name == "mean" else "a finite number > 0"
+                    raise ConfigError(
+                        f"preprocessing.{name}[{i}] must be {bound}, got {brief(value)}"
+                    )
+        if self.interpolation not in INTERPOLATIONS:
+            raise ConfigError(
+                f"preprocessing.interpolation must be one of {', '.join(INTERPOLATIONS)}, got "
+                f"{brief(self.interpolation)}"
+            )
+
     def to_dict(self) -> dict[str, object]:
         data = asdict(self)
         data["mean"], data["std"] = list(self.mean), list(self.std)
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, object]) -> Preprocessing:
+    def from_dict(cls, data: object) -> Preprocessing:
+        """The preprocessing ``data`` (as written by :meth:`to_dict`) describes, checked."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"preprocessing must be a JSON object, got {brief(data)}")
+        missing = [key for key in ("input_size", "resize_size", "mean", "std") if key not in data]
+        if missing:
+            raise ConfigError(f"preprocessing lacks {', '.join(missing)}")
         return cls(
-            input_size=int(data["input_size"]),  # type: ignore[arg-type]
-            resize_size=int(data["resize_size"]),  # type: ignore[arg-type]
-            mean=tuple(data["mean"]),  # type: ignore[arg-type]
-            std=tuple(data["std"]),  # type: ignore[arg-type]
-            interpolation=str(data.get("interpolation", "bilinear")),  # type: ignore[arg-type]
+            input_size=data["input_size"],
+            resize_size=data["resize_size"],
+            mean=data["mean"],
+            std=data["std"],
+            interpolation=data.get("interpolation", "bilinear"),
         )
 
 

@@ -8,19 +8,22 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import safetensors.torch
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
-from densenet.errors import WeightsError, first_line
+from densenet.errors import ConfigError, WeightsError, brief, first_line
 from densenet.files import atomic_write
 from densenet.models.densenet import DenseNetConfig
+from densenet.models.presets import Preprocessing
 from densenet.weights.download import fetch, is_url
 from densenet.weights.keras import is_hdf5, read_keras_h5
 
@@ -36,12 +39,18 @@ _LEGACY_KEY = re.compile(
 
 @dataclass
 class Checkpoint:
-    """Tensors read from a weights file, with the config and metadata when the file carries them."""
+    """Tensors read from a weights file, with the config and metadata when the file carries them.
+
+    ``preprocessing`` and ``class_names`` are the checked, typed values of the same entries of
+    ``meta``; the rest of ``meta`` is informational (where the weights came from, their accuracy).
+    """
 
     state_dict: dict[str, Tensor]
     source: str
     config: DenseNetConfig | None = None
     meta: dict[str, object] = field(default_factory=dict)
+    preprocessing: Preprocessing | None = None
+    class_names: list[str] | None = None
 
     @property
     def num_classes(self) -> int | None:
@@ -105,29 +114,113 @@ def read_checkpoint(source: str | os.PathLike[str], expected_hash: str | None = 
     try:
         # weights_only refuses arbitrary pickled objects: a checkpoint can't run code on load.
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many types for corrupt or unsafe pickles
-        reason = first_line(error)
+    except pickle.UnpicklingError as error:
         raise WeightsError(
-            f"cannot read {path} as a PyTorch checkpoint ({reason}); only plain tensors are "
-            "loaded (weights_only=True): re-save it with torch.save(model.state_dict(), path)"
+            f"cannot read {path} as plain PyTorch weights ({_refusal_reason(error)}): a pickle "
+            "may hold only tensors here, because loading anything else can run code from the "
+            "file. Get these weights as a .safetensors file or as a plain state_dict of tensors "
+            "(torch.save(model.state_dict(), path)); `densenet convert` turns either into this "
+            "project's format"
+        ) from None
+    except Exception as error:  # torch raises many types for corrupt archives
+        raise WeightsError(
+            f"cannot read {path} as a PyTorch checkpoint ({first_line(error)}): the file is "
+            "damaged or not a checkpoint"
         ) from None
     return Checkpoint(rename_legacy_keys(_unwrap(obj, path)), os.fspath(source))
 
 
+def _refusal_reason(error: pickle.UnpicklingError) -> str:
+    """What torch's weights-only unpickler objected to, without its advice: that advice is to
+    load with ``weights_only=False``, which for an untrusted file is the attack."""
+    match = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\.\s|\n|$)", str(error))
+    return match.group(1).strip() if match else "it holds more than tensors"
+
+
 def _read_safetensors(path: Path, source: str) -> Checkpoint:
     try:
-        state_dict = load_file(path)
-        with open(path, "rb") as handle:
-            header_size = int.from_bytes(handle.read(8), "little")
-            header = json.loads(handle.read(header_size))
+        with safe_open(path, framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            # A safe_open handle has keys() but is not iterable itself.
+            state_dict = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
     except (SafetensorError, OSError, ValueError) as error:
         raise WeightsError(f"cannot read {path} as safetensors: {error}") from None
-    metadata = header.get("__metadata__") or {}
-    config = None
-    if "config" in metadata:
-        config = DenseNetConfig.from_dict(json.loads(metadata["config"]))
-    meta = json.loads(metadata.get("meta", "{}"))
-    return Checkpoint(rename_legacy_keys(state_dict), source, config, meta)
+    checkpoint = Checkpoint(rename_legacy_keys(state_dict), source)
+    config = _metadata_object(metadata, "config", path)
+    if config is not None:
+        checkpoint.config = _checked(DenseNetConfig.from_dict, config, path, "config")
+    checkpoint.meta = _metadata_object(metadata, "meta", path) or {}
+    _read_meta(checkpoint, path)
+    return checkpoint
+
+
+# What a file whose metadata is wrong calls for: nothing in it can be trusted to be meant.
+_UNUSABLE = "the file is damaged or was not written by densenet; get it again from its source"
+
+
+def _metadata_object(metadata: dict[str, str], key: str, path: Path) -> dict | None:
+    """The JSON object stored under ``key`` in safetensors metadata, or None if there is none."""
+    if key not in metadata:
+        return None
+    try:
+        value = json.loads(metadata[key])
+    except (ValueError, RecursionError) as error:
+        raise WeightsError(
+            f"{path}: metadata {key!r} is not JSON ({first_line(error)}); expected a JSON object; "
+            f"{_UNUSABLE}"
+        ) from None
+    if not isinstance(value, dict):
+        kind = _JSON_KINDS.get(type(value), type(value).__name__)
+        raise WeightsError(
+            f"{path}: metadata {key!r} is a JSON {kind}, expected a JSON object; {_UNUSABLE}"
+        )
+    return value
+
+
+_JSON_KINDS = {
+    list: "array",
+    str: "string",
+    int: "number",
+    float: "number",
+    bool: "boolean",
+    type(None): "null",
+}
+Parsed = TypeVar("Parsed")
+
+
+def _checked(parse: Callable[[object], Parsed], value: object, path: Path, key: str) -> Parsed:
+    """``parse(value)``, with a ``ConfigError`` turned into a ``WeightsError`` naming the file."""
+    try:
+        return parse(value)
+    except ConfigError as error:
+        raise WeightsError(f"{path}: metadata {key!r} is invalid: {error}; {_UNUSABLE}") from None
+
+
+def _read_meta(checkpoint: Checkpoint, path: Path) -> None:
+    """Check the entries of ``meta`` that the library uses and set their typed fields."""
+    meta, config = checkpoint.meta, checkpoint.config
+    if "preprocessing" in meta:
+        preprocessing = _checked(Preprocessing.from_dict, meta["preprocessing"], path, "meta")
+        if config is not None and len(preprocessing.mean) != config.in_channels:
+            raise WeightsError(
+                f"{path}: metadata preprocessing.mean has {len(preprocessing.mean)} values but "
+                f"the model takes {config.in_channels} channels; {_UNUSABLE}"
+            )
+        checkpoint.preprocessing = preprocessing
+    if "class_names" in meta:
+        names = meta["class_names"]
+        if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+            raise WeightsError(
+                f"{path}: metadata class_names must be a list of strings, got {brief(names)}; "
+                f"{_UNUSABLE}"
+            )
+        outputs = config.num_classes if config is not None else checkpoint.num_classes
+        if outputs is not None and len(names) != outputs:
+            raise WeightsError(
+                f"{path}: metadata class_names has {len(names)} names for a model with {outputs} "
+                f"outputs; {_UNUSABLE}"
+            )
+        checkpoint.class_names = names
 
 
 def save_weights(
@@ -152,14 +245,17 @@ def save_weights(
     return path
 
 
-def load_state_dict(model: nn.Module, state_dict: dict[str, Tensor], source: str = "") -> None:
-    """Load ``state_dict`` strictly, or raise one ``WeightsError`` naming every mismatch."""
-    expected = model.state_dict()
+def fitted_state_dict(
+    expected: dict[str, Tensor], state_dict: dict[str, Tensor], source: str = ""
+) -> dict[str, Tensor]:
+    """``state_dict``, completed, if its keys and shapes are those of ``expected`` (whose values
+    may be on the meta device: only shapes are compared); else one ``WeightsError`` naming every
+    mismatch."""
     # Checkpoints saved before PyTorch 0.4.1 carry no BN batch counters; they don't affect outputs.
     state_dict = dict(state_dict)
     for key in expected:
         if key.endswith("num_batches_tracked") and key not in state_dict:
-            state_dict[key] = expected[key]
+            state_dict[key] = torch.zeros((), dtype=torch.long)
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
     misshaped = sorted(
@@ -181,4 +277,4 @@ def load_state_dict(model: nn.Module, state_dict: dict[str, Tensor], source: str
                 problems.append(f"{label}: {shown}")
         where = f" in {source}" if source else ""
         raise WeightsError(f"weights{where} do not fit the model; " + "; ".join(problems))
-    model.load_state_dict(state_dict)
+    return state_dict

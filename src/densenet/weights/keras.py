@@ -22,6 +22,11 @@ from densenet.errors import WeightsError, require
 KERAS_BN_EPSILON = 1.001e-5
 TORCH_BN_EPSILON = 1e-5
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+# A keras.applications DenseNet holds at most 20M values. The file's own size bounds nothing (HDF5
+# datasets can be compressed, or declared and never written), so this bound is checked before the
+# arrays are read into memory.
+MAX_KERAS_VALUES = 2**28
+_NOT_KERAS = "the file is damaged or not Keras weights; in Keras, save the model with model.save"
 
 _DENSE_LAYER = re.compile(r"^conv(\d+)_block(\d+)_(0_bn|1_conv|1_bn|2_conv)$")
 _TRANSITION = re.compile(r"^pool(\d+)_(bn|conv)$")
@@ -48,13 +53,32 @@ def read_keras_h5(path: Path) -> dict[str, Tensor]:
 
 def _read_layers(handle, path: Path) -> dict[str, list[np.ndarray]]:
     """Layer name -> its weight arrays, in Keras' order."""
+    import h5py
+
     root = handle.get("model_weights", handle)
+    if not isinstance(root, h5py.Group):
+        raise WeightsError(f"{path}: 'model_weights' is not an HDF5 group; {_NOT_KERAS}")
     if "layer_names" in root.attrs:
         layers = {}
-        for raw_name in root.attrs["layer_names"]:
-            name = _text(raw_name)
-            group = root[name]
-            arrays = [np.asarray(group[_text(w)]) for w in group.attrs.get("weight_names", [])]
+        values = 0
+        for name in _names(root.attrs["layer_names"], path, "the layer_names attribute"):
+            group = root.get(name)
+            if not isinstance(group, h5py.Group):
+                raise WeightsError(
+                    f"{path}: layer_names lists {name!r} but the file has no group of that name; "
+                    f"{_NOT_KERAS}"
+                )
+            where = f"the weight_names attribute of {name!r}"
+            weight_names = _names(group.attrs.get("weight_names", []), path, where)
+            datasets = [_dataset(group, weight, path) for weight in weight_names]
+            values += sum(dataset.size for dataset in datasets)
+            if values > MAX_KERAS_VALUES:
+                raise WeightsError(
+                    f"{path}: the layers up to {name!r} hold {values} values, more than the "
+                    f"{MAX_KERAS_VALUES} allowed (a keras.applications DenseNet has 20M); "
+                    f"{_NOT_KERAS}"
+                )
+            arrays = [np.asarray(dataset[()]) for dataset in datasets]
             if arrays:
                 # Files written by Keras 2.1 name the stem "conv1/conv" and "conv1/bn".
                 layers[name.replace("/", "_")] = arrays
@@ -70,8 +94,42 @@ def _read_layers(handle, path: Path) -> dict[str, list[np.ndarray]]:
     )
 
 
+def _names(value: object, path: Path, where: str) -> list[str]:
+    """The strings of a Keras name-list attribute (an array of bytes or str)."""
+    names = np.asarray(value)
+    if names.size == 0:
+        return []
+    if names.ndim != 1 or names.dtype.kind not in "SUO":
+        raise WeightsError(
+            f"{path}: {where} must be a list of names, got an array of shape {names.shape} and "
+            f"type {names.dtype}; {_NOT_KERAS}"
+        )
+    if not all(isinstance(name, (bytes, str)) for name in names.tolist()):
+        raise WeightsError(f"{path}: {where} must hold only names; {_NOT_KERAS}")
+    return [_text(name) for name in names.tolist()]
+
+
+def _dataset(group, name: str, path: Path):
+    """The numeric dataset ``name`` of ``group``, not yet read."""
+    import h5py
+
+    dataset = group.get(name)
+    where = f"{group.name}/{name}"
+    if not isinstance(dataset, h5py.Dataset):
+        raise WeightsError(
+            f"{path}: weight_names lists {where!r} but the file has no dataset of that name; "
+            f"{_NOT_KERAS}"
+        )
+    if dataset.dtype.kind not in "fiu" or dataset.shape is None:
+        raise WeightsError(
+            f"{path}: dataset {where!r} holds {dataset.dtype} values of shape {dataset.shape}, "
+            f"expected an array of numbers; {_NOT_KERAS}"
+        )
+    return dataset
+
+
 def _text(value: object) -> str:
-    return value.decode("utf8") if isinstance(value, bytes) else str(value)
+    return value.decode("utf8", errors="replace") if isinstance(value, bytes) else str(value)
 
 
 def keras_layers_to_state_dict(
@@ -118,6 +176,20 @@ def _convert(
     if len(arrays) != expected:
         raise WeightsError(
             f"{source}: Keras layer {name!r} holds {len(arrays)} arrays, expected {expected}"
+        )
+    shapes = [array.shape for array in arrays]
+    if kind == "conv":
+        fits, wanted = len(shapes[0]) == 4, "a 4-d kernel (height, width, in, out)"
+    elif kind == "classifier":
+        fits = len(shapes[0]) == 2 and shapes[1] == shapes[0][1:]
+        wanted = "a 2-d kernel (in, out) and a bias of out values"
+    else:
+        fits = len(shapes[0]) == 1 and all(shape == shapes[0] for shape in shapes)
+        wanted = "four 1-d arrays of equal length (gamma, beta, mean, variance)"
+    if not fits:
+        raise WeightsError(
+            f"{source}: Keras layer {name!r} holds arrays of shapes "
+            f"{', '.join(str(shape) for shape in shapes)}, expected {wanted}; {_NOT_KERAS}"
         )
     if kind == "conv":
         # Keras kernels are (height, width, in, out); torch's are (out, in, height, width).

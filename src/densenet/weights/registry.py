@@ -7,12 +7,19 @@ import fnmatch
 import os
 from collections.abc import Sequence
 
+import torch
+
 from densenet.errors import ConfigError, WeightsError
 from densenet.models.densenet import DenseNet, DenseNetConfig
 from densenet.models.features import FeatureExtractor
 from densenet.models.presets import PRESETS, ModelSpec
 from densenet.weights.download import is_url
-from densenet.weights.io import Checkpoint, load_state_dict, looks_like_a_file, read_checkpoint
+from densenet.weights.io import (
+    Checkpoint,
+    fitted_state_dict,
+    looks_like_a_file,
+    read_checkpoint,
+)
 from densenet.weights.pretrained import find_published, unknown_source_error
 
 
@@ -93,8 +100,7 @@ def _load_pretrained(
             f"{source} holds no classifier, only the backbone: pass num_classes=N for a new "
             "head, num_classes=0 for none, or features_only=True"
         )
-    model = DenseNet(config.replace(num_classes=checkpoint.num_classes or 0))
-    load_state_dict(model, checkpoint.state_dict, source)
+    model = fitted_model(config.replace(num_classes=checkpoint.num_classes or 0), checkpoint)
     if num_classes is not None and num_classes != model.config.num_classes:
         model.reset_classifier(num_classes)
     return model
@@ -113,8 +119,31 @@ def model_from_checkpoint(checkpoint: Checkpoint) -> DenseNet:
             f"{checkpoint.source} carries no model config; use "
             "create_model(NAME, weights=FILE) to say which architecture it is"
         )
-    model = DenseNet(checkpoint.config)
-    load_state_dict(model, checkpoint.state_dict, checkpoint.source)
+    return fitted_model(checkpoint.config, checkpoint)
+
+
+def fitted_model(config: DenseNetConfig, checkpoint: Checkpoint) -> DenseNet:
+    """The network ``config`` describes holding the checkpoint's tensors, or one ``WeightsError``.
+
+    The config may come from the file itself, so it is compared with the tensors before anything
+    is allocated for it: a 190 KB file must not make this build a network of gigabytes.
+    """
+    layers = sum(config.block_config)
+    # Each dense layer has 5 tensors or more, so more layers than the file has tensors cannot fit.
+    # Past this check, building the model shapes-only costs at most a multiple of the file's size.
+    if layers > len(checkpoint.state_dict):
+        raise WeightsError(
+            f"weights in {checkpoint.source} do not fit the model: block_config "
+            f"{list(config.block_config)} asks for {layers} dense layers, but the file holds only "
+            f"{len(checkpoint.state_dict)} tensors"
+        )
+    # A shapeless copy gives the expected keys and shapes without allocating any of the (possibly
+    # huge) tensors the config describes.
+    with torch.device("meta"):
+        skeleton = DenseNet(config)
+    state_dict = fitted_state_dict(skeleton.state_dict(), checkpoint.state_dict, checkpoint.source)
+    model = DenseNet(config)
+    model.load_state_dict(state_dict)
     return model
 
 
