@@ -9,7 +9,14 @@ from densenet.models.features import FeatureExtractor, FeatureInfo
 from densenet.models.presets import PRESETS, ModelSpec, Preprocessing
 from densenet.weights.io import Checkpoint, read_checkpoint, save_weights
 from densenet.weights.pretrained import PUBLISHED, PublishedWeights
-from densenet.weights.registry import create_model, get_spec, list_models, load_model
+from densenet.weights.registry import (
+    LoadedModel,
+    create_model,
+    get_spec,
+    list_models,
+    load_for_inference,
+    load_model,
+)
 
 __all__ = [
     "PRESETS",
@@ -22,6 +29,7 @@ __all__ = [
     "ExportError",
     "FeatureExtractor",
     "FeatureInfo",
+    "LoadedModel",
     "ModelSpec",
     "Preprocessing",
     "PublishedWeights",
@@ -30,6 +38,7 @@ __all__ = [
     "export_model",
     "get_spec",
     "list_models",
+    "load_for_inference",
     "load_model",
     "optimize_for_inference",
     "quantize_int8",

@@ -1,3 +1,5 @@
+import csv
+
 import numpy as np
 import pytest
 import torch
@@ -5,7 +7,14 @@ import torchvision
 from PIL import Image
 
 from architectures import short_bc
-from densenet import DenseNetError, Preprocessing, save_weights
+from densenet import (
+    DenseNetError,
+    Preprocessing,
+    create_model,
+    get_spec,
+    load_for_inference,
+    save_weights,
+)
 from densenet.cli import main
 from densenet.data.datasets import load_split
 from densenet.data.images import eval_transform, read_image
@@ -20,6 +29,7 @@ PREPROCESSING = Preprocessing(
 
 def write_image(path, size=(50, 40), mode="RGB", seed=0):
     rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
     channels = 3 if mode == "RGB" else 1
     pixels = rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8).squeeze()
     Image.fromarray(pixels, mode=None).convert(mode).save(path)
@@ -187,3 +197,39 @@ def test_exif_orientation_is_applied_in_training_evaluation_and_predict(tmp_path
     assert torch.equal(batch.images[0], eval_transform(preprocessing)(upright))
     predicted = load_image(path, preprocessing, 3)
     assert torch.equal(predicted, Normalize((0.5,) * 3, (0.5,) * 3)(batch.images)[0])
+
+
+def test_stored_preprocessing_wins_over_the_named_preset(tmp_path):
+    # The file records what its weights were trained with; the preset only fills in for files
+    # that record nothing (a torchvision checkpoint).
+    name = "densenet_bc100_k12"
+    weights = save_weights(
+        create_model(name),
+        tmp_path / "m.safetensors",
+        meta={"preprocessing": PREPROCESSING.to_dict()},
+    )
+    assert get_spec(name).preprocessing != PREPROCESSING
+    assert load_for_inference(weights, name).preprocessing == PREPROCESSING
+    assert load_for_inference(weights).preprocessing == PREPROCESSING
+
+
+def test_a_folder_is_classified_recursively_into_a_csv(tmp_path, tiny_weights, capsys):
+    folder = tmp_path / "photos"
+    images = [write_image(folder / "a.png"), write_image(folder / "deep" / "b.jpg", seed=1)]
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "deep" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\ngarbage")
+    output = tmp_path / "preds.csv"
+    argv = ["predict", str(folder), "--weights", str(tiny_weights), "--top-k", "2"]
+    assert main([*argv, "--batch-size", "2", "--output", str(output)]) == 0
+    captured = capsys.readouterr()
+    assert [line.split(":")[0] for line in captured.out.splitlines()] == [str(p) for p in images]
+    assert f"skipped {folder / 'deep' / 'broken.png'}: unreadable" in captured.err
+    rows = list(csv.reader(output.open()))
+    assert rows[0] == ["path", "label_1", "probability_1", "label_2", "probability_2"]
+    assert [row[0] for row in rows[1:]] == [str(p) for p in images]
+
+
+def test_a_folder_without_images_is_one_line(tmp_path, tiny_weights, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["predict", str(tmp_path / "empty"), "--weights", str(tiny_weights)]) == 2
+    assert "holds no image files" in capsys.readouterr().err

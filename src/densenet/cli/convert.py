@@ -8,10 +8,11 @@ import os
 from pathlib import Path
 
 from densenet.errors import ConfigError
+from densenet.files import write_error
 from densenet.weights.download import is_url
-from densenet.weights.io import looks_like_a_file, read_checkpoint, save_weights
+from densenet.weights.io import looks_like_a_file, save_weights
 from densenet.weights.pretrained import PUBLISHED, find_published
-from densenet.weights.registry import create_model, load_model
+from densenet.weights.registry import load_model
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -45,17 +46,11 @@ def run(args: argparse.Namespace) -> int:
             "top5": published.top5,
             "preprocessing": published.preprocessing.to_dict(),
         }
-    model_name = args.model or (published.model if published else None)
-    if model_name is not None:
-        model = create_model(model_name, weights=source)
-    elif read_checkpoint(source).config is not None:
-        model, _ = load_model(source)
-    else:
-        raise ConfigError(
-            f"{source} does not say which DenseNet it holds: pass --model NAME "
-            "(see `densenet list`)"
-        )
-    args.output.parent.mkdir(parents=True, exist_ok=True)
+    model, _ = load_model(source, args.model or (published.model if published else None))
+    try:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise write_error(args.output, error) from None
     save_weights(model, args.output, meta=meta)
     params = sum(p.numel() for p in model.parameters())
     print(f"wrote {args.output} ({params / 1e6:.2f}M parameters)")

@@ -16,7 +16,7 @@ import torch
 
 from densenet.data.datasets import Data, TensorData, load_split
 from densenet.data.loaders import Normalize, make_batches
-from densenet.errors import ConfigError, DatasetError, WeightsError
+from densenet.errors import ConfigError, DatasetError
 from densenet.files import atomic_write, staged
 from densenet.hardware import PrecisionChoice, resolve_device, resolve_precision_and_format
 from densenet.models.densenet import DenseNet
@@ -26,7 +26,7 @@ from densenet.training.distributed import distributed_session, rank_device, stop
 from densenet.training.evaluate import EvalResult, evaluate
 from densenet.training.plots import plot_confusion
 from densenet.training.rundir import RunDirectory
-from densenet.weights.registry import create_model, get_spec, load_model
+from densenet.weights.registry import load_for_inference
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -50,17 +50,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--out", type=Path, help="where the PNG, CSV and JSON go (default: beside the weights)"
     )
     parser.set_defaults(run=run)
-
-
-def _load(args: argparse.Namespace):
-    if args.model:
-        model = create_model(args.model, weights=args.weights)
-        return model, get_spec(args.model).preprocessing, None
-    model, checkpoint = load_model(args.weights)
-    if "preprocessing" not in checkpoint.meta:
-        raise WeightsError(f"{args.weights} does not say how to preprocess images; pass --model")
-    preprocessing = Preprocessing.from_dict(checkpoint.meta["preprocessing"])
-    return model, preprocessing, checkpoint.meta.get("class_names")
 
 
 def _load_data(
@@ -99,8 +88,9 @@ def run(args: argparse.Namespace) -> int:
     with distributed_session(device) as context:
         device = rank_device(device, context)
         with stop_together(device):
-            model, preprocessing, class_names = _load(args)
-            data = _load_data(args, model, preprocessing, class_names)
+            loaded = load_for_inference(args.weights, args.model)
+            model, preprocessing = loaded.model, loaded.preprocessing
+            data = _load_data(args, model, preprocessing, loaded.class_names)
             precision, memory_format = resolve_precision_and_format(device, args.precision)
             if context.is_main:
                 RunDirectory.check_writable(out)

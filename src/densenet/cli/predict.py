@@ -1,18 +1,29 @@
-"""``densenet predict IMAGE... --weights FILE``: top-k labels with probabilities."""
+"""``densenet predict IMAGE|FOLDER... --weights FILE``: top-k labels with probabilities."""
 
 from __future__ import annotations
 
 import argparse
+import csv
+import io
+import sys
+from pathlib import Path
 
-from densenet.deploy.predict import Predictor
+from tqdm import tqdm
+
+from densenet.deploy.predict import Prediction, Predictor, image_files
 from densenet.errors import ConfigError
-from densenet.weights.io import read_checkpoint
-from densenet.weights.registry import create_model, get_spec, model_from_checkpoint
+from densenet.files import atomic_write
+from densenet.weights.registry import load_for_inference
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("predict", help="classify image files")
-    parser.add_argument("images", nargs="+", help="JPEG/PNG files of any size")
+    parser = subparsers.add_parser("predict", help="classify image files, or folders of them")
+    parser.add_argument(
+        "images",
+        nargs="+",
+        type=Path,
+        help="JPEG/PNG files of any size, or folders searched recursively for image files",
+    )
     parser.add_argument("--weights", required=True, help="weights file or URL")
     parser.add_argument(
         "--model",
@@ -21,31 +32,48 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--output", type=Path, help="also write the predictions to this CSV file")
     parser.set_defaults(run=run)
-
-
-def build_predictor(weights: str, model_name: str | None) -> Predictor:
-    checkpoint = read_checkpoint(weights)
-    preprocessing = checkpoint.preprocessing
-    if checkpoint.config is None or preprocessing is None:
-        if model_name is None:
-            raise ConfigError(
-                f"{weights} does not record its architecture and preprocessing; "
-                "say which preset it is with --model NAME"
-            )
-        preprocessing = get_spec(model_name).preprocessing
-    if checkpoint.config is None:
-        model = create_model(model_name, weights=checkpoint)  # type: ignore[arg-type]
-    else:
-        model = model_from_checkpoint(checkpoint)
-    return Predictor(model, preprocessing, checkpoint.class_names)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.top_k < 1 or args.batch_size < 1:
         raise ConfigError("--top-k and --batch-size must be at least 1")
-    predictor = build_predictor(args.weights, args.model)
-    for prediction in predictor.predict(args.images, args.top_k, args.batch_size):
+    loaded = load_for_inference(args.weights, args.model)
+    predictor = Predictor(loaded.model, loaded.preprocessing, loaded.class_names)
+    paths = image_files(args.images)
+    # Files named one by one must all be readable; in a folder, an unreadable one is skipped.
+    folders = any(path.is_dir() for path in args.images)
+    predictions, skipped = [], []
+    batches = predictor.predict_batches(paths, args.top_k, args.batch_size, folders)
+    bar = tqdm(total=len(paths), unit="image", disable=not sys.stderr.isatty(), leave=False)
+    for batch, unreadable in batches:
+        predictions += batch
+        skipped += unreadable
+        bar.update(len(batch) + len(unreadable))
+    bar.close()
+    # Printed once every file has been read: an unreadable file given by name stops the command
+    # before any output.
+    for prediction in predictions:
         labels = ", ".join(f"{label} {probability:.3f}" for label, probability in prediction.top)
         print(f"{prediction.path}: {labels}")
+    for path in skipped:
+        print(f"skipped {path}: unreadable", file=sys.stderr)
+    if args.output is not None:
+        _write_csv(args.output, predictions, min(args.top_k, len(predictor.class_names)))
     return 0
+
+
+def _write_csv(path: Path, predictions: list[Prediction], k: int) -> None:
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    header = ["path"]
+    for rank in range(1, k + 1):
+        header += [f"label_{rank}", f"probability_{rank}"]
+    writer.writerow(header)
+    for prediction in predictions:
+        row = [str(prediction.path)]
+        for label, probability in prediction.top:
+            row += [label, f"{probability:.6f}"]
+        writer.writerow(row)
+    atomic_write(path, lambda tmp: tmp.write_text(text.getvalue()))

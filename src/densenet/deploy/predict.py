@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from densenet.data.images import eval_transform, read_image
 from densenet.data.loaders import Normalize
@@ -20,6 +22,32 @@ from densenet.models.presets import Preprocessing
 class Prediction:
     path: Path
     top: list[tuple[str, float]]  # (label, probability), most likely first
+
+
+def image_files(sources: Iterable[str | os.PathLike[str]]) -> list[Path]:
+    """The files to classify: each file given, and every image file below each folder given.
+
+    Folders are searched recursively, in sorted order, for the image extensions ImageFolder
+    knows; links to folders are not followed (they can loop).
+    """
+    files: list[Path] = []
+    for source in map(Path, sources):
+        if not source.is_dir():
+            files.append(source)
+            continue
+        found = sorted(
+            Path(root) / name
+            for root, _, names in os.walk(source)
+            for name in names
+            if name.lower().endswith(IMG_EXTENSIONS)
+        )
+        if not found:
+            raise DatasetError(
+                f"{source} holds no image files ({', '.join(IMG_EXTENSIONS)}); give files or a "
+                "folder of images"
+            )
+        files.extend(found)
+    return files
 
 
 def load_image(
@@ -60,20 +88,42 @@ class Predictor:
 
     @torch.inference_mode()
     def predict(
-        self, paths: list[str | os.PathLike[str]], top_k: int = 5, batch_size: int = 32
+        self, paths: Sequence[str | os.PathLike[str]], top_k: int = 5, batch_size: int = 32
     ) -> list[Prediction]:
-        # Every file is read before anything is computed, so a bad file fails the whole call early.
-        inputs = [load_image(p, self.preprocessing, self.model.config.in_channels) for p in paths]
+        """Every file's ``top_k`` labels; an unreadable file is an error naming it."""
+        return [p for batch in self.predict_batches(paths, top_k, batch_size) for p in batch[0]]
+
+    @torch.inference_mode()
+    def predict_batches(
+        self,
+        paths: Sequence[str | os.PathLike[str]],
+        top_k: int = 5,
+        batch_size: int = 32,
+        skip_unreadable: bool = False,
+    ) -> Iterator[tuple[list[Prediction], list[Path]]]:
+        """Per batch of ``paths``: its predictions and, with ``skip_unreadable``, the files of it
+        that could not be read (otherwise the first one is an error). Only one batch of images is
+        held at a time, so a folder of any size fits."""
         k = min(top_k, len(self.class_names))
-        predictions = []
-        for start in range(0, len(inputs), batch_size):
-            batch = torch.stack(inputs[start : start + batch_size])
-            probabilities = self.model(batch).float().softmax(dim=1)
+        for start in range(0, len(paths), batch_size):
+            inputs, read, skipped = [], [], []
+            for path in map(Path, paths[start : start + batch_size]):
+                try:
+                    inputs.append(
+                        load_image(path, self.preprocessing, self.model.config.in_channels)
+                    )
+                    read.append(path)
+                except DatasetError:
+                    if not skip_unreadable:
+                        raise
+                    skipped.append(path)
+            if not inputs:
+                yield [], skipped
+                continue
+            probabilities = self.model(torch.stack(inputs)).float().softmax(dim=1)
             values, indices = probabilities.topk(k, dim=1)
-            for offset, (row_values, row_indices) in enumerate(zip(values, indices, strict=True)):
-                top = [
-                    (self.class_names[i], float(v))
-                    for v, i in zip(row_values.tolist(), row_indices.tolist(), strict=True)
-                ]
-                predictions.append(Prediction(Path(paths[start + offset]), top))
-        return predictions
+            predictions = [
+                Prediction(path, [(self.class_names[i], v) for v, i in zip(vs, ids, strict=True)])
+                for path, vs, ids in zip(read, values.tolist(), indices.tolist(), strict=True)
+            ]
+            yield predictions, skipped

@@ -6,13 +6,14 @@ import difflib
 import fnmatch
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from densenet.errors import ConfigError, WeightsError
 from densenet.models.densenet import DenseNet, DenseNetConfig
 from densenet.models.features import FeatureExtractor
-from densenet.models.presets import PRESETS, ModelSpec
+from densenet.models.presets import PRESETS, ModelSpec, Preprocessing
 from densenet.weights.download import is_url
 from densenet.weights.io import (
     Checkpoint,
@@ -106,20 +107,55 @@ def _load_pretrained(
     return model
 
 
-def load_model(source: str | os.PathLike[str]) -> tuple[DenseNet, Checkpoint]:
-    """Rebuild a model from a self-describing weights file; returns it with the file's metadata."""
-    checkpoint = read_checkpoint(source)
-    return model_from_checkpoint(checkpoint), checkpoint
+def load_model(
+    source: str | os.PathLike[str] | Checkpoint, model: str | None = None
+) -> tuple[DenseNet, Checkpoint]:
+    """The model a weights source holds, with the source's metadata.
 
-
-def model_from_checkpoint(checkpoint: Checkpoint) -> DenseNet:
-    """The model a self-describing checkpoint (one that carries its config) holds."""
+    A self-describing file (one written by :func:`save_weights`) rebuilds its model alone; a file
+    that does not say which architecture it holds (a torchvision checkpoint) needs the preset
+    ``model``. Given both, the file must hold that preset's architecture.
+    """
+    if model is not None:
+        checkpoint = _read_weights(model, source)  # a published name of the preset, too
+        return create_model(model, weights=checkpoint), checkpoint  # type: ignore[return-value]
+    checkpoint = source if isinstance(source, Checkpoint) else read_checkpoint(source)
     if checkpoint.config is None:
         raise WeightsError(
-            f"{checkpoint.source} carries no model config; use "
-            "create_model(NAME, weights=FILE) to say which architecture it is"
+            f"{checkpoint.source} carries no model config: pass --model NAME (see "
+            "`densenet list`; in Python, load_model(source, model=NAME))"
         )
-    return fitted_model(checkpoint.config, checkpoint)
+    return fitted_model(checkpoint.config, checkpoint), checkpoint
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model ready for images: the network, how its inputs are made, what its outputs mean."""
+
+    model: DenseNet
+    preprocessing: Preprocessing
+    class_names: list[str] | None
+    checkpoint: Checkpoint
+
+
+def load_for_inference(
+    source: str | os.PathLike[str] | Checkpoint, model: str | None = None
+) -> LoadedModel:
+    """:func:`load_model` plus the preprocessing and class names the weights go with.
+
+    The preprocessing a file records is what its weights were trained with, so it wins over the
+    preset's, which serves files that record none (a torchvision checkpoint).
+    """
+    network, checkpoint = load_model(source, model)
+    preprocessing = checkpoint.preprocessing
+    if preprocessing is None:
+        if model is None:
+            raise ConfigError(
+                f"{checkpoint.source} does not record how to preprocess images; say which preset "
+                "it is with --model NAME"
+            )
+        preprocessing = get_spec(model).preprocessing
+    return LoadedModel(network, preprocessing, checkpoint.class_names, checkpoint)
 
 
 def fitted_model(config: DenseNetConfig, checkpoint: Checkpoint) -> DenseNet:
