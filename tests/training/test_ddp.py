@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file
 from test_train import read_metrics
 
@@ -27,7 +28,7 @@ from architectures import TINY_TRAIN_FLAGS
 from densenet.cli import main
 from densenet.data import loaders
 from densenet.data.datasets import load_split
-from densenet.training.distributed import DistributedContext
+from densenet.training.distributed import DistributedContext, distributed_session
 from densenet.training.rundir import RunDirectory
 
 ARGS = [
@@ -258,3 +259,18 @@ def test_eval_failing_on_one_process_stops_both_with_one_message(one_process, tm
     assert f"process 1: weights file not found: {missing}" in result.stderr
     assert "process 1 stopped with the others; process 0 says why" in result.stderr
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_a_one_process_torchrun_launch_starts_its_group(monkeypatch):
+    # So that `torchrun --nproc_per_node 1` uses, and proves, the backend of a larger launch.
+    environment = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
+    for name, value in {**environment, "MASTER_ADDR": "127.0.0.1"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    with distributed_session(torch.device("cpu")) as context:
+        assert dist.is_initialized() and dist.get_backend() == "gloo"
+        assert (context.rank, context.world_size, context.enabled) == (0, 1, False)
+    assert not dist.is_initialized()
+    monkeypatch.delenv("RANK")
+    with distributed_session(torch.device("cpu")):  # not launched by torchrun: no group
+        assert not dist.is_initialized()

@@ -45,9 +45,12 @@ class DistributedContext:
 
 
 def init_distributed(device: torch.device, timeout_minutes: float = 10.0) -> DistributedContext:
-    """Join the process group that ``torchrun`` describes in the environment, if there is one."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
+    """Join the process group that ``torchrun`` describes in the environment, if there is one.
+
+    A torchrun launch of one process starts its group too, so it uses (and proves) the same
+    backend as a larger launch.
+    """
+    if "RANK" not in os.environ or "MASTER_ADDR" not in os.environ:  # not started by torchrun
         return DistributedContext()
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
