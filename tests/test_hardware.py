@@ -1,7 +1,6 @@
 import pytest
 import torch
 
-from densenet import hardware
 from densenet.errors import ConfigError
 from densenet.hardware import (
     DTYPES,
@@ -9,6 +8,7 @@ from densenet.hardware import (
     autocast,
     cpu_info,
     resolve_precision_and_format,
+    why_precision,
 )
 
 CPU = torch.device("cpu")
@@ -34,9 +34,18 @@ def test_cpu_info_reads_the_first_processor(tmp_path):
     assert cpu_info(tmp_path / "missing") == {}
 
 
-@pytest.mark.parametrize("flags, expected", [({"avx2", "amx_bf16"}, "bf16"), ({"avx2"}, "fp32")])
-def test_auto_precision_follows_the_cpu(monkeypatch, flags, expected):
-    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset(flags))
+def test_auto_precision_is_bf16_exactly_where_onednn_has_native_bf16():
+    # AVX512_BF16 and AMX CPUs: oneDNN's own query, not /proc/cpuinfo's flag names.
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    expected = "bf16" if native else "fp32"
+    assert resolve_precision_and_format(CPU) == (expected, "channels_last")
+    reason = why_precision(CPU, expected)
+    assert ("has native bf16" if native else "has no native bf16") in reason
+
+
+@pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "fp32")])
+def test_auto_precision_follows_the_cpu(monkeypatch, native, expected):
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
     assert resolve_precision_and_format(CPU) == (expected, "channels_last")
 
 

@@ -61,11 +61,6 @@ def cpu_flags() -> frozenset[str]:
     return frozenset(cpu_info().get("flags", "").split())
 
 
-def cpu_has_amx() -> bool:
-    """AMX tiles make bf16 matrix maths several times faster than fp32 on recent Xeons."""
-    return "amx_bf16" in cpu_flags()
-
-
 def resolve_precision_and_format(
     device: torch.device,
     precision: PrecisionChoice = "auto",
@@ -87,10 +82,26 @@ def resolve_precision_and_format(
 
 
 def _default_precision(device: torch.device) -> Precision:
-    """bf16 where the hardware has fast bf16 units (Ampere+ GPUs, AMX CPUs), fp32 elsewhere."""
+    return "bf16" if fast_bf16(device) else "fp32"
+
+
+def fast_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 natively: Ampere and later GPUs; CPUs whose oneDNN has
+    bf16 kernels (AVX512_BF16 or AMX). Elsewhere bf16 is emulated, slower than fp32."""
     if device.type == "cuda":
-        return "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp32"
-    return "bf16" if device.type == "cpu" and cpu_has_amx() else "fp32"
+        return torch.cuda.get_device_capability(device)[0] >= 8
+    return device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def why_precision(device: torch.device, precision: Precision) -> str:
+    """Why "auto" chose ``precision`` on ``device``, for the first line of a run."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        units = "has" if precision == "bf16" else "lacks"
+        return f"this GPU (compute capability {major}.{minor}) {units} native bf16"
+    if precision == "bf16":
+        return f"this CPU ({torch.backends.cpu.get_cpu_capability()}) has native bf16 in oneDNN"
+    return f"this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native bf16"
 
 
 def _default_memory_format(device: torch.device, precision: Precision) -> MemoryFormat:

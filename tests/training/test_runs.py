@@ -202,3 +202,17 @@ def test_ctrl_c_says_how_to_resume(tmp_path):
         f"train --resume {run}" in stderr
     )
     assert "Traceback" not in stderr
+
+
+def test_a_damaged_training_state_is_one_line(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train(run, "--epochs", "2") == 0
+    saved = torch.load(run / "last.pt", weights_only=True)
+    del saved["optimizer"]  # the right format tag, a key missing
+    torch.save(saved, run / "last.pt")
+    for name in ("metrics.csv", "best.safetensors", "final.safetensors"):
+        (run / name).unlink()
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.endswith("last.pt has no valid 'optimizer' (dict expected); it cannot be resumed")
+    assert len(error.splitlines()) == 1

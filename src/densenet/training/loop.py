@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from densenet.data.loaders import Batch, FolderBatches, Normalize, mix_seed
 from densenet.errors import Preempted, TrainingError
-from densenet.hardware import autocast, resolve_device, to_memory_format
+from densenet.hardware import autocast, resolve_device, to_memory_format, why_precision
 from densenet.training.config import TrainConfig
 from densenet.training.distributed import (
     DistributedContext,
@@ -83,6 +83,7 @@ def _train(
     device = rank_device(resolve_device(config.device), context)
     # Every process has read the data and the saved state before the run directory changes, and
     # one that can't makes all of them stop.
+    auto_precision = config.precision == "auto"
     with stop_together(device):
         data = load_data(config)
         config = resolve_config(config, data)
@@ -96,7 +97,8 @@ def _train(
     normalize = Normalize(config.mean, config.std).to(device)
     meta = weights_meta(config, data)
     say = print if context.is_main else lambda line: None
-    say(_opening_line(config, meta, data, steps, device, context.world_size, state, resume))
+    why = why_precision(device, config.precision) if auto_precision else None
+    say(_opening_line(config, meta, data, steps, device, context.world_size, state, resume, why))
 
     def save() -> None:
         # A diverging step can leave inf weights behind a finite loss: never save those.
@@ -266,12 +268,14 @@ def _opening_line(
     world_size: int,
     state: TrainState,
     resume: bool,
+    why_precision: str | None,
 ) -> str:
     processes = f" x {world_size} processes" if world_size > 1 else ""
+    precision = f"{config.precision} (auto: {why_precision})" if why_precision else config.precision
     line = (
         f"training {meta['model'] or config.model + ' (modified)'} on {config.dataset}: "
         f"{len(data.train)} train / {len(data.test)} test images, {steps} steps of "
-        f"{config.batch_size} per epoch, {config.precision} {config.memory_format} on "
+        f"{config.batch_size} per epoch, {precision} {config.memory_format} on "
         f"{device}{processes}"
     )
     if state.epoch >= config.epochs:
