@@ -45,6 +45,11 @@ from densenet.models.batchnorm import SyncBatchNorm2d, combine_batch_stats, upda
 _SAVED_PER_LAYER = 5  # dropout noise 1, bottleneck output, its mean and variance, dropout noise 2
 
 
+# torch.compile runs the three entry points below eagerly (a graph break each) and compiles the
+# rest of the network. Traced, each autograd function's Python loop is unrolled into one graph per
+# block whose compile time grows with depth (minutes at DenseNet-BC-100), and functionalization
+# would give up the preallocated buffers and in-place accumulation this path exists for.
+@torch.compiler.disable
 def dense_block_forward(layers: Sequence[nn.Module], x: Tensor, out_channels: int) -> Tensor:
     """The output of a dense block (``torch.cat`` of its input and every layer's output)."""
     statistics = _Statistics.for_norms([norm for layer in layers for norm in _norms(layer)])
@@ -54,6 +59,7 @@ def dense_block_forward(layers: Sequence[nn.Module], x: Tensor, out_channels: in
     return _DenseBlock.apply(plan, x, *params)
 
 
+@torch.compiler.disable
 def transition_forward(transition: nn.Module, x: Tensor) -> Tensor:
     """BN-ReLU-Conv1x1-AvgPool2x2 of a transition without dropout, as BN-ReLU-AvgPool-Conv1x1."""
     norm, conv = transition.norm, transition.conv
@@ -61,6 +67,7 @@ def transition_forward(transition: nn.Module, x: Tensor) -> Tensor:
     return _Transition.apply(statistics, stats, norm.eps, x, norm.weight, norm.bias, conv.weight)
 
 
+@torch.compiler.disable
 def stem_forward(norm: nn.BatchNorm2d, pool: nn.MaxPool2d, x: Tensor) -> Tensor:
     """MaxPool(ReLU(BN(x))) of the ImageNet stem, keeping only x (which BN keeps anyway)."""
     statistics, stats = _training_statistics(norm, x)

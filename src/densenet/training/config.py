@@ -143,6 +143,12 @@ class TrainConfig:
     deterministic: bool = _setting(
         False, help="deterministic algorithms only (bitwise-reproducible runs, may be slower)"
     )
+    compile: bool = _setting(
+        False,
+        help="torch.compile the network for training: faster steps once compiled, but the first "
+        "steps are slower while it compiles (the time is printed); results differ from an "
+        "uncompiled run by rounding",
+    )
     sync_bn: bool = _setting(
         False,
         help="with several processes (torchrun): BatchNorm statistics over the global batch, not "

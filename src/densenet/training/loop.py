@@ -65,12 +65,17 @@ def train(
 ) -> EpochRow:
     """Train per ``config`` into ``run``; returns the last epoch's metrics."""
     previous_determinism = torch.are_deterministic_algorithms_enabled()
+    previous_benchmark = torch.backends.cudnn.benchmark
     torch.use_deterministic_algorithms(config.deterministic)
+    # cuDNN's autotuner picks the fastest convolution algorithm per shape by timing, so which one
+    # (and its rounding) can change from run to run: only a non-deterministic run may use it.
+    torch.backends.cudnn.benchmark = not config.deterministic
     try:
         with StopRequests() as stops:
             return _train(config, run, resume, progress, stops)
     finally:
         torch.use_deterministic_algorithms(previous_determinism)
+        torch.backends.cudnn.benchmark = previous_benchmark
 
 
 def _train(
@@ -110,6 +115,12 @@ def _train(
 
     # The optimizer updates `model`'s parameters; `trained` averages their gradients over ranks.
     trained = data_parallel(learner.model, context, device)
+    if config.compile:
+        # The DDP wrapper is compiled, not the network inside it, as PyTorch's DDP and
+        # torch.compile docs recommend: dynamo then splits the graph at DDP's gradient buckets so
+        # their all-reduce overlaps the backward pass. The saved state dicts stay learner.model's.
+        trained = torch.compile(trained)
+    first_steps: list[float] = []  # with --compile: the first two steps' seconds
     empty_possible = isinstance(train_batches, FolderBatches)
     while state.epoch < config.epochs:
         learner.model.train()
@@ -137,6 +148,11 @@ def _train(
                 raise _preempted(run, stops, state, steps)
             tick = time.perf_counter()  # everything but waiting for data counts as compute
             state.compute_seconds += tick - fetched
+            if config.compile and len(first_steps) < 2:
+                first_steps.append(tick - fetched)
+                if len(first_steps) == 2 and context.is_main:
+                    extra = first_steps[0] - first_steps[1]
+                    tqdm.write(f"torch.compile took {extra:.1f} s (the first step's extra time)")
             bar.update(1)
         bar.close()
 
