@@ -66,7 +66,7 @@ def test_gradcam_finds_the_object(trained):
     result = explain(model, images)
     assert result.maps.shape == (200, SIZE, SIZE)
     assert torch.equal(result.targets, result.logits.argmax(dim=1))
-    # Measured 93-96% over seeds 0 and 1 (200 images each).
+    # Measured 90.5-99.5% over seeds 0-4 (200 held-out images each; 93% with this seed, 0).
     assert hit_rate(result.maps, corners) >= 0.8
     # The check has teeth: the map of a class that is not there, or a map that says nothing
     # (argmax at the first pixel), lands on the square about as often as chance.
@@ -81,9 +81,8 @@ def test_gradcam_plus_plus_gives_valid_maps_that_find_the_object(trained):
     assert maps.shape == (200, SIZE, SIZE)
     assert maps.min() >= 0 and maps.max() <= 1
     assert torch.allclose(maps.flatten(1).amax(dim=1), torch.ones(200))
-    # Measured 94-97% over seeds 0 and 1; a weighting that favours no single region is allowed
-    # to localise a little worse than Grad-CAM.
-    assert hit_rate(maps, corners) >= 0.7
+    # Measured 92.5-99.5% over seeds 0-4 (94.5% with seed 0), as well as Grad-CAM or better.
+    assert hit_rate(maps, corners) >= 0.8
 
 
 def test_explain_leaves_no_hook_mode_or_gradient_behind():

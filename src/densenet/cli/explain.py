@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 from functools import partial
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 from PIL import Image
 
 from densenet.data.loaders import Normalize
-from densenet.deploy.explain import explain, overlay
+from densenet.deploy.explain import Method, explain, overlay
 from densenet.deploy.predict import image_files, load_cropped_image
 from densenet.errors import ConfigError
 from densenet.files import atomic_write
@@ -39,7 +40,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="module of model.features whose output is weighed, e.g. denseblock3 (default: the "
         "final feature map, after norm5 and its ReLU)",
     )
-    parser.add_argument("--method", choices=("gradcam", "gradcam++"), default="gradcam")
+    parser.add_argument(
+        "--method",
+        choices=get_args(Method),
+        default="gradcam",
+        help="Grad-CAM (mean gradient per channel) or Grad-CAM++ (positive gradients, weighted)",
+    )
     parser.add_argument(
         "--multi-label",
         action="store_true",
