@@ -1,5 +1,6 @@
 """DenseNet (Huang et al., CVPR 2017): every variant of the paper, in PyTorch."""
 
+from densenet.deploy.explain import Explanation, explain
 from densenet.deploy.export import ExportError, export_model
 from densenet.deploy.optimize import optimize_for_inference
 from densenet.deploy.quantize import quantize_int8
@@ -26,6 +27,7 @@ __all__ = [
     "DenseNet",
     "DenseNetConfig",
     "DenseNetError",
+    "Explanation",
     "ExportError",
     "FeatureExtractor",
     "FeatureInfo",
@@ -35,6 +37,7 @@ __all__ = [
     "PublishedWeights",
     "WeightsError",
     "create_model",
+    "explain",
     "export_model",
     "get_spec",
     "list_models",

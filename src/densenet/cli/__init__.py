@@ -11,10 +11,20 @@ import sys
 from collections.abc import Sequence
 
 from densenet import __version__
-from densenet.cli import bench, convert, eval, export, list_models, predict, summary, train
+from densenet.cli import (
+    bench,
+    convert,
+    eval,
+    explain,
+    export,
+    list_models,
+    predict,
+    summary,
+    train,
+)
 from densenet.errors import DenseNetError
 
-COMMANDS = (list_models, summary, train, eval, predict, export, bench, convert)
+COMMANDS = (list_models, summary, train, eval, predict, explain, export, bench, convert)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -58,12 +58,19 @@ def load_image(
     The decoding, resize and crop are evaluation's (:mod:`densenet.data.images`), and so is the
     normalisation: a file gets the same input here as in ``densenet eval``.
     """
+    image = load_cropped_image(path, preprocessing, in_channels)
+    return Normalize(preprocessing.mean, preprocessing.std)(image[None])[0]
+
+
+def load_cropped_image(
+    path: str | os.PathLike[str], preprocessing: Preprocessing, in_channels: int
+) -> Tensor:
+    """The image the network sees, before normalisation: uint8 (C, H, W), resized and cropped."""
     image = read_image(path, in_channels)
     try:
-        image = eval_transform(preprocessing)(image)
+        return eval_transform(preprocessing)(image)
     except DatasetError as error:  # too large once resized
         raise DatasetError(f"cannot use image {os.fspath(path)}: {error}") from None
-    return Normalize(preprocessing.mean, preprocessing.std)(image[None])[0]
 
 
 class Predictor:
