@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import argparse
 import os
-from pathlib import Path
 
+from densenet.cli.arguments import output_file
 from densenet.errors import ConfigError
 from densenet.weights.download import is_url
 from densenet.weights.io import looks_like_a_file, read_checkpoint, save_weights
@@ -22,7 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "source", help="a weights file, a URL, or a published name such as densenet121.tv_in1k"
     )
-    parser.add_argument("--output", "-o", required=True, type=Path, help="FILE.safetensors")
+    parser.add_argument("--output", "-o", required=True, type=output_file, help="FILE.safetensors")
     parser.add_argument(
         "--model", help="the preset the weights are for (needed unless SOURCE names it)"
     )
