@@ -1,4 +1,5 @@
 import argparse
+import os
 import subprocess
 import sys
 import typing
@@ -55,6 +56,48 @@ def test_bad_input_is_one_line_and_nonzero(argv, message):
     assert message in result.stderr
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--model-override", "block_config=3"], "block_config must be a list"),
+        (["train", "--model-override", "compression=x"], "compression must be a number"),
+        (["train", "--model-override", "compression=0.001"], "each needs at least 1"),
+        (["train", "--model-override", "growth_rate=100000000"], "more than the 268,435,456"),
+        (["train", "--recipe", "{tmp}/latin1.toml"], "latin1.toml is not UTF-8 text"),
+        (["train", "--recipe", "{tmp}/overrides.toml"], "model_overrides must be a table"),
+        (["train", "--lr-gamma", "-1"], "lr_gamma must be in (0, 1], got -1.0"),
+        (["train", "--std", "inf"], "std must be finite numbers > 0, got [inf]"),
+        (["eval", "--weights", "w", "--batch-size", "0"], "--batch-size: must be an integer >= 1"),
+        (["eval", "--weights", "w", "--workers", "-1"], "--workers: must be an integer >= 0"),
+        (["summary", "densenet40_k12", "--batch", "-1"], "--batch: must be an integer >= 1"),
+        (["convert", "w", "-o", "{tmp}/file/w.safetensors"], "inside {tmp}/file, which is a file"),
+        (["convert", "w", "-o", "{tmp}/ro/new/w.safetensors"], "cannot write in {tmp}/ro (read-"),
+    ],
+)
+def test_bad_arguments_are_one_line_before_anything_is_written(
+    argv, message, tmp_path, monkeypatch, capsys
+):
+    (tmp_path / "latin1.toml").write_bytes('model = "café"'.encode("latin-1"))
+    (tmp_path / "overrides.toml").write_text("model_overrides = 5")
+    (tmp_path / "file").write_text("")
+    (tmp_path / "ro").mkdir(mode=0o555)
+    # Root may write anywhere: answer as the kernel does for anyone else.
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: p != tmp_path / "ro" and access(p, mode))
+    run = tmp_path / "run"
+    argv = [arg.format(tmp=tmp_path) for arg in argv]
+    if argv[0] == "train":
+        argv += ["--out", str(run)]
+    try:
+        status = main(argv)
+    except SystemExit as exit:  # argparse's errors
+        status = exit.code
+    error = capsys.readouterr().err
+    assert status == 2 and error.startswith(f"densenet {argv[0]}: error: ")
+    assert message.format(tmp=tmp_path) in error and len(error.strip().splitlines()) == 1
+    assert not run.exists()
 
 
 def test_train_flags_come_with_help_and_choices_from_the_config():

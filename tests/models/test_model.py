@@ -5,6 +5,7 @@ from torch import nn
 from architectures import TINY
 from densenet import ConfigError, DenseNet, DenseNetConfig
 from densenet.models.densenet import DenseLayer
+from densenet.models.presets import PRESETS
 
 
 @pytest.mark.parametrize(
@@ -19,11 +20,31 @@ from densenet.models.densenet import DenseLayer
         (dict(drop_rate=1.0), "drop_rate"),
         (dict(stem="resnet"), "stem"),
         (dict(bn_size=-1), "bn_size"),
+        (dict(compression=0.001), r"transitions of \[0, 0, 0\] channels"),
+        (
+            dict(growth_rate=100_000_000),
+            "has [0-9,]+ parameters, more than the 268,435,456 allowed",
+        ),
+        (dict(num_classes=10**30), "num_classes 10+ alone gives more parameters than"),
     ],
 )
 def test_bad_config_raises_value_error(fields, message):
     with pytest.raises(ValueError, match=message):
         DenseNetConfig(**fields)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {**TINY, "bn_size": 0, "compression": 0.3, "num_classes": 0},
+        {**TINY, "stem": "cifar", "in_channels": 1, "block_config": (3,)},
+        *(spec.config.to_dict() for spec in PRESETS.values()),
+    ],
+)
+def test_the_parameter_count_is_known_before_the_network_is_built(fields):
+    config = DenseNetConfig(**fields)
+    with torch.device("meta"):
+        assert config.num_parameters == sum(p.numel() for p in DenseNet(config).parameters())
 
 
 def test_unknown_field_is_named():

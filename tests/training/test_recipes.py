@@ -55,6 +55,23 @@ def test_saved_config_round_trips_as_a_recipe(tmp_path):
         ({"interpolation": "cubic"}, "interpolation must be one of bilinear, bicubic"),
         ({"precision": 16}, "precision must be of type str"),
         ({"lr_milestones": [150]}, "fractions of the run"),
+        ({"lr_milestones": [0.75, 0.5]}, "increasing fractions of the run"),
+        ({"lr_milestones": [0.5, 1.0]}, "each in (0, 1), got [0.5, 1.0]"),
+        ({"lr_gamma": -1}, "lr_gamma must be in (0, 1], got -1.0"),
+        ({"lr_gamma": 10}, "lr_gamma must be in (0, 1]"),
+        ({"lr": float("inf")}, "lr must be a finite number > 0"),
+        ({"momentum": 1}, "momentum must be in [0, 1)"),
+        ({"momentum": 0.0}, "nesterov needs momentum > 0"),
+        ({"weight_decay": -1e-4}, "weight_decay must be a finite number >= 0"),
+        ({"weight_decay": float("nan")}, "weight_decay must be a finite number >= 0"),
+        ({"mean": [float("nan")], "std": [0.5]}, "mean must be finite numbers, got [nan]"),
+        ({"mean": [0.5], "std": [float("inf")]}, "std must be finite numbers > 0, got [inf]"),
+        ({"mean": [0.5], "std": [0.0]}, "std must be finite numbers > 0"),
+        ({"mean": [0.5, 0.5], "std": [0.2]}, "one value per channel each, got 2 and 1"),
+        ({"drop_rate": 1.0}, "drop_rate must be in [0, 1)"),
+        ({"input_size": 4096}, "input_size must be in [0, 2048] px"),
+        ({"resize_size": -1}, "resize_size must be in [0, 2048] px"),
+        ({"crop_padding": -1}, "crop_padding must be >= 0"),
         ({"learning_rate": 0.1}, "unknown setting(s) learning_rate"),
         ({"model_overrides": {"num_classes": 5}}, "may not set num_classes"),
     ],
@@ -71,8 +88,28 @@ def test_bad_recipe_files(tmp_path):
     (tmp_path / "bad.toml").write_text("epochs = = 3")
     with pytest.raises(ConfigError, match="not valid TOML"):
         resolve(str(tmp_path / "bad.toml"), {})
+    (tmp_path / "latin1.toml").write_bytes('model = "café"'.encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"not UTF-8 text \(byte 0xe9 at offset 12\).*save it as"):
+        resolve(str(tmp_path / "latin1.toml"), {})
+    (tmp_path / "overrides.toml").write_text("model_overrides = 5")
+    with pytest.raises(ConfigError, match=r"model_overrides must be a table .*, got 5"):
+        resolve(str(tmp_path / "overrides.toml"), {})
     with pytest.raises(ConfigError, match="unknown recipe 'cifar11'"):
         resolve("cifar11", {})
+
+
+@pytest.mark.parametrize(
+    "epochs, milestones, lrs",
+    [
+        (1, (0.5, 0.75), [0.1]),  # both would round to epoch 0 or 1
+        (2, (0.5, 0.75), [0.1, 0.01]),
+        (3, (0.1, 0.2), [0.1, 0.001, 0.001]),
+    ],
+)
+def test_no_milestone_falls_on_the_first_epoch(epochs, milestones, lrs):
+    # The paper's 300 epochs keep theirs at 150 and 225: test_recipes_hold_the_papers_settings.
+    config = TrainConfig(epochs=epochs, lr_milestones=milestones)
+    assert [config.lr_at(e) for e in range(epochs)] == pytest.approx(lrs)
 
 
 def test_resume_allows_only_harmless_changes():

@@ -97,7 +97,7 @@ def test_resume_refuses_an_edited_training_config(tmp_path, capsys):
     "argv, message",
     [
         (["--batch-size", "4000"], "is larger than the 1437 training images"),
-        (["--momentum", "0"], "the optimizer settings are invalid"),
+        (["--momentum", "0"], "nesterov needs momentum > 0"),
         (["--model", "densenet121"], "too small"),
     ],
 )

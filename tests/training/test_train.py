@@ -212,6 +212,39 @@ def test_unreadable_images_in_an_image_folder_are_skipped_and_counted(tmp_path, 
     assert (run / "confusion-imagefolder-train.png").is_file()
 
 
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_an_epoch_in_which_no_image_could_be_read_stops_the_run(tmp_path, capsys, split):
+    write_image_folder(tmp_path / "data")
+    for path in (tmp_path / "data" / split).rglob("*.png"):
+        path.write_bytes(b"\x89PNG truncated")
+    run = tmp_path / "run"
+    argv = ["train", "--dataset", "imagefolder", "--data-dir", str(tmp_path / "data")]
+    argv += ["--out", str(run), "--epochs", "1", "--batch-size", "4"]
+    argv += ["--input-size", "32", "--resize-size", "37", "--workers", "0"]
+    assert main([*argv, *TINY]) == 2
+    error = capsys.readouterr().err
+    assert f"no image of {tmp_path / 'data' / split} could be read in epoch 1" in error
+    assert "(8 unreadable files skipped)" in error and f"--resume {run}" in error
+    assert not {"best.safetensors", "final.safetensors"} & {p.name for p in run.iterdir()}
+
+
+def test_a_non_finite_test_loss_stops_the_run(tmp_path, capsys):
+    # One full-batch step at lr 1e6 leaves finite weights whose BatchNorm statistics overflow in
+    # evaluation: the training loss is finite, the test loss is not.
+    run = tmp_path / "run"
+    argv = ["train", "--out", str(run), "--epochs", "2", "--batch-size", "1437", "--lr", "1e6"]
+    assert main([*argv, *TINY]) == 2
+    error = capsys.readouterr().err
+    assert "the test loss is nan after epoch 1; training stopped and nothing was saved" in error
+    assert {p.name for p in run.iterdir()} == {"config.toml"}
+
+
+def test_a_one_epoch_run_trains_at_the_starting_lr(cifar, tmp_path):
+    run = tmp_path / "run"
+    assert train_cifar(cifar, run, "--epochs", "1") == 0
+    assert read_metrics(run)[0]["lr"] == "0.1"
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_trains_on_cpu(cifar, tmp_path, precision):
     run = tmp_path / "run"

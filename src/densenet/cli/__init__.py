@@ -1,4 +1,5 @@
-"""The ``densenet`` command: one subcommand per module of this package, each with ``register``.
+"""The ``densenet`` command: one subcommand per module of this package, each with ``register``
+(``arguments`` holds the argument types they share).
 
 Commands parse their arguments, call the library and print; they hold no logic of their own.
 """
@@ -9,6 +10,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from densenet import __version__
 from densenet.cli import (
@@ -27,8 +29,16 @@ from densenet.errors import DenseNetError
 COMMANDS = (list_models, summary, train, eval, predict, explain, export, bench, convert)
 
 
+class _Parser(argparse.ArgumentParser):
+    """A parser whose usage errors are one line, like every other error of the command."""
+
+    def error(self, message: str) -> NoReturn:
+        # argparse would print the whole usage first: for `train`, dozens of lines above the error.
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="densenet",
         description="Train, evaluate and deploy the DenseNets of Huang et al. (CVPR 2017).",
     )

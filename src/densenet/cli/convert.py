@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import argparse
 import os
-from pathlib import Path
 
+from densenet.cli.arguments import output_file
 from densenet.errors import ConfigError
 from densenet.files import write_error
 from densenet.weights.download import is_url
@@ -23,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "source", help="a weights file, a URL, or a published name such as densenet121.tv_in1k"
     )
-    parser.add_argument("--output", "-o", required=True, type=Path, help="FILE.safetensors")
+    parser.add_argument("--output", "-o", required=True, type=output_file, help="FILE.safetensors")
     parser.add_argument(
         "--model", help="the preset the weights are for (needed unless SOURCE names it)"
     )

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from densenet.cli.arguments import non_negative_int, positive_int
 from densenet.data.datasets import Data, TensorData, load_split
 from densenet.data.loaders import Normalize, make_batches
 from densenet.errors import ConfigError, DatasetError
@@ -41,11 +42,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--split", default="test", choices=("test", "train"))
     parser.add_argument(
-        "--batch-size", type=int, default=256, help="split over the processes under torchrun"
+        "--batch-size",
+        type=positive_int,
+        default=256,
+        help="split over the processes under torchrun",
     )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="auto", choices=typing.get_args(PrecisionChoice))
-    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--workers", type=non_negative_int, default=4)
     parser.add_argument(
         "--out", type=Path, help="where the PNG, CSV and JSON go (default: beside the weights)"
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from densenet.cli.arguments import positive_int
 from densenet.errors import ConfigError
 from densenet.models.presets import MAX_IMAGE_SIZE
 from densenet.tools.summary import format_summary, summarize
@@ -16,7 +17,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("name", help="model preset (see `densenet list`)")
     parser.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"))
-    parser.add_argument("--batch", type=int, default=1, help="batch size for activation memory")
+    parser.add_argument(
+        "--batch", type=positive_int, default=1, help="batch size for activation memory"
+    )
     parser.set_defaults(run=run)
 
 

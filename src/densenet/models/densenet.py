@@ -20,6 +20,10 @@ from densenet.models import efficient
 Stem = Literal["imagenet", "cifar"]
 # The ImageNet stem's layers, in order; the CIFAR stem is conv0 alone.
 IMAGENET_STEM = ("conv0", "norm0", "relu0", "pool0")
+# The most parameters a config may describe (1 GiB of fp32 weights): 8x DenseNet-264, the largest
+# preset. Checked before anything is allocated, so a typo (growth_rate=100000000) is an error
+# instead of an attempt to allocate 38 GB.
+MAX_PARAMETERS = 2**28
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,7 @@ class DenseNetConfig:
     transitions shrink channels to floor(theta*m) (DenseNet-C). ``memory_efficient`` trains the
     dense blocks, transitions and ImageNet stem with activation memory linear in depth
     (:mod:`densenet.models.efficient`); the function, the parameters and evaluation stay the same.
+    A config may describe at most :data:`MAX_PARAMETERS` parameters.
     """
 
     growth_rate: int = 32
@@ -70,6 +75,10 @@ class DenseNetConfig:
             low = 0 if allow_zero else 1
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"{name} must be an integer >= {low}, got {brief(value)}")
+            # The network then has more parameters than this (each of these sizes adds at least
+            # as many); refused before counting them, so that the count stays a float's size.
+            if value > MAX_PARAMETERS:
+                raise _too_large(f"{name} {value} alone gives more parameters than")
 
         for name in ("compression", "drop_rate"):
             value = getattr(self, name)
@@ -95,6 +104,45 @@ class DenseNetConfig:
             raise ConfigError(
                 f"memory_efficient must be true or false, got {brief(self.memory_efficient)}"
             )
+        if min(self.transition_channels, default=1) < 1:
+            raise ConfigError(
+                f"compression {self.compression} makes transitions of {self.transition_channels} "
+                "channels, and each needs at least 1: raise compression"
+            )
+        if self.num_parameters > MAX_PARAMETERS:
+            parameters = f"{self.num_parameters:,} parameters"
+            raise _too_large(f"this architecture has {parameters}, more than")
+
+    @property
+    def transition_channels(self) -> list[int]:
+        """Channels out of each transition: floor(theta * m) of the m its dense block gives."""
+        widths, channels = [], self.num_init_features
+        for layers in self.block_config[:-1]:
+            channels = int((channels + layers * self.growth_rate) * self.compression)
+            widths.append(channels)
+        return widths
+
+    @property
+    def num_parameters(self) -> int:
+        """The network's parameter count, from the config alone: nothing is allocated."""
+        k, bn = self.growth_rate, self.bn_size
+        count = (7 * 7 if self.stem == "imagenet" else 3 * 3) * self.in_channels
+        count *= self.num_init_features
+        if self.stem == "imagenet":
+            count += 2 * self.num_init_features  # norm0
+        block_inputs = [self.num_init_features, *self.transition_channels]
+        for i, (layers, channels) in enumerate(zip(self.block_config, block_inputs, strict=True)):
+            # Each layer's first BN and conv see its input channels: channels + j*k for layer j.
+            inputs = layers * channels + k * layers * (layers - 1) // 2
+            if bn:  # BN, 1x1 conv to bn*k, BN, 3x3 conv to k
+                count += (2 + bn * k) * inputs + layers * (2 * bn * k + 9 * bn * k * k)
+            else:  # BN, 3x3 conv to k
+                count += (2 + 9 * k) * inputs
+            out = channels + layers * k
+            if i + 1 < len(block_inputs):  # the transition: BN, 1x1 conv
+                count += 2 * out + out * block_inputs[i + 1]
+        count += 2 * out  # the final BN
+        return count + (out + 1) * self.num_classes
 
     @property
     def efficient_parts(self) -> EfficientParts:
@@ -167,6 +215,13 @@ class DenseNetConfig:
             h, w = h // 2, w // 2
             sizes.append((h, w))
         return sizes
+
+
+def _too_large(what: str) -> ConfigError:
+    return ConfigError(
+        f"{what} the {MAX_PARAMETERS:,} allowed (DenseNet-264 has 33 million): choose a smaller "
+        "growth_rate, bn_size, num_init_features, block_config or num_classes"
+    )
 
 
 def _conv(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1) -> nn.Conv2d:

@@ -9,8 +9,11 @@ Users copy a shipped recipe (or a run's ``config.toml``) and pass its path to ``
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import math
 import sys
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -18,10 +21,10 @@ from typing import Any, Literal
 
 import tomli_w
 
-from densenet.errors import ConfigError, check_choice
+from densenet.errors import ConfigError, brief, check_choice
 from densenet.files import atomic_write
 from densenet.hardware import MemoryFormatChoice, PrecisionChoice
-from densenet.models.presets import Interpolation
+from densenet.models.presets import MAX_IMAGE_SIZE, Interpolation
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -165,20 +168,13 @@ class TrainConfig:
         for name, kind in FIELD_TYPES.items():
             if typing.get_origin(kind) is Literal:
                 check_choice(name, getattr(self, name), typing.get_args(kind))
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("crop_padding", "workers", "checkpoint_every", "input_size", "resize_size"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ConfigError(f"lr must be > 0, got {self.lr}")
-        if not all(0 < m <= 1 for m in self.lr_milestones):
-            raise ConfigError(
-                f"lr_milestones are fractions of the run in (0, 1], got {list(self.lr_milestones)}"
-            )
-        if not 0.0 <= self.backbone_lr_scale <= 1.0:
-            raise ConfigError(f"backbone_lr_scale must be in [0, 1], got {self.backbone_lr_scale}")
+        for name, (within, domain) in _DOMAINS.items():
+            value = getattr(self, name)
+            if not within(value):
+                shown = list(value) if isinstance(value, tuple) else value
+                raise ConfigError(f"{name} must be {domain}, got {brief(shown)}")
+        if self.nesterov and self.momentum == 0:
+            raise ConfigError("nesterov needs momentum > 0: set --momentum or add --no-nesterov")
         if self.freeze_backbone and not self.finetune:
             raise ConfigError("freeze_backbone needs pretrained weights: add --finetune SOURCE")
         if self.freeze_backbone and self.memory_efficient:
@@ -186,8 +182,11 @@ class TrainConfig:
                 "a frozen backbone needs no activation memory for its gradients: drop "
                 "--memory-efficient or --freeze-backbone"
             )
-        if len(self.mean) != len(self.std) or any(s <= 0 for s in self.std):
-            raise ConfigError("mean and std must have one value per channel, and std > 0")
+        if len(self.mean) != len(self.std):
+            raise ConfigError(
+                f"mean and std must have one value per channel each, got {len(self.mean)} and "
+                f"{len(self.std)}"
+            )
         fixed_by_data = {"in_channels", "num_classes", "drop_rate"} & set(self.model_overrides)
         if fixed_by_data:
             raise ConfigError(
@@ -206,10 +205,36 @@ class TrainConfig:
 
     def lr_at(self, epoch: int) -> float:
         """The step schedule: lr times gamma for every milestone epoch already reached."""
-        passed = sum(epoch >= round(m * self.epochs) for m in self.lr_milestones)
+        # Never at epoch 0: with few epochs a milestone would round there and the run would start
+        # at a decayed lr.
+        passed = sum(epoch >= max(1, round(m * self.epochs)) for m in self.lr_milestones)
         return self.lr * self.lr_gamma**passed
 
 
+def _increasing_fractions(values: tuple[float, ...]) -> bool:
+    return all(0 < m < 1 for m in values) and all(a < b for a, b in itertools.pairwise(values))
+
+
+# The numeric settings' valid values, and how a message states them. NaN fails every comparison,
+# so it is refused too.
+_DOMAINS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "epochs": (lambda n: n >= 1, ">= 1"),
+    "batch_size": (lambda n: n >= 1, ">= 1"),
+    "crop_padding": (lambda n: n >= 0, ">= 0"),
+    "workers": (lambda n: n >= 0, ">= 0"),
+    "checkpoint_every": (lambda n: n >= 0, ">= 0"),
+    "input_size": (lambda n: 0 <= n <= MAX_IMAGE_SIZE, f"in [0, {MAX_IMAGE_SIZE}] px (0: auto)"),
+    "resize_size": (lambda n: 0 <= n <= MAX_IMAGE_SIZE, f"in [0, {MAX_IMAGE_SIZE}] px (0: auto)"),
+    "lr": (lambda x: 0 < x < math.inf, "a finite number > 0"),
+    "momentum": (lambda x: 0 <= x < 1, "in [0, 1)"),
+    "weight_decay": (lambda x: 0 <= x < math.inf, "a finite number >= 0"),
+    "lr_milestones": (_increasing_fractions, "increasing fractions of the run, each in (0, 1)"),
+    "lr_gamma": (lambda x: 0 < x <= 1, "in (0, 1]"),
+    "drop_rate": (lambda x: 0 <= x < 1, "in [0, 1)"),
+    "backbone_lr_scale": (lambda x: 0 <= x <= 1, "in [0, 1]"),
+    "mean": (lambda xs: all(math.isfinite(x) for x in xs), "finite numbers"),
+    "std": (lambda xs: all(0 < x < math.inf for x in xs), "finite numbers > 0"),
+}
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 FIELD_TYPES = typing.get_type_hints(TrainConfig)
 
@@ -259,16 +284,24 @@ def read_recipe(name_or_path: str) -> dict[str, object]:
     if path.suffix == ".toml" or path.exists():
         if not path.is_file():
             raise ConfigError(f"recipe file not found: {path}")
-        text = path.read_text()
+        try:
+            data = path.read_bytes()
+        except OSError as error:
+            raise ConfigError(f"cannot read recipe {path}: {error.strerror or error}") from None
     elif name_or_path in list_recipes():
-        text = (RECIPES / f"{name_or_path}.toml").read_text()
+        data = (RECIPES / f"{name_or_path}.toml").read_bytes()
     else:
         raise ConfigError(
             f"unknown recipe {name_or_path!r}: give a .toml path or one of "
             f"{', '.join(list_recipes())}"
         )
     try:
-        return tomllib.loads(text)
+        return tomllib.loads(data.decode())
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"recipe {name_or_path} is not UTF-8 text (byte {data[error.start]:#x} at offset "
+            f"{error.start}), which TOML requires: save it as UTF-8"
+        ) from None
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"recipe {name_or_path} is not valid TOML: {error}") from None
 
@@ -279,8 +312,9 @@ def resolve(recipe: str | None, overrides: dict[str, object]) -> TrainConfig:
         dataset = overrides.get("dataset", TrainConfig.dataset)
         recipe = DEFAULT_RECIPES.get(str(dataset), "digits")
     settings = read_recipe(recipe)
+    from_recipe = _check_type("model_overrides", settings.pop("model_overrides", {}))
     model_overrides = {
-        **settings.pop("model_overrides", {}),  # type: ignore[dict-item]
+        **from_recipe,  # type: ignore[dict-item]
         **overrides.pop("model_overrides", {}),  # type: ignore[dict-item]
     }
     return from_dict({**settings, **overrides, "model_overrides": model_overrides})

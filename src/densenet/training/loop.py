@@ -14,20 +14,24 @@ are drawn per process.
 A step never waits for the device: its sums stay there, and the host reads them every
 ``SYNC_STEPS`` steps, before a save and at the end of the epoch. A non-finite loss is therefore
 noticed up to ``SYNC_STEPS`` steps late, then reported at the step where it first appeared; no
-state with non-finite weights is ever saved.
+state with non-finite weights is ever saved. A non-finite test loss, and an epoch in which no
+image could be read, stop the run too, before the epoch's state or weights are saved.
 """
 
 from __future__ import annotations
 
+import math
 import time
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from densenet.data.datasets import Data, FolderData
 from densenet.data.loaders import Batch, FolderBatches, Normalize, mix_seed
-from densenet.errors import Preempted, TrainingError
+from densenet.errors import DatasetError, DenseNetError, Preempted, TrainingError
 from densenet.hardware import autocast, resolve_device, to_memory_format, why_precision
 from densenet.training.config import TrainConfig
 from densenet.training.distributed import (
@@ -58,6 +62,7 @@ from densenet.training.state import TrainState
 
 # Steps between reads of the device's running sums (progress bar, non-finite check).
 SYNC_STEPS = 16
+_Error = TypeVar("_Error", bound=DenseNetError)
 
 
 def train(
@@ -108,8 +113,8 @@ def _train(
     def save() -> None:
         # A diverging step can leave inf weights behind a finite loss: never save those.
         if not all(bool(torch.isfinite(p).all()) for p in learner.model.parameters()):
-            global_step = state.epoch * steps + state.step
-            raise _diverged(run, config, "weights became non-finite", global_step, steps)
+            where = _at_step(state.epoch * steps + state.step, steps)
+            raise _diverged(run, config, f"weights became non-finite {where}")
         learner_states = learner.state_dicts()
         run.write_state(state, learner_states, config.to_dict(), learner.model.config.to_dict())
 
@@ -155,6 +160,10 @@ def _train(
                     tqdm.write(f"torch.compile took {extra:.1f} s (the first step's extra time)")
             bar.update(1)
         bar.close()
+        # Sums over every process: all of them stop here alike.
+        if not state.tally.images:
+            skipped = state.tally.skipped
+            raise _once(context, _nothing_read(run, data.train, config, state.epoch, skipped))
 
         broadcast_buffers(learner.model)  # evaluate the weights process 0 saves, on every process
         test = evaluate(
@@ -165,6 +174,13 @@ def _train(
             memory_format=config.memory_format,
             num_classes=len(data.class_names),
         )
+        if not test.count:
+            raise _once(context, _nothing_read(run, data.test, config, state.epoch, test.skipped))
+        # Finite weights can still overflow in evaluation (huge BatchNorm statistics): such a
+        # model predicts nothing, and must not become best.safetensors or the next checkpoint.
+        if not math.isfinite(test.loss):
+            what = f"the test loss is {test.loss} after epoch {state.epoch + 1}"
+            raise _once(context, _diverged(run, config, what))
         row = _epoch_row(state, test, learner.schedule.get_last_lr()[-1])
         if row.test_top1 > state.best_top1:
             run.write_weights(learner.model, run.BEST, {**meta, **_weights_tag(row)})
@@ -319,24 +335,41 @@ def _loss_diverged(
     steps: int,
     context: DistributedContext,
 ) -> TrainingError:
-    if not context.is_main:  # one message, from the main process
-        return TrainingError(stopped_with_others(context.rank))
     where = " on at least one process" if context.enabled else ""
     loss = state.tally.loss_sum / max(state.tally.images, 1)
-    global_step = state.epoch * steps + bad_step + 1
-    return _diverged(run, config, f"loss is {loss}{where}", global_step, steps)
+    step = _at_step(state.epoch * steps + bad_step + 1, steps)
+    return _once(context, _diverged(run, config, f"loss is {loss}{where} {step}"))
 
 
-def _diverged(
-    run: RunDirectory, config: TrainConfig, what: str, global_step: int, steps: int
-) -> TrainingError:
-    """The error for a run that produced non-finite numbers at (1-based) ``global_step``."""
+def _once(context: DistributedContext, error: _Error) -> _Error:
+    """``error`` on the main process; the others, which stop with it, point to that one."""
+    return error if context.is_main else type(error)(stopped_with_others(context.rank))
+
+
+def _at_step(global_step: int, steps: int) -> str:
+    """Where (1-based) ``global_step`` is, in a run of ``steps`` steps an epoch."""
     epoch, step = (global_step - 1) // steps + 1, (global_step - 1) % steps + 1
+    return f"at epoch {epoch} step {step} (global step {global_step})"
+
+
+def _diverged(run: RunDirectory, config: TrainConfig, what: str) -> TrainingError:
+    """The error for a run that produced non-finite numbers (``what``, and where)."""
     path = run / run.STATE
     kept = f"the last good checkpoint {path} is kept" if path.exists() else "nothing was saved"
     # A resumed run keeps its settings, so the fix is a new run with other ones.
     fix = "a lower --lr" if config.precision == "fp32" else "--precision fp32 or a lower --lr"
     return TrainingError(
-        f"{what} at epoch {epoch} step {step} (global step {global_step}); training stopped and "
-        f"{kept}: start a new run (another --out) with {fix}"
+        f"{what}; training stopped and {kept}: start a new run (another --out) with {fix}"
+    )
+
+
+def _nothing_read(
+    run: RunDirectory, data: Data, config: TrainConfig, epoch: int, skipped: float
+) -> DatasetError:
+    """The error for an epoch (0-based) in which every image of ``data`` was unreadable."""
+    where = data.root if isinstance(data, FolderData) else config.data_dir
+    return DatasetError(
+        f"no image of {where} could be read in epoch {epoch + 1} ({int(skipped)} unreadable files "
+        f"skipped); training stopped: replace or remove those files, then continue with: "
+        f"densenet train --resume {run.path}"
     )

@@ -9,7 +9,7 @@ import torch
 
 from densenet.data.datasets import Data, TensorData, channel_stats, download, load_split
 from densenet.data.loaders import FolderBatches, Shard, TensorBatches, make_batches
-from densenet.errors import CheckpointError, ConfigError, DatasetError, first_line
+from densenet.errors import CheckpointError, ConfigError, DatasetError
 from densenet.hardware import resolve_device, resolve_precision_and_format
 from densenet.models.batchnorm import convert_sync_batchnorm
 from densenet.models.densenet import DenseNet
@@ -148,16 +148,14 @@ def build_learner(
     if config.memory_format == "channels_last":
         model = model.to(memory_format=torch.channels_last)
     model.config.stage_sizes(config.input_size, config.input_size)  # too small for the blocks?
-    try:
-        optimizer = torch.optim.SGD(
-            parameter_groups(model, config.lr, config.backbone_lr_scale),
-            lr=config.lr,
-            momentum=config.momentum,
-            nesterov=config.nesterov,
-            weight_decay=config.weight_decay,
-        )
-    except ValueError as error:  # e.g. Nesterov without momentum
-        raise ConfigError(f"the optimizer settings are invalid: {first_line(error)}") from None
+    # TrainConfig.validate has refused every setting SGD would (Nesterov without momentum, ...).
+    optimizer = torch.optim.SGD(
+        parameter_groups(model, config.lr, config.backbone_lr_scale),
+        lr=config.lr,
+        momentum=config.momentum,
+        nesterov=config.nesterov,
+        weight_decay=config.weight_decay,
+    )
     # Loss scaling keeps fp16 gradients from underflowing; bf16 and fp32 don't need it.
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
     epoch = 0
