@@ -16,7 +16,7 @@ from pathlib import Path
 from densenet.errors import WriteError
 
 # Where freeing space or choosing another place is the fix.
-_SPACE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+SPACE_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 # The temporary names of staged(): hidden, with the writing process's id.
 _TEMPORARY = re.compile(r"^\..+\.\d+\.tmp(\.[^.]*)?$")
 
@@ -44,7 +44,7 @@ def staged(path: Path) -> Iterator[Path]:
 
 def write_error(path: Path, error: OSError) -> WriteError:
     reason = error.strerror or str(error)
-    if error.errno in _SPACE_ERRORS:
+    if error.errno in SPACE_ERRORS:
         return WriteError(f"cannot write {path}: {reason}; free some space or write elsewhere")
     return WriteError(f"cannot write {path}: {reason}")
 

@@ -1,8 +1,10 @@
 """Weights from files, URLs (cache + hash check) and the published-weights table; convert CLI."""
 
 import dataclasses
+import errno
 import hashlib
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ from PIL import Image
 from architectures import short_bc
 from densenet import WeightsError, create_model, load_model, save_weights
 from densenet.cli import main
+from densenet.errors import WriteError
 from densenet.weights.download import cached_path, fetch, recorded_hash_path
 from densenet.weights.io import read_checkpoint
 from densenet.weights.pretrained import PUBLISHED
@@ -211,3 +214,14 @@ def test_convert_cli_errors(tmp_path, capsys):
     args = ["convert", str(source), "--output", str(tmp_path / "o.safetensors")]
     assert main([*args, "--model", "densenet121"]) == 2
     assert "do not fit the model" in capsys.readouterr().err
+
+
+def test_a_full_cache_disk_is_one_line_and_leaves_nothing(cache, weights_file, monkeypatch):
+    def full(url, path, progress=True):
+        Path(path).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", full)
+    with pytest.raises(WriteError, match="No space left on device; free some space"):
+        fetch(weights_file.as_uri())
+    assert not [p for p in cache.rglob("*") if p.is_file()]

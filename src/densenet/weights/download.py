@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from densenet.errors import WeightsError
-from densenet.files import atomic_write
+from densenet.files import SPACE_ERRORS, atomic_write, write_error
 
 URL_SCHEMES = ("http", "https", "file")
 _HASH = re.compile(r"^(sha256|md5):([0-9a-f]+)$")
@@ -125,12 +125,22 @@ def _check_cached(address: str, target: Path, record: Path, check: tuple[str, st
 def _download(
     address: str, target: Path, record: Path, check: tuple[str, str] | None, progress: bool
 ) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise write_error(target, error) from None
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         partial = Path(scratch) / target.name
         try:
             torch.hub.download_url_to_file(address, str(partial), progress=progress)
-        except (OSError, ValueError) as error:
+        except OSError as error:
+            if error.errno in SPACE_ERRORS:  # the cache's disk, not the network
+                raise write_error(target, error) from None
+            raise WeightsError(
+                f"could not download {address} ({error}); check the address and network, or "
+                "download the file by hand and pass its local path"
+            ) from None
+        except ValueError as error:
             raise WeightsError(
                 f"could not download {address} ({error}); check the address and network, or "
                 "download the file by hand and pass its local path"
