@@ -25,7 +25,6 @@ import time
 from typing import TypeVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
@@ -222,7 +221,7 @@ def train_step(
     images = to_memory_format(normalize(batch.images), config.memory_format)
     with autocast(device, config.precision):
         logits = trained(images).float()
-    loss = F.cross_entropy(logits, batch.labels)
+    loss = learner.criterion(logits, batch.labels)
     learner.optimizer.zero_grad(set_to_none=True)
     learner.scaler.scale(loss).backward()
     learner.scaler.step(learner.optimizer)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from densenet.data.datasets import Data, TensorData, channel_stats, download, load_split
 from densenet.data.loaders import FolderBatches, Shard, TensorBatches, make_batches
@@ -124,6 +125,7 @@ class Learner:
     """The network and everything that updates it; their state dicts are what a run saves."""
 
     model: DenseNet
+    criterion: nn.Module  # the training loss, from logits and the batch's labels
     optimizer: torch.optim.Optimizer
     schedule: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
@@ -172,7 +174,7 @@ def build_learner(
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda e: config.lr_at(e) / config.lr, last_epoch=epoch - 1
     )
-    return Learner(model, optimizer, schedule, scaler)
+    return Learner(model, nn.CrossEntropyLoss(), optimizer, schedule, scaler)
 
 
 def _check_same_training(config: TrainConfig, saved: dict[str, object], source: str) -> None:
