@@ -54,3 +54,42 @@ def write_image_folder(root: Path, per_class: int = 4, size: int = 40) -> None:
             for i in range(per_class):
                 pixels = rng.integers(0, 256, (size, size + 8, 3), dtype=np.uint8)
                 Image.fromarray(pixels).save(folder / f"{i}.png")
+
+
+SHAPES = ("square", "disc", "cross")
+
+
+def _draw(pixels: np.ndarray, kind: str, top: int, left: int, side: int) -> None:
+    rows, cols = np.mgrid[0:side, 0:side]
+    centre = (side - 1) / 2
+    if kind == "square":
+        mask = np.ones((side, side), dtype=bool)
+    elif kind == "disc":
+        mask = (rows - centre) ** 2 + (cols - centre) ** 2 <= centre**2
+    else:
+        mask = (abs(rows - centre) < 1.5) | (abs(cols - centre) < 1.5)
+    pixels[top : top + side, left : left + side][mask] = 255
+
+
+def write_shapes_csv(root: Path, train: int = 480, test: int = 160, size: int = 32) -> None:
+    """Multi-label images: 0-3 white shapes of different kinds on black, at random places;
+    labels say which kinds are present. Writes ``root/images/*.png``, ``root/train.csv`` and
+    ``root/test.csv`` (columns: path, then one 0/1 column per kind)."""
+    rng = np.random.default_rng(0)
+    side = size // 3
+    (root / "images").mkdir(parents=True)
+    for split, count in (("train", train), ("test", test)):
+        lines = ["path," + ",".join(SHAPES)]
+        for i in range(count):
+            present = rng.random(len(SHAPES)) < 0.5
+            pixels = np.zeros((size, size, 3), dtype=np.uint8)
+            # One shape per third of the image (in random order), so shapes never overlap.
+            slots = rng.permutation(3)
+            for slot, kind in zip(slots, np.array(SHAPES)[present], strict=False):
+                top = int(rng.integers(0, size - side + 1))
+                left = int(slot * side + rng.integers(0, size // 3 - side + 1))
+                _draw(pixels, str(kind), top, left, side)
+            name = f"images/{split}{i}.png"
+            Image.fromarray(pixels).save(root / name)
+            lines.append(name + "," + ",".join(str(int(p)) for p in present))
+        (root / f"{split}.csv").write_text("\n".join(lines) + "\n")

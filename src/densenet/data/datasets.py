@@ -7,6 +7,7 @@ torchvision's downloaders (which verify checksums) and then the same readers.
 
 from __future__ import annotations
 
+import csv
 import os
 import pickle
 import typing
@@ -60,11 +61,13 @@ class TensorData:
 
 @dataclass
 class FolderData:
-    """An ImageFolder split: (path, class index) pairs, read lazily by DataLoader workers."""
+    """Image files and their labels, read lazily by DataLoader workers: an ImageFolder split or a
+    CSV's. A sample's label is a class index, or with ``multilabel`` one 0.0/1.0 per class."""
 
-    samples: list[tuple[str, int]]
+    samples: list[tuple[str, int | tuple[float, ...]]]
     class_names: list[str]
     root: Path
+    multilabel: bool = False
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -73,9 +76,24 @@ class FolderData:
 Data = TensorData | FolderData
 
 
-def load_split(name: str, data_dir: str | Path, split: str, *, svhn_extra: bool = True) -> Data:
-    """The ``train`` or ``test`` split of dataset ``name`` (ImageFolder's test split is ``val``)."""
+def load_split(
+    name: str,
+    data_dir: str | Path,
+    split: str,
+    *,
+    svhn_extra: bool = True,
+    csv_file: str | Path = "",
+    task: str = "auto",
+    class_names: list[str] | None = None,
+) -> Data:
+    """The ``train`` or ``test`` split of dataset ``name`` (ImageFolder's test split is ``val``).
+
+    The ``csv`` dataset reads ``csv_file`` (see :func:`read_csv_split`): ``task`` and, for a
+    single-label test split, the training split's ``class_names`` say how to read its labels.
+    """
     data_dir = Path(data_dir)
+    if name == "csv":
+        return read_csv_split(data_dir, csv_file, split, task, class_names)
     if name == "digits":
         return _digits(split)
     if name in CIFAR:
@@ -102,10 +120,9 @@ def download(name: str, data_dir: str | Path, *, svhn_extra: bool = True) -> Non
             require("scipy", purpose=SVHN_READER, extra="svhn")  # torchvision reads what it fetched
             for split in ["train", "test"] + (["extra"] if svhn_extra else []):
                 tvd.SVHN(str(data_dir), split=split, download=True)
-        elif name == "imagefolder":
+        elif name in ("imagefolder", "csv"):
             raise DatasetError(
-                "ImageFolder data cannot be downloaded; put images in DIR/train/CLASS/ and "
-                "DIR/val/CLASS/"
+                f"{name} data cannot be downloaded; put the images (and CSV files) in {data_dir}"
             )
     except (OSError, RuntimeError) as error:  # URLError is an OSError; bad checksums RuntimeError
         raise DatasetError(f"could not download {name} into {data_dir}: {error}") from None
@@ -333,3 +350,86 @@ def _image_folder(data_dir: Path, split: str) -> FolderData:
             "class"
         )
     return FolderData(samples, classes, root)
+
+
+def read_csv_split(
+    data_dir: Path,
+    csv_file: str | Path,
+    split: str,
+    task: str = "auto",
+    class_names: list[str] | None = None,
+) -> FolderData:
+    """The images a CSV lists, with their labels; every row is checked before any image is read.
+
+    The image path column is ``path`` or else the first column, relative to ``data_dir``. One
+    other column is a single-label class (its values, sorted, are the class names, unless
+    ``class_names`` fixes them); several are multi-label 0/1 columns named by their findings.
+    ``task`` ("single" or "multilabel") settles what one 0/1 column means; "auto" reads it as
+    single-label.
+    """
+    flag = f"--{split}-csv"
+    if not csv_file:
+        raise DatasetError(f"the csv dataset needs {flag} FILE (image paths and labels)")
+    path = Path(csv_file)
+    if not path.is_absolute() and not path.exists():
+        path = data_dir / path
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            rows = list(csv.reader(handle))
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise DatasetError(f"cannot read {flag} {path}: {error}") from None
+    if not rows:
+        raise DatasetError(f"{path} is empty: the first line must name the columns")
+    header = [name.strip() for name in rows[0]]
+    path_column = header.index("path") if "path" in header else 0
+    label_columns = [i for i in range(len(header)) if i != path_column]
+    if not label_columns:
+        raise DatasetError(
+            f"{path} has only the column {header[path_column]!r}: add a label column "
+            "(single-label) or one 0/1 column per finding (multi-label)"
+        )
+    if task == "single" and len(label_columns) > 1:
+        names = ", ".join(header[i] for i in label_columns)
+        raise DatasetError(
+            f"{path} has {len(label_columns)} label columns ({names}) but --task single takes "
+            "one; use --task multilabel (or auto), or keep one label column"
+        )
+    multilabel = task == "multilabel" or len(label_columns) > 1
+    rows = rows[1:]
+    if not rows:
+        raise DatasetError(f"{path} lists no images, only the header")
+    values = []
+    for line, row in enumerate(rows, start=2):
+        if len(row) != len(header):
+            raise DatasetError(
+                f"{path} line {line} has {len(row)} fields, the header {len(header)}: give every "
+                "row a value in every column"
+            )
+        image = data_dir / row[path_column].strip()
+        if not row[path_column].strip() or not image.is_file():
+            raise DatasetError(
+                f"{path} line {line}: image {image} does not exist; fix its path (relative to "
+                f"{data_dir}) or remove the row"
+            )
+        labels = [row[i].strip() for i in label_columns]
+        if multilabel:
+            for column, value in zip(label_columns, labels, strict=True):
+                if value not in ("0", "1"):
+                    raise DatasetError(
+                        f"{path} line {line}: column {header[column]!r} is {value!r}, but "
+                        "multi-label columns hold 0 or 1; fix the value"
+                    )
+        values.append((str(image), labels))
+    if multilabel:
+        names = [header[i] for i in label_columns]
+        samples = [(image, tuple(float(v) for v in labels)) for image, labels in values]
+        return FolderData(samples, names, data_dir, multilabel=True)  # type: ignore[arg-type]
+    names = class_names or sorted({labels[0] for _, labels in values})
+    index = {name: i for i, name in enumerate(names)}
+    for line, (_, labels) in enumerate(values, start=2):
+        if labels[0] not in index:
+            raise DatasetError(
+                f"{path} line {line}: class {labels[0]!r} is not one of the training classes "
+                f"({', '.join(names[:10])}); fix the label or remove the row"
+            )
+    return FolderData([(image, index[labels[0]]) for image, labels in values], names, data_dir)

@@ -26,7 +26,7 @@ from densenet.models.presets import Preprocessing
 @dataclass
 class Batch:
     images: Tensor  # uint8 (N, C, H, W), on the device
-    labels: Tensor  # int64 (N,), on the device
+    labels: Tensor  # int64 (N,), or float (N, classes) of 0/1 for multi-label data; on the device
     skipped: int = 0  # unreadable images left out of this batch
 
 
@@ -160,7 +160,7 @@ class ImageFiles(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, item: tuple[int, int]) -> tuple[Tensor, int] | None:
+    def __getitem__(self, item: tuple[int, int]) -> tuple[Tensor, int | tuple[float, ...]] | None:
         index, seed = item
         path, label = self.samples[index]
         # torchvision's random transforms draw from the global RNG of the worker process.
@@ -171,7 +171,9 @@ class ImageFiles(torch.utils.data.Dataset):
             return None
 
 
-def _collate(items: list[tuple[Tensor, int] | None]) -> tuple[Tensor, Tensor, int]:
+def _collate(
+    items: list[tuple[Tensor, int | tuple[float, ...]] | None],
+) -> tuple[Tensor, Tensor, int]:
     good = [item for item in items if item is not None]
     skipped = len(items) - len(good)
     if not good:

@@ -31,9 +31,10 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-Dataset = Literal["digits", "cifar10", "cifar100", "svhn", "imagefolder"]
+Dataset = Literal["digits", "cifar10", "cifar100", "svhn", "imagefolder", "csv"]
 DATASETS: tuple[Dataset, ...] = typing.get_args(Dataset)
 Augmentation = Literal["none", "crop", "crop_flip", "random_resized_crop_flip"]
+Task = Literal["auto", "single", "multilabel"]
 # The recipe a dataset gets when none is named.
 RECIPES = resources.files("densenet.training") / "recipes"
 DEFAULT_RECIPES: dict[Dataset, str] = {
@@ -42,6 +43,7 @@ DEFAULT_RECIPES: dict[Dataset, str] = {
     "cifar100": "cifar100",
     "svhn": "svhn",
     "imagefolder": "imagenet",
+    "csv": "imagenet",
 }
 # Settings that may change when a run is resumed: they don't change what is computed.
 RESUMABLE_CHANGES = frozenset({"data_dir", "download", "workers", "checkpoint_every"})
@@ -61,6 +63,22 @@ class TrainConfig:
     )
     data_dir: str = _setting(
         "data", help="where the dataset lives (ImageFolder: DIR/train/CLASS/*, DIR/val/CLASS/*)"
+    )
+    train_csv: str = _setting(
+        "",
+        help="csv dataset: the training images' CSV (a path column, relative to data_dir, and "
+        "one class column or one 0/1 column per finding)",
+    )
+    test_csv: str = _setting("", help="csv dataset: the test images' CSV, same columns")
+    task: Task = _setting(
+        "auto",
+        help="single (softmax, one class per image) or multilabel (a sigmoid per class, "
+        "binary cross-entropy, AUROC); auto: multilabel for CSVs with several label columns",
+    )
+    pos_weight: Literal["auto", "none"] = _setting(
+        "none",
+        help="multilabel: weigh each class's positives by its negatives/positives in the training "
+        "split (auto), or not (none)",
     )
     download: bool = _setting(
         False, help="fetch the dataset with torchvision's downloaders if it is missing"
@@ -173,6 +191,18 @@ class TrainConfig:
             if not within(value):
                 shown = list(value) if isinstance(value, tuple) else value
                 raise ConfigError(f"{name} must be {domain}, got {brief(shown)}")
+        csv_data = self.dataset == "csv"
+        if csv_data != bool(self.train_csv and self.test_csv) and (
+            csv_data or self.train_csv or self.test_csv
+        ):
+            raise ConfigError(
+                "--train-csv and --test-csv go together with --dataset csv: give all three"
+            )
+        if self.task == "multilabel" and not csv_data:
+            raise ConfigError(
+                f"--task multilabel needs labels per finding: use --dataset csv (not "
+                f"{self.dataset})"
+            )
         if self.nesterov and self.momentum == 0:
             raise ConfigError("nesterov needs momentum > 0: set --momentum or add --no-nesterov")
         if self.freeze_backbone and not self.finetune:

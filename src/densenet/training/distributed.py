@@ -113,6 +113,25 @@ def all_reduce_sum(tensor: Tensor) -> Tensor:
     return tensor
 
 
+def all_gather_rows(tensor: Tensor) -> Tensor:
+    """Every process's rows of ``tensor`` (N_rank, ...) stacked in rank order; unchanged without
+    a process group. Ranks may hold different numbers of rows (the last evaluation batch splits
+    unevenly, unreadable images are left out): all_gather needs equal shapes, so each pads to the
+    largest count and the padding is cut off again."""
+    if not dist.is_initialized():
+        return tensor
+    world = dist.get_world_size()
+    count = torch.tensor([len(tensor)], device=tensor.device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    most = int(max(counts))
+    padded = tensor.new_zeros((most, *tensor.shape[1:]))
+    padded[: len(tensor)] = tensor
+    parts = [torch.zeros_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[: int(n)] for part, n in zip(parts, counts, strict=True)])
+
+
 def all_ranks_agree(ok: bool, device: torch.device) -> bool:
     """True when ``ok`` holds on every process; a no-op without a process group."""
     if not dist.is_initialized():

@@ -1,16 +1,19 @@
-"""Accuracy of a model on a labelled set: loss, top-1, top-5, per-class accuracy, confusion."""
+"""Accuracy of a model on a labelled set: loss, top-1, top-5, per-class accuracy, confusion; for
+multi-label data, AUROC, average precision and F1 per class."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from densenet.data.loaders import FolderBatches, Normalize, TensorBatches
 from densenet.hardware import autocast, to_memory_format
-from densenet.training.distributed import all_reduce_sum
+from densenet.training.distributed import all_gather_rows, all_reduce_sum
 
 
 @dataclass
@@ -79,5 +82,124 @@ def evaluate(
         top1=100 * float(confusion.diag().sum()) / count,
         top5=100 * float(top5) / count,
         confusion=confusion,
+        skipped=skipped,
+    )
+
+
+@dataclass
+class MultiLabelResult:
+    """A multi-label evaluation: every image's sigmoid scores and 0/1 labels (N, classes), over
+    all processes, and the metrics computed from them with scikit-learn.
+
+    A class whose images are all positive or all negative in the split has no ROC curve: its
+    AUROC and average precision are NaN, and the means are over the other classes.
+    """
+
+    loss: float  # binary cross-entropy per image and class
+    scores: np.ndarray
+    labels: np.ndarray
+    skipped: int = 0
+
+    @property
+    def count(self) -> int:
+        return len(self.labels)
+
+    def _ranked(self) -> list[int]:
+        """The classes with both positive and negative images."""
+        positives = self.labels.sum(0)
+        return [c for c in range(self.labels.shape[1]) if 0 < positives[c] < self.count]
+
+    @cached_property
+    def per_class_auroc(self) -> np.ndarray:
+        from sklearn.metrics import roc_auc_score
+
+        auroc = np.full(self.labels.shape[1], np.nan)
+        for c in self._ranked():
+            auroc[c] = roc_auc_score(self.labels[:, c], self.scores[:, c])
+        return auroc
+
+    @cached_property
+    def per_class_ap(self) -> np.ndarray:
+        from sklearn.metrics import average_precision_score
+
+        ap = np.full(self.labels.shape[1], np.nan)
+        for c in self._ranked():
+            ap[c] = average_precision_score(self.labels[:, c], self.scores[:, c])
+        return ap
+
+    @cached_property
+    def per_class_f1(self) -> np.ndarray:
+        """F1 of each class with the decision threshold at 0.5 (0 where nothing is positive)."""
+        from sklearn.metrics import f1_score
+
+        predicted = (self.scores >= 0.5).astype(int)
+        return f1_score(self.labels, predicted, average=None, zero_division=0.0)
+
+    @property
+    def mean_auroc(self) -> float:
+        return _mean(self.per_class_auroc)
+
+    @property
+    def mean_ap(self) -> float:
+        return _mean(self.per_class_ap)
+
+    @property
+    def mean_f1(self) -> float:
+        return float(self.per_class_f1.mean())
+
+    def roc_curves(self, class_names: list[str]) -> list[tuple[str, np.ndarray, np.ndarray, float]]:
+        """(name, false positive rates, true positive rates, AUROC) of each class that has one."""
+        from sklearn.metrics import roc_curve
+
+        curves = []
+        for c in self._ranked():
+            fpr, tpr, _ = roc_curve(self.labels[:, c], self.scores[:, c])
+            curves.append((class_names[c], fpr, tpr, float(self.per_class_auroc[c])))
+        return curves
+
+
+def _mean(values: np.ndarray) -> float:
+    defined = values[~np.isnan(values)]
+    return float(defined.mean()) if len(defined) else float("nan")
+
+
+@torch.no_grad()
+def evaluate_multilabel(
+    model: nn.Module,
+    batches: TensorBatches | FolderBatches,
+    normalize: Normalize,
+    *,
+    precision: str,
+    memory_format: str,
+    num_classes: int,
+) -> MultiLabelResult:
+    """Scores every image; under torchrun AUROC ranks all images together, so each process's
+    scores are gathered rather than its AUROC averaged (a mean of AUROCs is not the AUROC)."""
+    was_training = model.training
+    model.eval()
+    device = normalize.mean.device
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    scores, labels = [], []
+    skipped = 0
+    for batch in batches.epoch(0):
+        skipped += batch.skipped
+        if len(batch.labels) == 0:
+            continue
+        with autocast(device, precision):
+            logits = model(to_memory_format(normalize(batch.images), memory_format)).float()
+        loss_sum += F.binary_cross_entropy_with_logits(logits, batch.labels, reduction="sum")
+        scores.append(logits.sigmoid())
+        labels.append(batch.labels)
+    model.train(was_training)
+    empty = torch.zeros((0, num_classes), device=device)
+    all_scores = all_gather_rows(torch.cat(scores) if scores else empty)
+    all_labels = all_gather_rows(torch.cat(labels) if labels else empty)
+    all_reduce_sum(loss_sum)
+    skipped = int(all_reduce_sum(torch.tensor(skipped, device=device)))
+    values = max(all_labels.numel(), 1)
+    return MultiLabelResult(
+        loss=float(loss_sum) / values,
+        scores=all_scores.double().cpu().numpy(),
+        labels=all_labels.cpu().numpy().astype(int),
         skipped=skipped,
     )

@@ -44,8 +44,14 @@ from densenet.training.distributed import (
     stop_together,
     stopped_with_others,
 )
-from densenet.training.evaluate import EvalResult, evaluate, topk_correct
-from densenet.training.metrics import DeviceTally, EpochRow, Tally
+from densenet.training.evaluate import (
+    EvalResult,
+    MultiLabelResult,
+    evaluate,
+    evaluate_multilabel,
+    topk_correct,
+)
+from densenet.training.metrics import DeviceTally, EpochRow, MultiLabelRow, Row, Tally
 from densenet.training.preemption import StopRequests
 from densenet.training.rundir import RunDirectory
 from densenet.training.setup import (
@@ -66,7 +72,7 @@ _Error = TypeVar("_Error", bound=DenseNetError)
 
 def train(
     config: TrainConfig, run: RunDirectory, *, resume: bool = False, progress: bool = True
-) -> EpochRow:
+) -> Row:
     """Train per ``config`` into ``run``; returns the last epoch's metrics."""
     previous_determinism = torch.are_deterministic_algorithms_enabled()
     previous_benchmark = torch.backends.cudnn.benchmark
@@ -84,7 +90,7 @@ def train(
 
 def _train(
     config: TrainConfig, run: RunDirectory, resume: bool, progress: bool, stops: StopRequests
-) -> EpochRow:
+) -> Row:
     # Under torchrun every process runs this function; the process group is already up (see
     # distributed.distributed_session) and only the main process writes or prints.
     context = current_context()
@@ -145,7 +151,7 @@ def _train(
                 state.tally, bad_step = sums.read()
                 if bad_step is not None:
                     raise _loss_diverged(run, config, state, bad_step, steps, context)
-                bar.set_postfix(_postfix(state), refresh=False)
+                bar.set_postfix(_postfix(state, data.multilabel), refresh=False)
             if save_now or stop:
                 save()
             if stop:
@@ -165,7 +171,7 @@ def _train(
             raise _once(context, _nothing_read(run, data.train, config, state.epoch, skipped))
 
         broadcast_buffers(learner.model)  # evaluate the weights process 0 saves, on every process
-        test = evaluate(
+        test = (evaluate_multilabel if data.multilabel else evaluate)(
             learner.model,
             test_batches,
             normalize,
@@ -180,8 +186,8 @@ def _train(
         if not math.isfinite(test.loss):
             what = f"the test loss is {test.loss} after epoch {state.epoch + 1}"
             raise _once(context, _diverged(run, config, what))
-        row = _epoch_row(state, test, learner.schedule.get_last_lr()[-1])
-        if row.test_top1 > state.best_top1:
+        row = _epoch_row(state, test, learner.schedule.get_last_lr()[-1], data.class_names)
+        if row.score > state.best_score:
             run.write_weights(learner.model, run.BEST, {**meta, **_weights_tag(row)})
         state.next_epoch(row)
         learner.schedule.step()
@@ -193,10 +199,11 @@ def _train(
     last = state.history[-1]
     run.write_weights(learner.model, run.FINAL, {**meta, **_weights_tag(last)})
     run.write_metrics(state.history)
-    say(
-        f"done: test top-1 {last.test_top1:.2f}% (best {state.best_top1:.2f}%), weights in "
-        f"{run / run.FINAL}"
-    )
+    if isinstance(last, MultiLabelRow):
+        result = f"test mean AUROC {last.score:.4f} (best {state.best_score:.4f})"
+    else:
+        result = f"test top-1 {last.score:.2f}% (best {state.best_score:.2f}%)"
+    say(f"done: {result}, weights in {run / run.FINAL}")
     return last
 
 
@@ -227,11 +234,16 @@ def train_step(
     learner.scaler.step(learner.optimizer)
     learner.scaler.update()
     # Built from device values only: a host-made tensor would be a copy that waits for the device.
+    if batch.labels.ndim == 1:
+        top1 = (logits.argmax(1) == batch.labels).sum().double()
+        top5 = topk_correct(logits, batch.labels, 5).sum().double()
+    else:  # multi-label: there is no top-1; its ranking metrics need the whole test set
+        top1 = top5 = torch.zeros((), dtype=torch.float64, device=device)
     counts = torch.stack(
         [
             loss.detach().double() * n,
-            (logits.argmax(1) == batch.labels).sum().double(),
-            topk_correct(logits, batch.labels, 5).sum().double(),
+            top1,
+            top5,
             torch.full((), n, dtype=torch.float64, device=device),
             torch.full((), batch.skipped, dtype=torch.float64, device=device),
         ]
@@ -241,8 +253,28 @@ def train_step(
     return all_reduce_sum(counts)
 
 
-def _epoch_row(state: TrainState, result: EvalResult, lr: float) -> EpochRow:
+def _epoch_row(
+    state: TrainState, result: EvalResult | MultiLabelResult, lr: float, class_names: list[str]
+) -> Row:
     seen, seconds = max(state.tally.images, 1), state.data_seconds + state.compute_seconds
+    if isinstance(result, MultiLabelResult):
+        return MultiLabelRow(
+            epoch=state.epoch + 1,
+            train_loss=round(state.tally.loss_sum / seen, 6),
+            test_loss=round(result.loss, 6),
+            test_mean_auroc=round(result.mean_auroc, 6),
+            test_mean_ap=round(result.mean_ap, 6),
+            test_mean_f1=round(result.mean_f1, 6),
+            lr=float(f"{lr:.12g}"),
+            img_per_s=round(state.tally.images / max(seconds, 1e-9), 1),
+            seconds=round(seconds, 3),
+            data_share=round(state.data_seconds / max(seconds, 1e-9), 4),
+            skipped_images=int(state.tally.skipped + result.skipped),
+            test_auroc={
+                name: round(float(auroc), 6)
+                for name, auroc in zip(class_names, result.per_class_auroc, strict=True)
+            },
+        )
     return EpochRow(
         epoch=state.epoch + 1,
         train_loss=round(state.tally.loss_sum / seen, 6),
@@ -277,15 +309,18 @@ def _periodic_save_due(config: TrainConfig, state: TrainState, steps: int) -> bo
     return bool(every) and state.step < steps and (state.epoch * steps + state.step) % every == 0
 
 
-def _weights_tag(row: EpochRow) -> dict[str, object]:
+def _weights_tag(row: Row) -> dict[str, object]:
+    if isinstance(row, MultiLabelRow):
+        return {"epoch": row.epoch, "test_mean_auroc": row.test_mean_auroc}
     return {"epoch": row.epoch, "test_top1": row.test_top1}
 
 
-def _postfix(state: TrainState) -> dict[str, str]:
+def _postfix(state: TrainState, multilabel: bool) -> dict[str, str]:
     seen, seconds = max(state.tally.images, 1), state.data_seconds + state.compute_seconds
+    accuracy = {} if multilabel else {"acc": f"{100 * state.tally.top1 / seen:.1f}%"}
     return {
         "loss": f"{state.tally.loss_sum / seen:.3f}",
-        "acc": f"{100 * state.tally.top1 / seen:.1f}%",
+        **accuracy,
         "img_s": f"{state.tally.images / max(seconds, 1e-9):.0f}",
     }
 

@@ -69,6 +69,14 @@ class EpochRow:
     def columns(cls) -> tuple[str, ...]:
         return tuple(field.name for field in dataclasses.fields(cls))
 
+    @property
+    def score(self) -> float:
+        """What picks the best epoch's weights."""
+        return self.test_top1
+
+    def csv_row(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
     def line(self, epochs: int) -> str:
         """The line printed at the end of the epoch."""
         skipped = (
@@ -82,3 +90,50 @@ class EpochRow:
             f"(waiting for data {100 * self.data_share:.0f}%, compute "
             f"{100 * (1 - self.data_share):.0f}%){skipped}"
         )
+
+
+@dataclass(frozen=True)
+class MultiLabelRow:
+    """One line of a multi-label run's metrics.csv: top-1 means nothing when an image has several
+    findings, so the test columns are ranking metrics, then one AUROC column per finding."""
+
+    epoch: int
+    train_loss: float
+    test_loss: float
+    test_mean_auroc: float
+    test_mean_ap: float
+    test_mean_f1: float
+    lr: float
+    img_per_s: float
+    seconds: float
+    data_share: float
+    skipped_images: int
+    test_auroc: dict[str, float]  # per finding; NaN where the test split has one label value only
+
+    @property
+    def score(self) -> float:
+        return self.test_mean_auroc
+
+    def csv_row(self) -> dict[str, object]:
+        row = dataclasses.asdict(self)
+        per_class = row.pop("test_auroc")
+        return {**row, **{f"auroc_{name}": value for name, value in per_class.items()}}
+
+    def line(self, epochs: int) -> str:
+        skipped = (
+            f", {self.skipped_images} unreadable images skipped" if self.skipped_images else ""
+        )
+        return (
+            f"epoch {self.epoch}/{epochs}: train loss {self.train_loss:.4f} | test loss "
+            f"{self.test_loss:.4f} mean AUROC {self.test_mean_auroc:.4f} mAP "
+            f"{self.test_mean_ap:.4f} mean F1 {self.test_mean_f1:.4f} | lr {self.lr:g} | "
+            f"{self.img_per_s:.0f} img/s, {self.seconds:.1f}s{skipped}"
+        )
+
+
+Row = EpochRow | MultiLabelRow
+
+
+def row_from_dict(data: dict[str, object]) -> Row:
+    """A history row saved with ``dataclasses.asdict``, as the class it was."""
+    return MultiLabelRow(**data) if "test_mean_auroc" in data else EpochRow(**data)  # type: ignore[arg-type]

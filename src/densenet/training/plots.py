@@ -9,21 +9,30 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from densenet.files import atomic_write
-from densenet.training.metrics import EpochRow
+from densenet.training.metrics import EpochRow, Row
 
 
-def plot_curves(history: list[EpochRow], path: Path) -> None:
-    """Loss and top-1 accuracy per epoch, train and test."""
+def plot_curves(history: list[Row], path: Path) -> None:
+    """Loss and top-1 accuracy per epoch, train and test; multi-label runs: test mean AUROC."""
     epochs = [row.epoch for row in history]
     figure = Figure(figsize=(10, 4), layout="constrained")
     loss_axes, acc_axes = figure.subplots(1, 2)
+    single = isinstance(history[0], EpochRow)
     for split in ("train", "test"):
         losses = [getattr(row, f"{split}_loss") for row in history]
-        accuracies = [getattr(row, f"{split}_top1") for row in history]
         loss_axes.plot(epochs, losses, marker=".", label=split)
-        acc_axes.plot(epochs, accuracies, marker=".", label=split)
-    loss_axes.set(xlabel="epoch", ylabel="cross-entropy loss", title="loss")
-    acc_axes.set(xlabel="epoch", ylabel="top-1 accuracy (%)", title="accuracy")
+        if single:
+            accuracies = [getattr(row, f"{split}_top1") for row in history]
+            acc_axes.plot(epochs, accuracies, marker=".", label=split)
+    if not single:
+        acc_axes.plot(epochs, [row.score for row in history], marker=".", label="test")
+    loss_axes.set(
+        xlabel="epoch", ylabel="cross-entropy loss" if single else "BCE loss", title="loss"
+    )
+    if single:
+        acc_axes.set(xlabel="epoch", ylabel="top-1 accuracy (%)", title="accuracy")
+    else:
+        acc_axes.set(xlabel="epoch", ylabel="mean AUROC", title="ranking")
     for axes in (loss_axes, acc_axes):
         axes.grid(alpha=0.3)
         axes.legend()
@@ -53,4 +62,20 @@ def plot_confusion(confusion: np.ndarray, class_names: list[str], path: Path, ti
                             j, i, int(confusion[i, j]), ha="center", va="center", color=colour
                         )
     axes.set(xlabel="predicted", ylabel="true", title=title)
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
+
+
+def plot_roc(
+    curves: list[tuple[str, np.ndarray, np.ndarray, float]], path: Path, title: str
+) -> None:
+    """One ROC curve per class: (name, false positive rates, true positive rates, AUROC)."""
+    figure = Figure(figsize=(7, 6), layout="constrained")
+    axes = figure.subplots()
+    for name, fpr, tpr, auroc in curves:
+        axes.plot(fpr, tpr, label=f"{name} ({auroc:.3f})")
+    axes.plot([0, 1], [0, 1], color="grey", linestyle=":", label="chance")
+    axes.set(xlabel="false positive rate", ylabel="true positive rate", title=title)
+    axes.set_aspect("equal")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="small", loc="lower right")
     atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import dataclasses
 import fcntl
 import io
 import itertools
@@ -22,12 +21,10 @@ from densenet.errors import CheckpointError, ConfigError
 from densenet.files import atomic_write, remove_leftovers
 from densenet.training.config import TrainConfig, load_config, save_config
 from densenet.training.distributed import current_context
-from densenet.training.metrics import EpochRow
+from densenet.training.metrics import Row
 from densenet.training.plots import plot_curves
 from densenet.training.state import SavedRun, TrainState, load_state, save_state
 from densenet.weights.io import save_weights
-
-METRICS = EpochRow.columns()
 
 
 class RunDirectory:
@@ -184,13 +181,14 @@ class RunDirectory:
         if self.writes:
             save_weights(model, self / name, meta=meta)
 
-    def write_metrics(self, history: list[EpochRow]) -> None:
+    def write_metrics(self, history: list[Row]) -> None:
         """Rewrite metrics.csv and curves.png from the whole history (kept in the state)."""
         if not self.writes:
             return
         text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=METRICS, lineterminator="\n")
+        rows = [row.csv_row() for row in history]
+        writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
         writer.writeheader()
-        writer.writerows(dataclasses.asdict(row) for row in history)
+        writer.writerows(rows)
         atomic_write(self / self.METRICS, lambda tmp: tmp.write_text(text.getvalue()))
         plot_curves(history, self / self.CURVES)

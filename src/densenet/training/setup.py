@@ -8,7 +8,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from densenet.data.datasets import Data, TensorData, channel_stats, download, load_split
+from densenet.data.datasets import (
+    Data,
+    FolderData,
+    TensorData,
+    channel_stats,
+    download,
+    load_split,
+)
 from densenet.data.loaders import FolderBatches, Shard, TensorBatches, make_batches
 from densenet.errors import CheckpointError, ConfigError, DatasetError
 from densenet.hardware import resolve_device, resolve_precision_and_format
@@ -30,20 +37,57 @@ class DataSetup:
     test: Data
     class_names: list[str]
     in_channels: int
+    multilabel: bool = False
 
 
 def load_data(config: TrainConfig) -> DataSetup:
     if config.download:
         download(config.dataset, config.data_dir, svhn_extra=config.svhn_extra)
-    train = load_split(config.dataset, config.data_dir, "train", svhn_extra=config.svhn_extra)
-    test = load_split(config.dataset, config.data_dir, "test")
+    train = load_split(
+        config.dataset,
+        config.data_dir,
+        "train",
+        svhn_extra=config.svhn_extra,
+        csv_file=config.train_csv,
+        task=config.task,
+    )
+    multilabel = isinstance(train, FolderData) and train.multilabel
+    if config.task == "single" and multilabel:
+        raise ConfigError(f"{config.train_csv} is multi-label: use --task multilabel or auto")
+    # The test split is read as the training split was: same task, same single-label classes.
+    test = load_split(
+        config.dataset,
+        config.data_dir,
+        "test",
+        csv_file=config.test_csv,
+        task="multilabel" if multilabel else "single",
+        class_names=train.class_names,
+    )
     if train.class_names != test.class_names:
         raise DatasetError(
             f"the train and test splits of {config.data_dir} have different classes "
             f"({len(train.class_names)} vs {len(test.class_names)}); they must match"
         )
     in_channels = train.images.shape[1] if isinstance(train, TensorData) else 3
-    return DataSetup(train, test, train.class_names, in_channels)
+    setup = DataSetup(train, test, train.class_names, in_channels, multilabel)
+    if multilabel and config.pos_weight == "auto":
+        positive_weights(setup)  # refuses a class without positives before any run is written
+    return setup
+
+
+def positive_weights(data: DataSetup) -> torch.Tensor:
+    """Per class, the training split's negatives over its positives: each class's positives then
+    weigh as much in the loss as its negatives, so rare findings are not ignored."""
+    assert isinstance(data.train, FolderData)
+    labels = torch.tensor([label for _, label in data.train.samples], dtype=torch.float64)
+    positives = labels.sum(0)
+    for name, count in zip(data.class_names, positives.tolist(), strict=True):
+        if count == 0:
+            raise DatasetError(
+                f"class {name!r} has no positive image in the training split, so it has no "
+                "positive weight: add positive examples, drop the column, or use --pos-weight none"
+            )
+    return ((len(labels) - positives) / positives).float()
 
 
 def resolve_config(config: TrainConfig, data: DataSetup) -> TrainConfig:
@@ -116,6 +160,7 @@ def weights_meta(config: TrainConfig, data: DataSetup, **extra: object) -> dict[
         "class_names": data.class_names,
         "preprocessing": preprocessing_of(config).to_dict(),
         "in_channels": data.in_channels,
+        "task": "multilabel" if data.multilabel else "single",
         **extra,
     }
 
@@ -174,7 +219,15 @@ def build_learner(
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda e: config.lr_at(e) / config.lr, last_epoch=epoch - 1
     )
-    return Learner(model, nn.CrossEntropyLoss(), optimizer, schedule, scaler)
+    return Learner(model, criterion_of(config, data, device), optimizer, schedule, scaler)
+
+
+def criterion_of(config: TrainConfig, data: DataSetup, device: torch.device) -> nn.Module:
+    """The training loss: a sigmoid per finding for multi-label data, else softmax over classes."""
+    if not data.multilabel:
+        return nn.CrossEntropyLoss()
+    weights = positive_weights(data).to(device) if config.pos_weight == "auto" else None
+    return nn.BCEWithLogitsLoss(pos_weight=weights)
 
 
 def _check_same_training(config: TrainConfig, saved: dict[str, object], source: str) -> None:

@@ -14,7 +14,7 @@ import torch
 
 from densenet.errors import CheckpointError, first_line
 from densenet.files import atomic_write
-from densenet.training.metrics import EpochRow, Tally
+from densenet.training.metrics import Row, Tally, row_from_dict
 
 FORMAT_TAG = "densenet-train/2"
 # The state dicts of what learns, saved beside the run's position.
@@ -30,12 +30,12 @@ class TrainState:
     tally: Tally = field(default_factory=Tally)
     data_seconds: float = 0.0  # this epoch's time waiting for batches
     compute_seconds: float = 0.0  # and everything else
-    history: list[EpochRow] = field(default_factory=list)
-    best_top1: float = -1.0
+    history: list[Row] = field(default_factory=list)
+    best_score: float = -1.0  # test top-1, or mean AUROC for multi-label runs
 
-    def next_epoch(self, row: EpochRow) -> None:
+    def next_epoch(self, row: Row) -> None:
         self.history.append(row)
-        self.best_top1 = max(self.best_top1, row.test_top1)
+        self.best_score = max(self.best_score, row.score)
         self.epoch, self.step, self.tally = self.epoch + 1, 0, Tally()
         self.data_seconds = self.compute_seconds = 0.0
 
@@ -68,7 +68,8 @@ def save_state(
         "data_seconds": state.data_seconds,
         "compute_seconds": state.compute_seconds,
         "history": [dataclasses.asdict(row) for row in state.history],
-        "best_top1": state.best_top1,
+        # Named before multi-label runs, whose score is their mean AUROC.
+        "best_top1": state.best_score,
     }
     atomic_write(path, lambda tmp: _save(data, tmp))
 
@@ -112,8 +113,8 @@ def load_state(path: Path) -> SavedRun:
             tally=Tally(**typed("tally", dict)),
             data_seconds=typed("data_seconds", float),
             compute_seconds=typed("compute_seconds", float),
-            history=[EpochRow(**row) for row in typed("history", list)],
-            best_top1=typed("best_top1", float),
+            history=[row_from_dict(row) for row in typed("history", list)],
+            best_score=typed("best_top1", float),
         )
     except TypeError as error:  # a history row or tally with missing or unknown fields
         reason = first_line(error)
