@@ -1,13 +1,17 @@
 """Multi-label training from CSV files (CheXNet-style: several findings per image, AUROC)."""
 
 import csv
+import json
 
 import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from densenet.cli import main
+from densenet.deploy.predict import Predictor
 from densenet.training.evaluate import MultiLabelResult
+from densenet.training.metrics import EpochRow
+from densenet.weights.registry import load_for_inference
 from fake_data import SHAPES, write_shapes_csv
 
 # A model and recipe that learn the shapes set to mean AUROC >= 0.95 in about ten seconds of
@@ -113,3 +117,68 @@ def test_csv_settings_come_together_and_multilabel_needs_a_csv(shapes, tmp_path,
     assert "--train-csv and --test-csv" in capsys.readouterr().err
     assert main(["train", "--task", "multilabel", "--out", run]) == 2
     assert "--dataset csv" in capsys.readouterr().err
+
+
+def test_predict_gives_each_finding_its_sigmoid_and_the_run_auroc_is_scikit_learns(trained, shapes):
+    loaded = load_for_inference(trained / "final.safetensors")
+    assert loaded.multilabel and loaded.class_names == list(SHAPES)
+    predictor = Predictor(loaded.model, loaded.preprocessing, loaded.class_names, multilabel=True)
+    with open(shapes / "test.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    predictions = predictor.predict([shapes / row["path"] for row in rows], batch_size=64)
+    scores = np.array([[p for _, p in prediction.top] for prediction in predictions])
+    labels = np.array([[int(row[kind]) for kind in SHAPES] for row in rows])
+    assert [name for name, _ in predictions[0].top] == list(SHAPES)  # all findings, in order
+    assert not np.allclose(scores.sum(1), 1)  # sigmoids, not a softmax over findings
+    last = read_metrics(trained)[-1]
+    for c, kind in enumerate(SHAPES):
+        assert float(last[f"auroc_{kind}"]) == pytest.approx(
+            roc_auc_score(labels[:, c], scores[:, c]), abs=2e-6
+        )
+
+
+def test_eval_of_a_multilabel_model_reports_auroc_per_finding_and_plots_roc(
+    trained, shapes, tmp_path, capsys
+):
+    argv = [
+        "eval", "--weights", str(trained / "final.safetensors"), "--dataset", "csv",
+        "--data-dir", str(shapes), "--csv", "test.csv", "--precision", "fp32", "--workers", "0",
+        "--out", str(tmp_path),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "mean AUROC" in printed and all(kind in printed for kind in SHAPES)
+    metrics = json.loads((tmp_path / "metrics-csv-test.json").read_text())
+    last = read_metrics(trained)[-1]
+    assert metrics["mean_auroc"] == pytest.approx(float(last["test_mean_auroc"]), abs=2e-6)
+    assert (tmp_path / "roc-csv-test.png").stat().st_size > 0
+    assert (tmp_path / "per_class-csv-test.csv").read_text().startswith("class,auroc,")
+
+
+def test_a_single_label_csv_trains_with_todays_columns_and_skips_unreadable_images(
+    shapes, tmp_path, capsys
+):
+    (shapes / "broken.png").write_text("not an image")
+    lines = ["file,label"] + [f"images/train{i}.png,{'ab'[i % 2]}" for i in range(16)]
+    write_csv(shapes, "single_train.csv", "\n".join(lines) + "\n")
+    # In the test split: evaluation reads every image, so the count is exact.
+    write_csv(shapes, "single_test.csv", "\n".join([*lines[:9], "broken.png,a"]) + "\n")
+    run = tmp_path / "run"
+    argv = csv_args(shapes, "--epochs", "1", "--batch-size", "8", "--out", str(run))
+    argv[argv.index("train.csv")] = "single_train.csv"
+    argv[argv.index("test.csv")] = "single_test.csv"
+    assert main(argv) == 0
+    rows = read_metrics(run)
+    assert list(rows[0]) == list(EpochRow.columns())
+    assert rows[0]["skipped_images"] == "1"
+    assert load_for_inference(run / "final.safetensors").class_names == ["a", "b"]
+
+
+def test_a_test_csv_with_a_class_training_never_saw_names_its_row(shapes, tmp_path, capsys):
+    write_csv(shapes, "single_train.csv", "path,label\nimages/train0.png,a\n")
+    write_csv(shapes, "single_test.csv", "path,label\nimages/test0.png,a\nimages/test1.png,z\n")
+    argv = csv_args(shapes, "--out", str(tmp_path / "run"))
+    argv[argv.index("train.csv")] = "single_train.csv"
+    argv[argv.index("test.csv")] = "single_test.csv"
+    assert main(argv) == 2
+    assert "single_test.csv line 3: class 'z'" in capsys.readouterr().err

@@ -1,4 +1,5 @@
-"""``densenet eval``: a weights file's accuracy on a dataset, per class, with a confusion matrix.
+"""``densenet eval``: a weights file's accuracy on a dataset, per class, with a confusion matrix;
+for a multi-label model, AUROC, average precision and F1 per class, with their ROC curves.
 
 Started by ``torchrun``, the processes share the work: each evaluates its slice of every batch.
 """
@@ -24,8 +25,13 @@ from densenet.models.densenet import DenseNet
 from densenet.models.presets import Preprocessing
 from densenet.training.config import DATASETS
 from densenet.training.distributed import distributed_session, rank_device, stop_together
-from densenet.training.evaluate import EvalResult, evaluate
-from densenet.training.plots import plot_confusion
+from densenet.training.evaluate import (
+    EvalResult,
+    MultiLabelResult,
+    evaluate,
+    evaluate_multilabel,
+)
+from densenet.training.plots import plot_confusion, plot_roc
 from densenet.training.rundir import RunDirectory
 from densenet.weights.registry import load_for_inference
 
@@ -40,6 +46,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--dataset", default="digits", choices=DATASETS)
     parser.add_argument("--data-dir", default="data")
+    parser.add_argument(
+        "--csv", default="", help="--dataset csv: the CSV listing the split's images and labels"
+    )
     parser.add_argument("--split", default="test", choices=("test", "train"))
     parser.add_argument(
         "--batch-size",
@@ -61,8 +70,16 @@ def _load_data(
     model: DenseNet,
     preprocessing: Preprocessing,
     class_names: list[str] | None,
+    multilabel: bool,
 ) -> Data:
-    data = load_split(args.dataset, args.data_dir, args.split)
+    data = load_split(
+        args.dataset,
+        args.data_dir,
+        args.split,
+        csv_file=args.csv,
+        task="multilabel" if multilabel else "single",
+        class_names=class_names,
+    )
     num_classes = model.config.num_classes
     if len(data.class_names) != num_classes:
         raise DatasetError(
@@ -94,7 +111,8 @@ def run(args: argparse.Namespace) -> int:
         with stop_together(device):
             loaded = load_for_inference(args.weights, args.model)
             model, preprocessing = loaded.model, loaded.preprocessing
-            data = _load_data(args, model, preprocessing, loaded.class_names)
+            multilabel = loaded.multilabel
+            data = _load_data(args, model, preprocessing, loaded.class_names, multilabel)
             precision, memory_format = resolve_precision_and_format(device, args.precision)
             if context.is_main:
                 RunDirectory.check_writable(out)
@@ -113,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
             shard=context.data_shard,
         )
         normalize = Normalize(preprocessing.mean, preprocessing.std).to(device)
-        result = evaluate(
+        result = (evaluate_multilabel if multilabel else evaluate)(
             model,
             batches,
             normalize,
@@ -123,7 +141,8 @@ def run(args: argparse.Namespace) -> int:
         )
         if context.is_main:
             processes = f", {context.world_size} processes" if context.enabled else ""
-            _report(args, data.class_names, result, f"{precision}{processes}", out)
+            report = _report_multilabel if multilabel else _report
+            report(args, data.class_names, result, f"{precision}{processes}", out)
     return 0
 
 
@@ -173,3 +192,64 @@ def _report(
         f"{args.weights.name} on {name}: top-1 {result.top1:.2f}%",
     )
     print(f"wrote {png_path}, {csv_path} and {json_path}")
+
+
+def _report_multilabel(
+    args: argparse.Namespace, class_names: list[str], result: MultiLabelResult, how: str, out: Path
+) -> None:
+    name = f"{args.dataset}-{args.split}"
+    print(
+        f"{args.weights} on {name} ({result.count} images, {how}): mean AUROC "
+        f"{result.mean_auroc:.4f}  mAP {result.mean_ap:.4f}  mean F1 {result.mean_f1:.4f}  "
+        f"loss {result.loss:.4f}"
+    )
+    if result.skipped:
+        print(f"{result.skipped} unreadable images were skipped")
+    positives = result.labels.sum(0).tolist()
+    rows = list(
+        zip(
+            class_names,
+            result.per_class_auroc.tolist(),
+            result.per_class_ap.tolist(),
+            result.per_class_f1.tolist(),
+            positives,
+            strict=True,
+        )
+    )
+    print(f"  {'finding':<24}{'AUROC':>8}{'AP':>8}{'F1@0.5':>8}  positives")
+    for finding, auroc, ap, f1, count in rows:
+        print(f"  {finding:<24}{auroc:8.4f}{ap:8.4f}{f1:8.4f}  {count} of {result.count}")
+    csv_path = out / f"per_class-{name}.csv"
+    with staged(csv_path) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["class", "auroc", "average_precision", "f1_at_0.5", "positives"])
+        writer.writerows(rows)
+    json_path = out / f"metrics-{name}.json"
+    # JSON has no NaN: a finding without both positives and negatives has no AUROC (null).
+    metrics = {
+        "weights": str(args.weights),
+        "dataset": args.dataset,
+        "split": args.split,
+        "images": result.count,
+        "skipped": result.skipped,
+        "loss": result.loss,
+        "mean_auroc": _number(result.mean_auroc),
+        "mean_average_precision": _number(result.mean_ap),
+        "mean_f1": result.mean_f1,
+        "class_names": class_names,
+        "auroc": [_number(v) for v in result.per_class_auroc.tolist()],
+        "average_precision": [_number(v) for v in result.per_class_ap.tolist()],
+        "f1": result.per_class_f1.tolist(),
+    }
+    atomic_write(json_path, lambda tmp: tmp.write_text(json.dumps(metrics, indent=1) + "\n"))
+    png_path = out / f"roc-{name}.png"
+    plot_roc(
+        result.roc_curves(class_names),
+        png_path,
+        f"{args.weights.name} on {name}: mean AUROC {result.mean_auroc:.4f}",
+    )
+    print(f"wrote {png_path}, {csv_path} and {json_path}")
+
+
+def _number(value: float) -> float | None:
+    return None if math.isnan(value) else value

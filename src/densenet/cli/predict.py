@@ -1,4 +1,5 @@
-"""``densenet predict IMAGE|FOLDER... --weights FILE``: top-k labels with probabilities."""
+"""``densenet predict IMAGE|FOLDER... --weights FILE``: top-k labels with probabilities (a
+multi-label model: every finding's own probability)."""
 
 from __future__ import annotations
 
@@ -40,7 +41,9 @@ def run(args: argparse.Namespace) -> int:
     if args.top_k < 1 or args.batch_size < 1:
         raise ConfigError("--top-k and --batch-size must be at least 1")
     loaded = load_for_inference(args.weights, args.model)
-    predictor = Predictor(loaded.model, loaded.preprocessing, loaded.class_names)
+    predictor = Predictor(
+        loaded.model, loaded.preprocessing, loaded.class_names, multilabel=loaded.multilabel
+    )
     paths = image_files(args.images)
     # Files named one by one must all be readable; in a folder, an unreadable one is skipped.
     folders = any(path.is_dir() for path in args.images)
@@ -59,7 +62,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"{prediction.path}: {labels}")
     for path in skipped:
         print(f"skipped {path}: unreadable", file=sys.stderr)
-    if args.output is not None:
+    if args.output is not None and predictor.multilabel:
+        _write_multilabel_csv(args.output, predictions, predictor.class_names)
+    elif args.output is not None:
         _write_csv(args.output, predictions, min(args.top_k, len(predictor.class_names)))
     return 0
 
@@ -76,4 +81,14 @@ def _write_csv(path: Path, predictions: list[Prediction], k: int) -> None:
         for label, probability in prediction.top:
             row += [label, f"{probability:.6f}"]
         writer.writerow(row)
+    atomic_write(path, lambda tmp: tmp.write_text(text.getvalue()))
+
+
+def _write_multilabel_csv(path: Path, predictions: list[Prediction], findings: list[str]) -> None:
+    """One column per finding, holding its probability: the layout of a multi-label CSV."""
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["path", *findings])
+    for prediction in predictions:
+        writer.writerow([str(prediction.path), *(f"{p:.6f}" for _, p in prediction.top)])
     atomic_write(path, lambda tmp: tmp.write_text(text.getvalue()))

@@ -367,9 +367,11 @@ def read_csv_split(
     ``task`` ("single" or "multilabel") settles what one 0/1 column means; "auto" reads it as
     single-label.
     """
-    flag = f"--{split}-csv"
     if not csv_file:
-        raise DatasetError(f"the csv dataset needs {flag} FILE (image paths and labels)")
+        raise DatasetError(
+            f"the csv dataset needs the CSV of its {split} split (image paths and labels): "
+            f"--{split}-csv FILE for train, --csv FILE for eval"
+        )
     path = Path(csv_file)
     if not path.is_absolute() and not path.exists():
         path = data_dir / path
@@ -377,7 +379,7 @@ def read_csv_split(
         with open(path, newline="", encoding="utf-8-sig") as handle:
             rows = list(csv.reader(handle))
     except (OSError, UnicodeDecodeError, csv.Error) as error:
-        raise DatasetError(f"cannot read {flag} {path}: {error}") from None
+        raise DatasetError(f"cannot read the {split} split's CSV {path}: {error}") from None
     if not rows:
         raise DatasetError(f"{path} is empty: the first line must name the columns")
     header = [name.strip() for name in rows[0]]

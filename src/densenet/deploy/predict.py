@@ -21,7 +21,9 @@ from densenet.models.presets import Preprocessing
 @dataclass(frozen=True)
 class Prediction:
     path: Path
-    top: list[tuple[str, float]]  # (label, probability), most likely first
+    # (label, probability): the most likely first, or for a multi-label model every finding's
+    # own probability in class order
+    top: list[tuple[str, float]]
 
 
 def image_files(sources: Iterable[str | os.PathLike[str]]) -> list[Path]:
@@ -77,7 +79,11 @@ class Predictor:
     """A model in eval mode together with how its inputs are made and what its outputs mean."""
 
     def __init__(
-        self, model: DenseNet, preprocessing: Preprocessing, class_names: list[str] | None = None
+        self,
+        model: DenseNet,
+        preprocessing: Preprocessing,
+        class_names: list[str] | None = None,
+        multilabel: bool = False,
     ) -> None:
         num_classes, in_channels = model.config.num_classes, model.config.in_channels
         if len(preprocessing.mean) != in_channels:
@@ -92,12 +98,15 @@ class Predictor:
         self.model = model.eval()
         self.preprocessing = preprocessing
         self.class_names = class_names or [str(i) for i in range(num_classes)]
+        # Findings are not exclusive: each gets its own sigmoid, and all of them are reported.
+        self.multilabel = multilabel
 
     @torch.inference_mode()
     def predict(
         self, paths: Sequence[str | os.PathLike[str]], top_k: int = 5, batch_size: int = 32
     ) -> list[Prediction]:
-        """Every file's ``top_k`` labels; an unreadable file is an error naming it."""
+        """Every file's ``top_k`` labels (a multi-label model: every finding); an unreadable file
+        is an error naming it."""
         return [p for batch in self.predict_batches(paths, top_k, batch_size) for p in batch[0]]
 
     @torch.inference_mode()
@@ -127,8 +136,15 @@ class Predictor:
             if not inputs:
                 yield [], skipped
                 continue
-            probabilities = self.model(torch.stack(inputs)).float().softmax(dim=1)
-            values, indices = probabilities.topk(k, dim=1)
+            logits = self.model(torch.stack(inputs)).float()
+            if self.multilabel:
+                predictions = [
+                    Prediction(path, list(zip(self.class_names, ps, strict=True)))
+                    for path, ps in zip(read, logits.sigmoid().tolist(), strict=True)
+                ]
+                yield predictions, skipped
+                continue
+            values, indices = logits.softmax(dim=1).topk(k, dim=1)
             predictions = [
                 Prediction(path, [(self.class_names[i], v) for v, i in zip(vs, ids, strict=True)])
                 for path, vs, ids in zip(read, values.tolist(), indices.tolist(), strict=True)

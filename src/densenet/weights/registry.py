@@ -137,6 +137,11 @@ class LoadedModel:
     class_names: list[str] | None
     checkpoint: Checkpoint
 
+    @property
+    def multilabel(self) -> bool:
+        """Trained with a sigmoid per class (several findings per image), not one softmax."""
+        return self.checkpoint.meta.get("task") == "multilabel"
+
 
 def load_for_inference(
     source: str | os.PathLike[str] | Checkpoint, model: str | None = None
