@@ -5,12 +5,17 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from sklearn.metrics import average_precision_score, roc_auc_score
 
+from architectures import TINY
+from densenet import create_model
 from densenet.cli import main
 from densenet.deploy.predict import Predictor
+from densenet.models.presets import PRESETS
 from densenet.training.evaluate import MultiLabelResult
 from densenet.training.metrics import EpochRow
+from densenet.weights.io import save_weights
 from densenet.weights.registry import load_for_inference
 from fake_data import SHAPES, write_shapes_csv
 
@@ -182,3 +187,28 @@ def test_a_test_csv_with_a_class_training_never_saw_names_its_row(shapes, tmp_pa
     argv[argv.index("test.csv")] = "single_test.csv"
     assert main(argv) == 2
     assert "single_test.csv line 3: class 'z'" in capsys.readouterr().err
+
+
+def test_rgb_weights_load_for_gray_images_with_summed_first_filters(tmp_path):
+    rgb = create_model("densenet121", **TINY).eval()
+    preprocessing = PRESETS["densenet121"].preprocessing
+    save_weights(rgb, tmp_path / "rgb.safetensors", meta={"preprocessing": preprocessing.to_dict()})
+    gray = create_model(
+        "densenet121", weights=tmp_path / "rgb.safetensors", in_channels=1, **TINY
+    ).eval()
+    images = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(gray(images), rgb(images.repeat(1, 3, 1, 1)))
+    assert preprocessing.gray().mean == (round(sum(preprocessing.mean) / 3, 6),)
+
+
+def test_a_grayscale_finetune_from_rgb_weights_stores_one_channel_preprocessing(shapes, tmp_path):
+    base = create_model("densenet_bc100_k12", block_config=(2, 2, 2), growth_rate=8, num_classes=10)
+    save_weights(base, tmp_path / "rgb.safetensors")
+    run = tmp_path / "run"
+    argv = csv_args(shapes, "--epochs", "1", "--out", str(run), "--grayscale")
+    argv += ["--finetune", str(tmp_path / "rgb.safetensors"), "--mean", "0.1", "0.2", "0.3"]
+    assert main(argv) == 0
+    loaded = load_for_inference(run / "final.safetensors")
+    assert loaded.model.config.in_channels == 1 and loaded.multilabel
+    assert loaded.preprocessing.mean == (0.2,) and loaded.preprocessing.std == (0.3,)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Literal, get_args
 
 from densenet.errors import ConfigError, brief
@@ -32,6 +32,15 @@ class Preprocessing:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     interpolation: Interpolation = "bilinear"
+
+    def gray(self) -> Preprocessing:
+        """The same for one-channel images: a gray value stands for equal R, G and B, so it is
+        normalised by the channels' average mean and std."""
+        return replace(
+            self,
+            mean=(round(sum(self.mean) / len(self.mean), 6),),
+            std=(round(sum(self.std) / len(self.std), 6),),
+        )
 
     def __post_init__(self) -> None:
         for name in ("mean", "std"):

@@ -80,6 +80,11 @@ class TrainConfig:
         help="multilabel: weigh each class's positives by its negatives/positives in the training "
         "split (auto), or not (none)",
     )
+    grayscale: bool = _setting(
+        False,
+        help="ImageFolder/csv: read images as one channel (X-rays); RGB --finetune weights get "
+        "their first convolution summed over colour, and a 3-value mean/std is averaged",
+    )
     download: bool = _setting(
         False, help="fetch the dataset with torchvision's downloaders if it is missing"
     )
@@ -197,6 +202,10 @@ class TrainConfig:
         ):
             raise ConfigError(
                 "--train-csv and --test-csv go together with --dataset csv: give all three"
+            )
+        if self.grayscale and self.dataset not in ("imagefolder", "csv"):
+            raise ConfigError(
+                f"--grayscale reads image files as one channel; {self.dataset} has fixed channels"
             )
         if self.task == "multilabel" and not csv_data:
             raise ConfigError(

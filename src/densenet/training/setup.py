@@ -68,7 +68,10 @@ def load_data(config: TrainConfig) -> DataSetup:
             f"the train and test splits of {config.data_dir} have different classes "
             f"({len(train.class_names)} vs {len(test.class_names)}); they must match"
         )
-    in_channels = train.images.shape[1] if isinstance(train, TensorData) else 3
+    if isinstance(train, TensorData):
+        in_channels = train.images.shape[1]
+    else:
+        in_channels = 1 if config.grayscale else 3
     setup = DataSetup(train, test, train.class_names, in_channels, multilabel)
     if multilabel and config.pos_weight == "auto":
         positive_weights(setup)  # refuses a class without positives before any run is written
@@ -124,6 +127,10 @@ def resolve_config(config: TrainConfig, data: DataSetup) -> TrainConfig:
         changes["input_size"] = input_size
         changes["resize_size"] = config.resize_size or round(input_size / CROP_RATIO)
     resolved = config.replace(**changes)
+    if data.in_channels == 1 and len(resolved.mean) == 3:
+        # An RGB recipe's (ImageNet's) statistics, for gray images as fine-tuning sees them.
+        gray = preprocessing_of(resolved).gray()
+        resolved = resolved.replace(mean=gray.mean, std=gray.std)
     if len(resolved.mean) != data.in_channels:
         raise ConfigError(
             f"mean/std have {len(resolved.mean)} values but the images have {data.in_channels} "

@@ -6,7 +6,7 @@ import difflib
 import fnmatch
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -22,6 +22,9 @@ from densenet.weights.io import (
     read_checkpoint,
 )
 from densenet.weights.pretrained import find_published, unknown_source_error
+
+# The stem's convolution, the only layer whose shape depends on the image's channels.
+FIRST_CONV = "features.conv0.weight"
 
 
 def list_models(pattern: str = "*") -> list[str]:
@@ -92,6 +95,8 @@ def _load_pretrained(
     features_only: bool,
 ) -> DenseNet:
     checkpoint = _read_weights(name, weights)
+    if config.in_channels == 1:
+        checkpoint = gray_from_rgb(checkpoint)
     source = checkpoint.source
     if checkpoint.config is not None:
         _check_same_architecture(config, checkpoint.config, source)
@@ -105,6 +110,29 @@ def _load_pretrained(
     if num_classes is not None and num_classes != model.config.num_classes:
         model.reset_classifier(num_classes)
     return model
+
+
+def gray_from_rgb(checkpoint: Checkpoint) -> Checkpoint:
+    """RGB weights for one-channel images (X-rays): the first convolution's filters summed over
+    the colour channels, and the preprocessing's mean and std averaged over them.
+
+    A gray image is an RGB image with equal channels, on which a convolution computes the sum of
+    its three filters applied to the gray values: the summed filter gives the RGB network's
+    outputs exactly, so everything learnt from colour images carries over. Weights that are
+    already one-channel are returned unchanged.
+    """
+    first = checkpoint.state_dict.get(FIRST_CONV)
+    if first is None or first.shape[1] != 3:
+        return checkpoint
+    state_dict = {**checkpoint.state_dict, FIRST_CONV: first.sum(1, keepdim=True)}
+    config = checkpoint.config and checkpoint.config.replace(in_channels=1)
+    preprocessing = checkpoint.preprocessing and checkpoint.preprocessing.gray()
+    meta = dict(checkpoint.meta)
+    if preprocessing is not None:
+        meta["preprocessing"] = preprocessing.to_dict()
+    return replace(
+        checkpoint, state_dict=state_dict, config=config, meta=meta, preprocessing=preprocessing
+    )
 
 
 def load_model(
