@@ -6,15 +6,19 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from architectures import TINY
 from densenet import create_model
 from densenet.cli import main
+from densenet.data.datasets import load_split
 from densenet.deploy.predict import Predictor
 from densenet.models.presets import PRESETS
+from densenet.training.distributed import all_gather_rows
 from densenet.training.evaluate import MultiLabelResult
 from densenet.training.metrics import EpochRow
+from densenet.training.setup import DataSetup, positive_weights
 from densenet.weights.io import save_weights
 from densenet.weights.registry import load_for_inference
 from fake_data import SHAPES, write_shapes_csv
@@ -212,3 +216,33 @@ def test_a_grayscale_finetune_from_rgb_weights_stores_one_channel_preprocessing(
     loaded = load_for_inference(run / "final.safetensors")
     assert loaded.model.config.in_channels == 1 and loaded.multilabel
     assert loaded.preprocessing.mean == (0.2,) and loaded.preprocessing.std == (0.3,)
+
+
+def test_scores_are_gathered_rows_not_averaged_aurocs(tmp_path):
+    """One process in a real (gloo) group: the gather path runs, and rows come back whole."""
+    scores = torch.rand(5, 3)
+    assert all_gather_rows(scores) is scores  # no process group: nothing to gather
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        torch.testing.assert_close(all_gather_rows(scores), scores)
+        assert all_gather_rows(torch.zeros(0, 3)).shape == (0, 3)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_positive_weights_are_negatives_over_positives_per_class(shapes):
+    data = load_split("csv", shapes, "train", csv_file="train.csv")
+    setup = DataSetup(data, data, data.class_names, 3, multilabel=True)
+    labels = np.array([label for _, label in data.samples])
+    expected = (len(labels) - labels.sum(0)) / labels.sum(0)
+    torch.testing.assert_close(positive_weights(setup), torch.tensor(expected).float())
+
+
+def test_one_0_1_column_is_single_label_unless_the_task_says_multilabel(shapes):
+    write_csv(shapes, "one.csv", "path,square\nimages/train0.png,1\nimages/train1.png,0\n")
+    single = load_split("csv", shapes, "train", csv_file="one.csv")
+    assert not single.multilabel and single.class_names == ["0", "1"]
+    multi = load_split("csv", shapes, "train", csv_file="one.csv", task="multilabel")
+    assert multi.multilabel and multi.class_names == ["square"]
+    assert [label for _, label in multi.samples] == [(1.0,), (0.0,)]
