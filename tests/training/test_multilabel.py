@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -256,3 +257,12 @@ def test_one_0_1_column_is_single_label_unless_the_task_says_multilabel(shapes):
     multi = load_split("csv", shapes, "train", csv_file="one.csv", task="multilabel")
     assert multi.multilabel and multi.class_names == ["square"]
     assert [label for _, label in multi.samples] == [(1.0,), (0.0,)]
+
+
+def test_a_finished_multilabel_run_resumes_from_its_saved_history(trained, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    before = (run / "metrics.csv").read_text()
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    assert "finished its 12 epochs" in capsys.readouterr().out
+    assert (run / "metrics.csv").read_text() == before
