@@ -16,6 +16,7 @@ from densenet.models.batchnorm import convert_sync_batchnorm
 from densenet.models.densenet import DenseNet
 from densenet.models.presets import Preprocessing
 from densenet.training.config import RESUMABLE_CHANGES, TrainConfig
+from densenet.training.ema import WeightAverage
 from densenet.training.finetune import freeze_backbone, parameter_groups
 from densenet.training.state import SavedRun
 from densenet.weights.registry import create_model
@@ -125,23 +126,56 @@ class Learner:
     """The network and everything that updates it; their state dicts are what a run saves."""
 
     model: DenseNet
-    criterion: nn.Module  # the training loss, from logits and the batch's labels
+    criterion: nn.Module  # the training loss, from logits and the batch's labels or soft targets
     optimizer: torch.optim.Optimizer
-    schedule: torch.optim.lr_scheduler.LambdaLR
+    schedule: torch.optim.lr_scheduler.LambdaLR  # stepped after every optimizer step
     scaler: torch.amp.GradScaler
+    ema: WeightAverage | None = None
 
     def state_dicts(self) -> dict[str, dict]:
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
+            "ema": self.ema.model.state_dict() if self.ema else {},
         }
 
 
+def updates_per_epoch(config: TrainConfig, steps: int) -> int:
+    """Optimizer steps in an epoch of ``steps`` batches: a last, shorter accumulation counts."""
+    return -(-steps // config.accumulate)
+
+
+def updates_done(config: TrainConfig, epoch: int, step: int, steps: int) -> int:
+    """Optimizer steps taken before batch ``step`` of ``epoch``."""
+    return epoch * updates_per_epoch(config, steps) + -(-step // config.accumulate)
+
+
+def build_optimizer(config: TrainConfig, model: DenseNet) -> torch.optim.Optimizer:
+    # TrainConfig.validate has refused every setting SGD would (Nesterov without momentum, ...).
+    decay = None if config.decay_bn_bias else config.weight_decay
+    groups = parameter_groups(model, config.lr, config.backbone_lr_scale, decay)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(
+        groups,
+        lr=config.lr,
+        momentum=config.momentum,
+        nesterov=config.nesterov,
+        weight_decay=config.weight_decay,
+    )
+
+
 def build_learner(
-    config: TrainConfig, data: DataSetup, device: torch.device, saved: SavedRun | None, source: str
+    config: TrainConfig,
+    data: DataSetup,
+    device: torch.device,
+    saved: SavedRun | None,
+    source: str,
+    steps: int,
 ) -> Learner:
-    """The run's network, SGD optimizer, lr schedule and loss scaler, restored from ``saved``."""
+    """The run's network, optimizer, lr schedule, loss scaler and weight average, restored from
+    ``saved``; ``steps`` is the number of batches an epoch."""
     torch.manual_seed(config.seed)
     model = build_model(config, data.in_channels, len(data.class_names))
     if config.sync_bn:
@@ -150,17 +184,11 @@ def build_learner(
     if config.memory_format == "channels_last":
         model = model.to(memory_format=torch.channels_last)
     model.config.stage_sizes(config.input_size, config.input_size)  # too small for the blocks?
-    # TrainConfig.validate has refused every setting SGD would (Nesterov without momentum, ...).
-    optimizer = torch.optim.SGD(
-        parameter_groups(model, config.lr, config.backbone_lr_scale),
-        lr=config.lr,
-        momentum=config.momentum,
-        nesterov=config.nesterov,
-        weight_decay=config.weight_decay,
-    )
+    optimizer = build_optimizer(config, model)
     # Loss scaling keeps fp16 gradients from underflowing; bf16 and fp32 don't need it.
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
-    epoch = 0
+    ema = WeightAverage(model, config.ema_decay) if config.ema_decay else None
+    done = 0
     if saved is not None:
         if saved.model_config != model.config.to_dict():
             raise CheckpointError(f"{source} holds a different model than the run's config.toml")
@@ -168,13 +196,21 @@ def build_learner(
         model.load_state_dict(saved.learners["model"])
         optimizer.load_state_dict(saved.learners["optimizer"])
         scaler.load_state_dict(saved.learners["scaler"])
-        epoch = saved.state.epoch
-    # The step schedule scales each group's own lr (a fine-tuned backbone's may be lower). Made
-    # after a saved optimizer is restored, it starts at the saved epoch.
+        if ema is not None:
+            ema.model.load_state_dict(saved.learners["ema"])
+        done = updates_done(config, saved.state.epoch, saved.state.step, steps)
+    # The schedule scales each group's own lr (a fine-tuned backbone's may be lower). Made after
+    # a saved optimizer is restored, it starts at the saved optimizer step.
+    per_epoch = updates_per_epoch(config, steps)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda e: config.lr_at(e) / config.lr, last_epoch=epoch - 1
+        optimizer, lambda update: config.lr_factor(update, per_epoch), last_epoch=done - 1
     )
-    return Learner(model, nn.CrossEntropyLoss(), optimizer, schedule, scaler)
+    return Learner(model, build_criterion(config), optimizer, schedule, scaler, ema)
+
+
+def build_criterion(config: TrainConfig) -> nn.Module:
+    """The training loss: cross-entropy, from class indices or (mixup, cutmix) probabilities."""
+    return nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
 
 
 def _check_same_training(config: TrainConfig, saved: dict[str, object], source: str) -> None:

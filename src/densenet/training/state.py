@@ -16,9 +16,9 @@ from densenet.errors import CheckpointError, first_line
 from densenet.files import atomic_write
 from densenet.training.metrics import EpochRow, Tally
 
-FORMAT_TAG = "densenet-train/2"
-# The state dicts of what learns, saved beside the run's position.
-LEARNER_KEYS = ("model", "optimizer", "scaler")
+FORMAT_TAG = "densenet-train/3"  # 3: the "ema" state dict
+# The state dicts of what learns, saved beside the run's position ("ema" is empty without one).
+LEARNER_KEYS = ("model", "optimizer", "scaler", "ema")
 
 
 @dataclass
@@ -35,7 +35,7 @@ class TrainState:
 
     def next_epoch(self, row: EpochRow) -> None:
         self.history.append(row)
-        self.best_top1 = max(self.best_top1, row.test_top1)
+        self.best_top1 = max(self.best_top1, row.test_top1, row.ema_test_top1 or -1.0)
         self.epoch, self.step, self.tally = self.epoch + 1, 0, Tally()
         self.data_seconds = self.compute_seconds = 0.0
 
