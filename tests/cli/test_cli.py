@@ -114,5 +114,6 @@ def test_train_flags_come_with_help_and_choices_from_the_config():
             choice_fields.add(name)
             assert by_setting[name].choices == typing.get_args(FIELD_TYPES[name])
     assert choice_fields == {
-        "dataset", "augment", "interpolation", "precision", "memory_format", "task", "pos_weight"
+        "dataset", "augment", "interpolation", "precision", "memory_format", "task", "pos_weight",
+        "schedule", "optimizer",
     }  # fmt: skip

@@ -111,6 +111,11 @@ def write_csv(data, name, text):
         ("path\nimages/train0.png\n", (), "add a label column"),
         ("path,square,disc\nimages/train0.png,1,0\n", ("--task", "single"), "--task single"),
         (
+            "path,square,disc,cross\nimages/train0.png,1,0,1\n",
+            ("--ema-decay", "0.99", "--mixup-alpha", "0.2"),
+            "--mixup-alpha, --ema-decay apply to single-label runs",
+        ),
+        (
             "path,square,disc,cross\nimages/train0.png,1,0,0\nimages/train1.png,1,1,0\n",
             ("--pos-weight", "auto"),
             "class 'cross' has no positive image",

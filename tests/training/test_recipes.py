@@ -12,7 +12,9 @@ from densenet.training.config import (
 from densenet.weights.registry import get_spec
 
 
-@pytest.mark.parametrize("name", ["digits", "cifar10", "cifar100", "svhn", "imagenet"])
+@pytest.mark.parametrize(
+    "name", ["digits", "cifar10", "cifar100", "svhn", "imagenet", "digits-modern", "cifar10-modern"]
+)
 def test_shipped_recipes_are_valid_and_name_real_models(name):
     config = resolve(name, {})
     get_spec(config.model).config.replace(**config.model_overrides)
@@ -25,6 +27,15 @@ def test_recipes_hold_the_papers_settings():
     assert cifar.nesterov and cifar.momentum == 0.9 and cifar.augment == "crop_flip"
     assert [cifar.lr_at(e) for e in (149, 150, 224, 225)] == pytest.approx([0.1, 0.01, 0.01, 0.001])
     assert cifar.mean[0] * 255 == pytest.approx(125.3, abs=1e-3)
+    # None of the later additions: the paper's recipe stays exact.
+    assert (cifar.optimizer, cifar.schedule, cifar.warmup_epochs, cifar.decay_bn_bias) == (
+        "sgd",
+        "step",
+        0.0,
+        True,
+    )
+    assert (cifar.label_smoothing, cifar.accumulate, cifar.clip_grad_norm) == (0.0, 1, 0.0)
+    assert (cifar.ema_decay, cifar.mixup_alpha, cifar.cutmix_alpha) == (0.0, 0.0, 0.0)
     svhn = resolve("svhn", {})
     assert (svhn.epochs, svhn.drop_rate, svhn.augment, svhn.svhn_extra) == (40, 0.2, "none", True)
     imagenet = resolve("imagenet", {})
@@ -73,6 +84,16 @@ def test_saved_config_round_trips_as_a_recipe(tmp_path):
         ({"resize_size": -1}, "resize_size must be in [0, 2048] px"),
         ({"crop_padding": -1}, "crop_padding must be >= 0"),
         ({"learning_rate": 0.1}, "unknown setting(s) learning_rate"),
+        ({"schedule": "linear"}, "schedule must be one of step, cosine"),
+        ({"optimizer": "adam"}, "optimizer must be one of sgd, adamw"),
+        ({"warmup_epochs": 20}, "warmup_epochs must be less than epochs (20), got 20.0"),
+        ({"warmup_epochs": -1}, "warmup_epochs must be a finite number >= 0"),
+        ({"label_smoothing": 1}, "label_smoothing must be in [0, 1)"),
+        ({"accumulate": 0}, "accumulate must be >= 1"),
+        ({"clip_grad_norm": float("inf")}, "clip_grad_norm must be a finite number >= 0"),
+        ({"ema_decay": 1}, "ema_decay must be in [0, 1) (0: off)"),
+        ({"mixup_alpha": -0.2}, "mixup_alpha must be a finite number >= 0"),
+        ({"cutmix_alpha": float("nan")}, "cutmix_alpha must be a finite number >= 0"),
         ({"model_overrides": {"num_classes": 5}}, "may not set num_classes"),
     ],
 )

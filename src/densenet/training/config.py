@@ -35,6 +35,8 @@ Dataset = Literal["digits", "cifar10", "cifar100", "svhn", "imagefolder", "csv"]
 DATASETS: tuple[Dataset, ...] = typing.get_args(Dataset)
 Augmentation = Literal["none", "crop", "crop_flip", "random_resized_crop_flip"]
 Task = Literal["auto", "single", "multilabel"]
+Schedule = Literal["step", "cosine"]
+Optimizer = Literal["sgd", "adamw"]
 # The recipe a dataset gets when none is named.
 RECIPES = resources.files("densenet.training") / "recipes"
 DEFAULT_RECIPES: dict[Dataset, str] = {
@@ -116,14 +118,56 @@ class TrainConfig:
     batch_size: int = _setting(
         64, help="global batch size (with several processes each takes an equal slice)"
     )
-    lr: float = _setting(0.1, help="SGD learning rate at the start")
+    optimizer: Optimizer = _setting(
+        "sgd", help="sgd (the paper's) or adamw (decoupled weight decay, usual for fine-tuning)"
+    )
+    lr: float = _setting(0.1, help="learning rate at the start (the peak, after any warm-up)")
     momentum: float = _setting(0.9, help="SGD momentum")
-    nesterov: bool = _setting(True, help="Nesterov momentum")
-    weight_decay: float = _setting(1e-4, help="SGD weight decay (L2 penalty)")
+    nesterov: bool = _setting(True, help="Nesterov momentum (SGD)")
+    weight_decay: float = _setting(
+        1e-4, help="weight decay (SGD: L2 penalty in the gradient; AdamW: decoupled)"
+    )
+    decay_bn_bias: bool = _setting(
+        True,
+        help="apply weight decay to BatchNorm weights and biases too (the paper does; "
+        "--no-decay-bn-bias exempts them, as timm and torchvision recipes do)",
+    )
+    schedule: Schedule = _setting(
+        "step",
+        help="step (the paper's: lr times lr_gamma at each milestone, per epoch) or cosine "
+        "(from lr to 0 over the run, per optimizer step)",
+    )
+    warmup_epochs: float = _setting(
+        0.0, help="epochs over which the lr rises linearly from ~0 to lr, per optimizer step"
+    )
     lr_milestones: tuple[float, ...] = _setting(
         (0.5, 0.75), help="fractions of the run at which the lr is multiplied by lr_gamma"
     )
     lr_gamma: float = _setting(0.1, help="what the lr is multiplied by at each milestone")
+    label_smoothing: float = _setting(
+        0.0, help="share of each target spread evenly over all classes (0: one-hot targets)"
+    )
+    accumulate: int = _setting(
+        1,
+        help="optimizer step every N batches of batch_size, each adding its share of the "
+        "gradient (effective batch: N x batch_size; the last step of an epoch may take fewer)",
+    )
+    clip_grad_norm: float = _setting(
+        0.0, help="scale gradients down to this total L2 norm before each step (0: off)"
+    )
+    ema_decay: float = _setting(
+        0.0,
+        help="keep an exponential moving average of the weights with this decay per optimizer "
+        "step, evaluated every epoch and saved as ema.safetensors (0: off; e.g. 0.999)",
+    )
+    mixup_alpha: float = _setting(
+        0.0, help="mixup: blend each image with another, share ~ Beta(alpha, alpha) (0: off)"
+    )
+    cutmix_alpha: float = _setting(
+        0.0,
+        help="cutmix: paste a box of another image, area share ~ Beta(alpha, alpha) (0: off; "
+        "with mixup too, each batch takes one of them at random)",
+    )
     augment: Augmentation = _setting(
         "crop_flip",
         help="training augmentation: none, crop (pad + random crop), crop_flip (and mirror), "
@@ -212,7 +256,7 @@ class TrainConfig:
                 f"--task multilabel needs labels per finding: use --dataset csv (not "
                 f"{self.dataset})"
             )
-        if self.nesterov and self.momentum == 0:
+        if self.optimizer == "sgd" and self.nesterov and self.momentum == 0:
             raise ConfigError("nesterov needs momentum > 0: set --momentum or add --no-nesterov")
         if self.freeze_backbone and not self.finetune:
             raise ConfigError("freeze_backbone needs pretrained weights: add --finetune SOURCE")
@@ -220,6 +264,10 @@ class TrainConfig:
             raise ConfigError(
                 "a frozen backbone needs no activation memory for its gradients: drop "
                 "--memory-efficient or --freeze-backbone"
+            )
+        if self.warmup_epochs >= self.epochs:
+            raise ConfigError(
+                f"warmup_epochs must be less than epochs ({self.epochs}), got {self.warmup_epochs}"
             )
         if len(self.mean) != len(self.std):
             raise ConfigError(
@@ -241,6 +289,17 @@ class TrainConfig:
 
     def replace(self, **changes: object) -> TrainConfig:
         return from_dict({**self.to_dict(), **changes})
+
+    def lr_factor(self, update: int, updates_per_epoch: int) -> float:
+        """The lr of optimizer step ``update`` (0-based, counted over the run) over ``lr``."""
+        warmup = self.warmup_epochs * updates_per_epoch
+        # The first step already learns (at lr / warmup steps), as in timm; none is wasted at 0.
+        ramp = min(1.0, (update + 1) / warmup) if warmup else 1.0
+        if self.schedule == "step":
+            return ramp * self.lr_at(update // updates_per_epoch) / self.lr
+        total = self.epochs * updates_per_epoch
+        progress = (update - warmup) / max(total - warmup, 1)
+        return ramp * 0.5 * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
 
     def lr_at(self, epoch: int) -> float:
         """The step schedule: lr times gamma for every milestone epoch already reached."""
@@ -269,6 +328,13 @@ _DOMAINS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "weight_decay": (lambda x: 0 <= x < math.inf, "a finite number >= 0"),
     "lr_milestones": (_increasing_fractions, "increasing fractions of the run, each in (0, 1)"),
     "lr_gamma": (lambda x: 0 < x <= 1, "in (0, 1]"),
+    "warmup_epochs": (lambda x: 0 <= x < math.inf, "a finite number >= 0"),
+    "label_smoothing": (lambda x: 0 <= x < 1, "in [0, 1)"),
+    "accumulate": (lambda n: n >= 1, ">= 1"),
+    "clip_grad_norm": (lambda x: 0 <= x < math.inf, "a finite number >= 0 (0: off)"),
+    "ema_decay": (lambda x: 0 <= x < 1, "in [0, 1) (0: off)"),
+    "mixup_alpha": (lambda x: 0 <= x < math.inf, "a finite number >= 0 (0: off)"),
+    "cutmix_alpha": (lambda x: 0 <= x < math.inf, "a finite number >= 0 (0: off)"),
     "drop_rate": (lambda x: 0 <= x < 1, "in [0, 1)"),
     "backbone_lr_scale": (lambda x: 0 <= x <= 1, "in [0, 1]"),
     "mean": (lambda xs: all(math.isfinite(x) for x in xs), "finite numbers"),

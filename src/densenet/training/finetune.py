@@ -43,18 +43,36 @@ def _freeze_batchnorms(module: nn.Module) -> None:
 
 
 def parameter_groups(
-    model: DenseNet, lr: float, backbone_lr_scale: float = 0.1
+    model: DenseNet,
+    lr: float,
+    backbone_lr_scale: float = 0.1,
+    weight_decay: float | None = None,
 ) -> list[dict[str, object]]:
     """Optimizer parameter groups: the head at ``lr``, the backbone at ``lr * backbone_lr_scale``.
 
-    Frozen parameters are left out, so this also suits a model after :func:`freeze_backbone`.
+    With a ``weight_decay``, BatchNorm weights and all biases (the parameters of one dimension)
+    get groups of their own without decay: decaying them only shrinks a scale or shift that the
+    next layer undoes, and timm and torchvision recipes exempt them. Frozen parameters are left
+    out, so this also suits a model after :func:`freeze_backbone`.
     """
     if not 0.0 <= backbone_lr_scale <= 1.0:
         raise ConfigError(f"backbone_lr_scale must be in [0, 1], got {backbone_lr_scale!r}")
     backbone, head = backbone_and_head(model)
-    groups = [
-        {"name": "backbone", "params": [p for p in backbone if p.requires_grad]},
-        {"name": "head", "params": [p for p in head if p.requires_grad]},
-    ]
-    groups[0]["lr"], groups[1]["lr"] = lr * backbone_lr_scale, lr
+    groups = []
+    for name, params, group_lr in (
+        ("backbone", backbone, lr * backbone_lr_scale),
+        ("head", head, lr),
+    ):
+        params = [p for p in params if p.requires_grad]
+        if weight_decay is None:
+            groups.append({"name": name, "params": params, "lr": group_lr})
+            continue
+        decayed = [p for p in params if p.ndim > 1]
+        exempt = [p for p in params if p.ndim <= 1]
+        groups.append(
+            {"name": name, "params": decayed, "lr": group_lr, "weight_decay": weight_decay}
+        )
+        groups.append(
+            {"name": f"{name}_no_decay", "params": exempt, "lr": group_lr, "weight_decay": 0.0}
+        )
     return [group for group in groups if group["params"]]

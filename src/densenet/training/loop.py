@@ -1,5 +1,5 @@
-"""The training loop: SGD with the paper's step schedule, evaluation every epoch, resumable at any
-step.
+"""The training loop: the paper's SGD and step schedule (or AdamW, cosine, accumulation, clipping,
+mixup/cutmix and a weight average), evaluation every epoch, resumable at any optimizer step.
 
 Every source of randomness is a pure function of (seed, epoch, step): the data order and
 augmentation (see loaders.py) and dropout (the global RNG is re-seeded before each step). Together
@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from densenet.data.datasets import Data, FolderData
 from densenet.data.loaders import Batch, FolderBatches, Normalize, mix_seed
+from densenet.data.mixing import mix_batch, mixed_targets
 from densenet.errors import DatasetError, DenseNetError, Preempted, TrainingError
 from densenet.hardware import autocast, resolve_device, to_memory_format, why_precision
 from densenet.training.config import TrainConfig
@@ -61,6 +62,8 @@ from densenet.training.setup import (
     build_learner,
     load_data,
     resolve_config,
+    updates_done,
+    updates_per_epoch,
     weights_meta,
 )
 from densenet.training.state import TrainState
@@ -103,12 +106,13 @@ def _train(
         data = load_data(config)
         config = resolve_config(config, data)
         saved = run.read_state() if resume else None
-        learner = build_learner(config, data, device, saved, str(run / run.STATE))
         train_batches, test_batches = build_batches(config, data, device, context.data_shard)
+        steps = len(train_batches)
+        learner = build_learner(config, data, device, saved, str(run / run.STATE), steps)
     # Written once everything above has been checked: a run that could not start leaves no run.
     if not resume:
         run.write_config(config)
-    steps, state = len(train_batches), saved.state if saved else TrainState()
+    state = saved.state if saved else TrainState()
     normalize = Normalize(config.mean, config.std).to(device)
     meta = weights_meta(config, data)
     say = print if context.is_main else lambda line: None
@@ -141,12 +145,20 @@ def _train(
             fetched = time.perf_counter()
             state.data_seconds += fetched - tick
             seed = mix_seed(config.seed, state.epoch, state.step, 2, context.rank)
-            step_sums = train_step(trained, learner, batch, config, normalize, seed, empty_possible)
+            # Batches of one accumulation each add their share of its mean gradient.
+            first = state.step - state.step % config.accumulate
+            group = min(config.accumulate, steps - first)
+            update = state.step + 1 == first + group
+            step_sums = train_step(
+                trained, learner, batch, config, normalize, seed, empty_possible, 1 / group, update
+            )
             sums.add(step_sums, state.step)
             state.step += 1
-            save_now = _periodic_save_due(config, state, steps)
+            # A state is saved, and a stop taken, only after an optimizer step: the gradients of
+            # an unfinished accumulation are not part of the state.
+            save_now = update and _periodic_save_due(config, state, steps)
             sync = save_now or state.step % SYNC_STEPS == 0 or state.step == steps
-            stop = stops.agreed(sync or not context.enabled, device)
+            stop = update and stops.agreed(sync or not context.enabled, device)
             if sync or stop:
                 state.tally, bad_step = sums.read()
                 if bad_step is not None:
@@ -170,34 +182,45 @@ def _train(
             skipped = state.tally.skipped
             raise _once(context, _nothing_read(run, data.train, config, state.epoch, skipped))
 
-        broadcast_buffers(learner.model)  # evaluate the weights process 0 saves, on every process
-        test = (evaluate_multilabel if data.multilabel else evaluate)(
-            learner.model,
-            test_batches,
-            normalize,
-            precision=config.precision,
-            memory_format=config.memory_format,
-            num_classes=len(data.class_names),
-        )
-        if not test.count:
-            raise _once(context, _nothing_read(run, data.test, config, state.epoch, test.skipped))
-        # Finite weights can still overflow in evaluation (huge BatchNorm statistics): such a
-        # model predicts nothing, and must not become best.safetensors or the next checkpoint.
-        if not math.isfinite(test.loss):
-            what = f"the test loss is {test.loss} after epoch {state.epoch + 1}"
-            raise _once(context, _diverged(run, config, what))
-        row = _epoch_row(state, test, learner.schedule.get_last_lr()[-1], data.class_names)
+        def test(model: nn.Module, what: str) -> EvalResult | MultiLabelResult:
+            broadcast_buffers(model)  # evaluate the weights process 0 saves, on every process
+            result = (evaluate_multilabel if data.multilabel else evaluate)(
+                model,
+                test_batches,
+                normalize,
+                precision=config.precision,
+                memory_format=config.memory_format,
+                num_classes=len(data.class_names),
+            )
+            if not result.count:
+                skipped = result.skipped
+                raise _once(context, _nothing_read(run, data.test, config, state.epoch, skipped))
+            # Finite weights can still overflow in evaluation (huge BatchNorm statistics): such a
+            # model predicts nothing, and must not become best.safetensors or the next checkpoint.
+            if not math.isfinite(result.loss):
+                loss = f"the test loss{what} is {result.loss} after epoch {state.epoch + 1}"
+                raise _once(context, _diverged(run, config, loss))
+            return result
+
+        raw = test(learner.model, "")
+        ema = test(learner.ema.model, " of the weight average") if learner.ema else None
+        lr = config.lr * _last_lr_factor(config, state, steps)
+        row = _epoch_row(state, raw, ema, lr, data.class_names)
         if row.score > state.best_score:
-            run.write_weights(learner.model, run.BEST, {**meta, **_weights_tag(row)})
+            # Multi-label runs have no weight average: setup refuses --ema-decay for them.
+            better_ema = learner.ema is not None and row.ema_test_top1 > row.test_top1
+            best = learner.ema.model if learner.ema and better_ema else learner.model
+            run.write_weights(best, run.BEST, {**meta, **_weights_tag(row, better_ema)})
         state.next_epoch(row)
-        learner.schedule.step()
         # The state before the metrics: a crash in between re-writes the metrics on resume.
         save()
         run.write_metrics(state.history)
         say(row.line(config.epochs))
 
     last = state.history[-1]
-    run.write_weights(learner.model, run.FINAL, {**meta, **_weights_tag(last)})
+    run.write_weights(learner.model, run.FINAL, {**meta, **_weights_tag(last, False)})
+    if learner.ema:
+        run.write_weights(learner.ema.model, run.EMA, {**meta, **_weights_tag(last, True)})
     run.write_metrics(state.history)
     if isinstance(last, MultiLabelRow):
         result = f"test mean AUROC {last.score:.4f} (best {state.best_score:.4f})"
@@ -215,24 +238,36 @@ def train_step(
     normalize: Normalize,
     seed: int,
     empty_possible: bool,
+    share: float = 1.0,
+    update: bool = True,
 ) -> Tensor:
-    """One SGD step; returns its :class:`Tally` sums over every process, on the device."""
+    """The gradient of one batch, times ``share`` of its accumulation, added to the parameters'
+    gradients; then, if ``update``, one optimizer step. Returns the batch's :class:`Tally` sums
+    over every process, on the device."""
     device = batch.labels.device
     n = len(batch.labels)
     # Every process takes the step or none does: the gradient average needs them all. Only
     # ImageFolder batches can lose all their images (unreadable files), so only they need asking.
     if empty_possible and not all_ranks_agree(n > 0, device):
+        if update:
+            optimizer_step(learner, config)
         return all_reduce_sum(Tally(skipped=batch.skipped).totals(device))
     # Dropout draws from the global RNG: a seed per step (and process) makes a resume repeat it.
     torch.manual_seed(seed)
-    images = to_memory_format(normalize(batch.images), config.memory_format)
+    images = normalize(batch.images)
+    mixed = None
+    if config.mixup_alpha or config.cutmix_alpha:
+        mixed = mix_batch(images, config.mixup_alpha, config.cutmix_alpha, mix_seed(seed, 3))
+        images = mixed.images
     with autocast(device, config.precision):
-        logits = trained(images).float()
-    loss = learner.criterion(logits, batch.labels)
-    learner.optimizer.zero_grad(set_to_none=True)
-    learner.scaler.scale(loss).backward()
-    learner.scaler.step(learner.optimizer)
-    learner.scaler.update()
+        logits = trained(to_memory_format(images, config.memory_format)).float()
+    targets = batch.labels
+    if mixed is not None:
+        targets = mixed_targets(batch.labels, mixed.lam, logits.shape[1])
+    loss = learner.criterion(logits, targets)
+    learner.scaler.scale(loss * share).backward()
+    if update:
+        optimizer_step(learner, config)
     # Built from device values only: a host-made tensor would be a copy that waits for the device.
     if batch.labels.ndim == 1:
         top1 = (logits.argmax(1) == batch.labels).sum().double()
@@ -253,8 +288,39 @@ def train_step(
     return all_reduce_sum(counts)
 
 
+def optimizer_step(learner: Learner, config: TrainConfig) -> None:
+    """Update the weights from the accumulated gradients, then the schedule and weight average."""
+    if config.clip_grad_norm:
+        learner.scaler.unscale_(learner.optimizer)  # clip the true gradients, not scaled ones
+        clip_gradients(learner.model, config.clip_grad_norm)
+    learner.scaler.step(learner.optimizer)
+    learner.scaler.update()
+    learner.optimizer.zero_grad(set_to_none=True)
+    learner.schedule.step()
+    if learner.ema:
+        learner.ema.update(learner.model)
+
+
+def clip_gradients(model: nn.Module, max_norm: float) -> Tensor:
+    """Scale all gradients by one factor so that their total L2 norm is at most ``max_norm``;
+    returns the norm before. Clipping is all-or-nothing per step, so the update keeps its
+    direction."""
+    return nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+
+
+def _last_lr_factor(config: TrainConfig, state: TrainState, steps: int) -> float:
+    """The lr factor of the epoch's last optimizer step, for its metrics row."""
+    return config.lr_factor(
+        updates_done(config, state.epoch + 1, 0, steps) - 1, updates_per_epoch(config, steps)
+    )
+
+
 def _epoch_row(
-    state: TrainState, result: EvalResult | MultiLabelResult, lr: float, class_names: list[str]
+    state: TrainState,
+    result: EvalResult | MultiLabelResult,
+    ema: EvalResult | None,
+    lr: float,
+    class_names: list[str],
 ) -> Row:
     seen, seconds = max(state.tally.images, 1), state.data_seconds + state.compute_seconds
     if isinstance(result, MultiLabelResult):
@@ -283,6 +349,7 @@ def _epoch_row(
         test_loss=round(result.loss, 6),
         test_top1=round(result.top1, 4),
         test_top5=round(result.top5, 4),
+        ema_test_top1=round(ema.top1, 4) if ema else None,
         lr=float(f"{lr:.12g}"),  # 0.1 * 0.1 is 0.010000000000000002 in binary
         img_per_s=round(state.tally.images / max(seconds, 1e-9), 1),
         seconds=round(seconds, 3),
@@ -309,10 +376,12 @@ def _periodic_save_due(config: TrainConfig, state: TrainState, steps: int) -> bo
     return bool(every) and state.step < steps and (state.epoch * steps + state.step) % every == 0
 
 
-def _weights_tag(row: Row) -> dict[str, object]:
+def _weights_tag(row: Row, ema: bool) -> dict[str, object]:
+    """Which weights a file holds (the network's, or their average) and how they scored."""
     if isinstance(row, MultiLabelRow):
-        return {"epoch": row.epoch, "test_mean_auroc": row.test_mean_auroc}
-    return {"epoch": row.epoch, "test_top1": row.test_top1}
+        return {"epoch": row.epoch, "weights": "raw", "test_mean_auroc": row.test_mean_auroc}
+    top1 = row.ema_test_top1 if ema else row.test_top1
+    return {"epoch": row.epoch, "weights": "ema" if ema else "raw", "test_top1": top1}
 
 
 def _postfix(state: TrainState, multilabel: bool) -> dict[str, str]:
@@ -341,8 +410,8 @@ def _opening_line(
     line = (
         f"training {meta['model'] or config.model + ' (modified)'} on {config.dataset}: "
         f"{len(data.train)} train / {len(data.test)} test images, {steps} steps of "
-        f"{config.batch_size} per epoch, {precision} {config.memory_format} on "
-        f"{device}{processes}"
+        f"{config.batch_size} per epoch{_accumulation(config)}, {precision} "
+        f"{config.memory_format} on {device}{processes}"
     )
     if state.epoch >= config.epochs:
         return f"{line}\nthe run has finished its {config.epochs} epochs; writing its final files"
@@ -351,6 +420,13 @@ def _opening_line(
     if resume:  # the run stopped before its first save
         return f"{line}\nno state was saved yet: starting at epoch 1"
     return line
+
+
+def _accumulation(config: TrainConfig) -> str:
+    if config.accumulate == 1:
+        return ""
+    effective = config.accumulate * config.batch_size
+    return f" (an optimizer step every {config.accumulate}: effective batch {effective})"
 
 
 def _preempted(run: RunDirectory, stops: StopRequests, state: TrainState, steps: int) -> Preempted:

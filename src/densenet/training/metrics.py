@@ -59,6 +59,7 @@ class EpochRow:
     test_loss: float
     test_top1: float
     test_top5: float
+    ema_test_top1: float | None  # of the weight average (--ema-decay), None without one
     lr: float
     img_per_s: float
     seconds: float
@@ -71,8 +72,8 @@ class EpochRow:
 
     @property
     def score(self) -> float:
-        """What picks the best epoch's weights."""
-        return self.test_top1
+        """What picks the best epoch's weights: the better top-1 of the network and its average."""
+        return max(self.test_top1, self.ema_test_top1 or -1.0)
 
     def csv_row(self) -> dict[str, object]:
         return dataclasses.asdict(self)
@@ -82,10 +83,11 @@ class EpochRow:
         skipped = (
             f", {self.skipped_images} unreadable images skipped" if self.skipped_images else ""
         )
+        ema = "" if self.ema_test_top1 is None else f" (EMA top-1 {self.ema_test_top1:.2f}%)"
         return (
             f"epoch {self.epoch}/{epochs}: train loss {self.train_loss:.4f} "
             f"top-1 {self.train_top1:.2f}% | test loss {self.test_loss:.4f} "
-            f"top-1 {self.test_top1:.2f}% top-5 {self.test_top5:.2f}% | lr {self.lr:g} | "
+            f"top-1 {self.test_top1:.2f}% top-5 {self.test_top5:.2f}%{ema} | lr {self.lr:g} | "
             f"{self.img_per_s:.0f} img/s, {self.seconds:.1f}s "
             f"(waiting for data {100 * self.data_share:.0f}%, compute "
             f"{100 * (1 - self.data_share):.0f}%){skipped}"

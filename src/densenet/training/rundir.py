@@ -29,7 +29,7 @@ from densenet.weights.io import save_weights
 
 class RunDirectory:
     CONFIG, STATE, METRICS, CURVES = "config.toml", "last.pt", "metrics.csv", "curves.png"
-    BEST, FINAL = "best.safetensors", "final.safetensors"
+    BEST, FINAL, EMA = "best.safetensors", "final.safetensors", "ema.safetensors"
     # Held (flock) by the process training the run, so no second run writes into it; the kernel
     # drops the lock when that process ends, however it ends.
     LOCK = ".densenet.lock"

@@ -23,6 +23,7 @@ from densenet.models.batchnorm import convert_sync_batchnorm
 from densenet.models.densenet import DenseNet
 from densenet.models.presets import Preprocessing
 from densenet.training.config import RESUMABLE_CHANGES, TrainConfig
+from densenet.training.ema import WeightAverage
 from densenet.training.finetune import freeze_backbone, parameter_groups
 from densenet.training.state import SavedRun
 from densenet.weights.registry import create_model
@@ -73,9 +74,30 @@ def load_data(config: TrainConfig) -> DataSetup:
     else:
         in_channels = 1 if config.grayscale else 3
     setup = DataSetup(train, test, train.class_names, in_channels, multilabel)
+    if multilabel:
+        _check_multilabel_options(config)
     if multilabel and config.pos_weight == "auto":
         positive_weights(setup)  # refuses a class without positives before any run is written
     return setup
+
+
+def _check_multilabel_options(config: TrainConfig) -> None:
+    """Options built for one softmax over classes, which multi-label runs don't take (yet)."""
+    unsupported = [
+        flag
+        for flag, value in (
+            ("--label-smoothing", config.label_smoothing),
+            ("--mixup-alpha", config.mixup_alpha),
+            ("--cutmix-alpha", config.cutmix_alpha),
+            ("--ema-decay", config.ema_decay),
+        )
+        if value
+    ]
+    if unsupported:
+        raise ConfigError(
+            f"{', '.join(unsupported)} apply to single-label runs; {config.train_csv} is "
+            "multi-label: drop them"
+        )
 
 
 def positive_weights(data: DataSetup) -> torch.Tensor:
@@ -177,23 +199,56 @@ class Learner:
     """The network and everything that updates it; their state dicts are what a run saves."""
 
     model: DenseNet
-    criterion: nn.Module  # the training loss, from logits and the batch's labels
+    criterion: nn.Module  # the training loss, from logits and the batch's labels or soft targets
     optimizer: torch.optim.Optimizer
-    schedule: torch.optim.lr_scheduler.LambdaLR
+    schedule: torch.optim.lr_scheduler.LambdaLR  # stepped after every optimizer step
     scaler: torch.amp.GradScaler
+    ema: WeightAverage | None = None
 
     def state_dicts(self) -> dict[str, dict]:
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
+            "ema": self.ema.model.state_dict() if self.ema else {},
         }
 
 
+def updates_per_epoch(config: TrainConfig, steps: int) -> int:
+    """Optimizer steps in an epoch of ``steps`` batches: a last, shorter accumulation counts."""
+    return -(-steps // config.accumulate)
+
+
+def updates_done(config: TrainConfig, epoch: int, step: int, steps: int) -> int:
+    """Optimizer steps taken before batch ``step`` of ``epoch``."""
+    return epoch * updates_per_epoch(config, steps) + -(-step // config.accumulate)
+
+
+def build_optimizer(config: TrainConfig, model: DenseNet) -> torch.optim.Optimizer:
+    # TrainConfig.validate has refused every setting SGD would (Nesterov without momentum, ...).
+    decay = None if config.decay_bn_bias else config.weight_decay
+    groups = parameter_groups(model, config.lr, config.backbone_lr_scale, decay)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(
+        groups,
+        lr=config.lr,
+        momentum=config.momentum,
+        nesterov=config.nesterov,
+        weight_decay=config.weight_decay,
+    )
+
+
 def build_learner(
-    config: TrainConfig, data: DataSetup, device: torch.device, saved: SavedRun | None, source: str
+    config: TrainConfig,
+    data: DataSetup,
+    device: torch.device,
+    saved: SavedRun | None,
+    source: str,
+    steps: int,
 ) -> Learner:
-    """The run's network, SGD optimizer, lr schedule and loss scaler, restored from ``saved``."""
+    """The run's network, optimizer, lr schedule, loss scaler and weight average, restored from
+    ``saved``; ``steps`` is the number of batches an epoch."""
     torch.manual_seed(config.seed)
     model = build_model(config, data.in_channels, len(data.class_names))
     if config.sync_bn:
@@ -202,17 +257,11 @@ def build_learner(
     if config.memory_format == "channels_last":
         model = model.to(memory_format=torch.channels_last)
     model.config.stage_sizes(config.input_size, config.input_size)  # too small for the blocks?
-    # TrainConfig.validate has refused every setting SGD would (Nesterov without momentum, ...).
-    optimizer = torch.optim.SGD(
-        parameter_groups(model, config.lr, config.backbone_lr_scale),
-        lr=config.lr,
-        momentum=config.momentum,
-        nesterov=config.nesterov,
-        weight_decay=config.weight_decay,
-    )
+    optimizer = build_optimizer(config, model)
     # Loss scaling keeps fp16 gradients from underflowing; bf16 and fp32 don't need it.
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
-    epoch = 0
+    ema = WeightAverage(model, config.ema_decay) if config.ema_decay else None
+    done = 0
     if saved is not None:
         if saved.model_config != model.config.to_dict():
             raise CheckpointError(f"{source} holds a different model than the run's config.toml")
@@ -220,21 +269,29 @@ def build_learner(
         model.load_state_dict(saved.learners["model"])
         optimizer.load_state_dict(saved.learners["optimizer"])
         scaler.load_state_dict(saved.learners["scaler"])
-        epoch = saved.state.epoch
-    # The step schedule scales each group's own lr (a fine-tuned backbone's may be lower). Made
-    # after a saved optimizer is restored, it starts at the saved epoch.
+        if ema is not None:
+            ema.model.load_state_dict(saved.learners["ema"])
+        done = updates_done(config, saved.state.epoch, saved.state.step, steps)
+    # The schedule scales each group's own lr (a fine-tuned backbone's may be lower). Made after
+    # a saved optimizer is restored, it starts at the saved optimizer step.
+    per_epoch = updates_per_epoch(config, steps)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda e: config.lr_at(e) / config.lr, last_epoch=epoch - 1
+        optimizer, lambda update: config.lr_factor(update, per_epoch), last_epoch=done - 1
     )
-    return Learner(model, criterion_of(config, data, device), optimizer, schedule, scaler)
+    return Learner(model, criterion_of(config, data, device), optimizer, schedule, scaler, ema)
 
 
 def criterion_of(config: TrainConfig, data: DataSetup, device: torch.device) -> nn.Module:
     """The training loss: a sigmoid per finding for multi-label data, else softmax over classes."""
     if not data.multilabel:
-        return nn.CrossEntropyLoss()
+        return build_criterion(config)
     weights = positive_weights(data).to(device) if config.pos_weight == "auto" else None
     return nn.BCEWithLogitsLoss(pos_weight=weights)
+
+
+def build_criterion(config: TrainConfig) -> nn.Module:
+    """The single-label loss: cross-entropy, from class indices or (mixup, cutmix) probabilities."""
+    return nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
 
 
 def _check_same_training(config: TrainConfig, saved: dict[str, object], source: str) -> None:

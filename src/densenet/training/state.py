@@ -16,9 +16,9 @@ from densenet.errors import CheckpointError, first_line
 from densenet.files import atomic_write
 from densenet.training.metrics import Row, Tally, row_from_dict
 
-FORMAT_TAG = "densenet-train/2"
-# The state dicts of what learns, saved beside the run's position.
-LEARNER_KEYS = ("model", "optimizer", "scaler")
+FORMAT_TAG = "densenet-train/3"  # 3: the "ema" state dict
+# The state dicts of what learns, saved beside the run's position ("ema" is empty without one).
+LEARNER_KEYS = ("model", "optimizer", "scaler", "ema")
 
 
 @dataclass
