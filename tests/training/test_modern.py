@@ -4,9 +4,6 @@ mixup and cutmix."""
 
 import math
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -26,6 +23,7 @@ from densenet.training.config import TrainConfig
 from densenet.training.ema import WeightAverage
 from densenet.training.loop import clip_gradients, train_step
 from densenet.training.setup import Learner, build_criterion, build_optimizer
+from killing import train_killed_at
 
 FP32 = dict(precision="fp32", memory_format="contiguous", device="cpu")
 
@@ -205,27 +203,12 @@ def test_sigkill_and_resume_with_every_modern_option_gives_bitwise_identical_run
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     assert main(["train", "--out", str(whole), *args]) == 0
 
-    process = subprocess.Popen(
-        [sys.executable, "-m", "densenet", "train", "--out", str(killed), *args,
-         "--checkpoint-every", "1"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    checkpoint, deadline = killed / "last.pt", time.monotonic() + 120
-    try:
-        while time.monotonic() < deadline and process.poll() is None:
-            if checkpoint.exists():
-                state = torch.load(checkpoint, weights_only=True)
-                if state["epoch"] == 0 and state["step"] >= 2:
-                    break
-            time.sleep(0.05)
-        assert process.poll() is None, "the run ended before it could be killed"
-    finally:
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-    state = torch.load(checkpoint, weights_only=True)
-    # Saved only after an optimizer step, never inside an accumulation.
-    assert state["step"] in (2, 4) and state["ema"]
+    # Killed as batch 4 begins: the optimizer stepped after batch 2, and only then was a state
+    # saved; batch 3's gradient, accumulated but not applied, is lost and must be redone.
+    status = train_killed_at(4, "--out", str(killed), *args, "--checkpoint-every", "1")
+    assert status == -signal.SIGKILL
+    state = torch.load(killed / "last.pt", weights_only=True)
+    assert (state["epoch"], state["step"]) == (0, 2) and state["ema"]
 
     assert main(["train", "--resume", str(killed), "--no-progress"]) == 0
     for name in ("final.safetensors", "ema.safetensors", "best.safetensors"):

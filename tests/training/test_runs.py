@@ -3,11 +3,7 @@ before anything is written, preemption, full disks."""
 
 import errno
 import os
-import re
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -19,13 +15,14 @@ from densenet.files import atomic_write
 from densenet.training import state as state_module
 from densenet.training.preemption import StopRequests
 from densenet.training.rundir import RunDirectory
+from killing import train_signalled_at
 
 # Digits with a tiny network: 22 steps of 64 an epoch, a few milliseconds each.
 TINY = [
     *("--model-override", "block_config=[1,1,1]", "--model-override", "growth_rate=4"),
     *("--precision", "fp32", "--no-progress", "--batch-size", "64", "--epochs", "1"),
 ]
-# Long enough for a signal to arrive mid-run: 2 epochs of 90 steps of 16.
+# Long enough for a signal to arrive mid-run: 2 epochs of 89 steps of 16 (1437 images).
 LONGER = ("--batch-size", "16", "--epochs", "2")
 
 
@@ -149,19 +146,6 @@ def test_a_save_killed_midway_leaves_nothing_on_the_next_start(tmp_path):
     assert not leftover.exists()
 
 
-def start(run, *extra):
-    command = [sys.executable, "-m", "densenet", "train", "--out", str(run), *TINY, *extra]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def wait_for_training(process, run):
-    """Block until the run has taken a few steps (its first periodic state is written)."""
-    deadline = time.monotonic() + 120
-    while not (run / "last.pt").exists():
-        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
-        time.sleep(0.05)
-
-
 def test_both_stop_signals_are_caught_while_training_and_restored_after():
     before = signal.getsignal(signal.SIGUSR1)
     for sig in (signal.SIGTERM, signal.SIGUSR1):
@@ -172,21 +156,16 @@ def test_both_stop_signals_are_caught_while_training_and_restored_after():
 
 
 def test_preemption_saves_the_step_and_resumes_exactly(tmp_path):
-    sig = signal.SIGTERM
     settings = ("--deterministic", "--drop-rate", "0.1", *LONGER)
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
     assert train(whole, *settings) == 0
-    process = start(stopped, *settings, "--checkpoint-every", "5")
-    wait_for_training(process, stopped)
-    process.send_signal(sig)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 75, stderr
-    assert f"stopped: {sig.name} at epoch 1 step" in stderr
-    assert f"continue with: densenet train --resume {stopped}" in stderr
-    # The state is the step it stopped at, whether or not a periodic save was due there.
-    step = int(re.search(r"at epoch 1 step (\d+)/", stderr).group(1))
+    # SIGTERM arrives as step 7 begins: that step finishes, is saved, and the run stops.
+    result = train_signalled_at(7, signal.SIGTERM, "--out", str(stopped), *TINY, *settings)
+    assert result.returncode == 75, result.stderr
+    assert "stopped: SIGTERM at epoch 1 step 7/89: the run is saved" in result.stderr
+    assert f"continue with: densenet train --resume {stopped}" in result.stderr
     saved = torch.load(stopped / "last.pt", weights_only=True)
-    assert (saved["epoch"], saved["step"]) == (0, step)
+    assert (saved["epoch"], saved["step"]) == (0, 7)
 
     assert main(["train", "--resume", str(stopped), "--no-progress"]) == 0
     expected, got = load_file(whole / "final.safetensors"), load_file(stopped / "final.safetensors")
@@ -195,16 +174,15 @@ def test_preemption_saves_the_step_and_resumes_exactly(tmp_path):
 
 def test_ctrl_c_says_how_to_resume(tmp_path):
     run = tmp_path / "run"
-    process = start(run, *LONGER, "--checkpoint-every", "5")
-    wait_for_training(process, run)
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130
+    result = train_signalled_at(
+        8, signal.SIGINT, "--out", str(run), *TINY, *LONGER, "--checkpoint-every", "5"
+    )
+    assert result.returncode == 130
     assert (
         f"interrupted: the run is saved up to its last checkpoint; continue with: densenet "
-        f"train --resume {run}" in stderr
+        f"train --resume {run}" in result.stderr
     )
-    assert "Traceback" not in stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_a_damaged_training_state_is_one_line(tmp_path, capsys):

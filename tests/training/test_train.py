@@ -4,7 +4,6 @@ import csv
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -20,6 +19,7 @@ from densenet.data.loaders import Normalize
 from densenet.training.loop import SYNC_STEPS
 from densenet.training.metrics import DeviceTally, EpochRow
 from fake_data import write_cifar, write_image_folder
+from killing import train_killed_at
 
 TINY = [*TINY_TRAIN_FLAGS, "--precision", "fp32", "--no-progress"]
 # What must not differ between two runs that compute the same thing (timings may).
@@ -106,26 +106,11 @@ def test_sigkill_mid_epoch_then_resume_gives_bitwise_identical_weights(tmp_path)
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     assert main(["train", "--out", str(whole), *args]) == 0
 
-    every_step = ["--checkpoint-every", "1"]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "densenet", "train", "--out", str(killed), *args, *every_step],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    checkpoint, deadline = killed / "last.pt", time.monotonic() + 120
-    try:
-        while time.monotonic() < deadline and process.poll() is None:
-            if checkpoint.exists():
-                state = torch.load(checkpoint, weights_only=True)
-                if state["epoch"] == 0 and state["step"] >= 2:
-                    break
-            time.sleep(0.05)
-        assert process.poll() is None, "the run ended before it could be killed"
-    finally:
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-    state = torch.load(checkpoint, weights_only=True)
-    assert state["step"] > 0 and not (killed / "final.safetensors").exists()
+    # Killed as step 4 of epoch 1 begins: the state of step 3 was saved, nothing after it.
+    status = train_killed_at(4, "--out", str(killed), *args, "--checkpoint-every", "1")
+    assert status == -signal.SIGKILL
+    state = torch.load(killed / "last.pt", weights_only=True)
+    assert (state["epoch"], state["step"]) == (0, 3) and not (killed / "final.safetensors").exists()
 
     assert main(["train", "--resume", str(killed), "--no-progress"]) == 0
     expected, got = load_file(whole / "final.safetensors"), load_file(killed / "final.safetensors")
