@@ -6,6 +6,7 @@ from PIL import Image
 
 from densenet import ConfigError, DenseNet, Preprocessing, explain, save_weights
 from densenet.cli import main
+from densenet.data.loaders import Normalize
 from densenet.deploy.predict import load_cropped_image
 
 SIZE, SIDE, MARGIN = 32, 5, 2
@@ -201,3 +202,22 @@ def test_cli_refuses_bad_arguments_in_one_line(tmp_path, weights, capsys, flags,
     assert error.startswith("densenet explain: error: ") and error.count("\n") == 1
     assert message in error
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_gives_a_multilabel_model_its_sigmoid_probability(tmp_path, capsys):
+    # Weights trained as multi-label say so: each finding's own probability, no softmax.
+    torch.manual_seed(0)
+    model = DenseNet(**SMALL, num_classes=3).eval()
+    meta = {"preprocessing": PREPROCESSING.to_dict(), "class_names": ["a", "b", "c"]}
+    weights = save_weights(model, tmp_path / "m.safetensors", meta={**meta, "task": "multilabel"})
+    image = tmp_path / "img.png"
+    Image.fromarray(np.full((32, 32, 3), 90, dtype=np.uint8)).save(image)
+    argv = ["explain", str(image), "--weights", str(weights), "--class", "1"]
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 0
+    printed = float(capsys.readouterr().out.split()[4])
+    x = Normalize(PREPROCESSING.mean, PREPROCESSING.std)(
+        load_cropped_image(image, PREPROCESSING, 3)[None]
+    )
+    with torch.no_grad():
+        expected = model(x)[0, 1].sigmoid().item()
+    assert printed == pytest.approx(expected, abs=1e-3)

@@ -50,7 +50,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--multi-label",
         action="store_true",
         help="the outputs are independent labels, as CheXNet's findings: print sigmoid "
-        "probabilities instead of softmax ones",
+        "probabilities instead of softmax ones (weights trained here as multi-label say so "
+        "themselves)",
     )
     parser.add_argument(
         "--out",
@@ -78,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
         image = load_cropped_image(path, preprocessing, model.config.in_channels)
         result = explain(model, normalize(image[None]), target, args.method, args.layer)
         logits = result.logits[0].float()
-        probabilities = logits.sigmoid() if args.multi_label else logits.softmax(dim=0)
+        multilabel = args.multi_label or loaded.multilabel
+        probabilities = logits.sigmoid() if multilabel else logits.softmax(dim=0)
         index = int(result.targets[0])
         heatmap = result.maps[0]
         args.out.mkdir(exist_ok=True)
