@@ -3,6 +3,7 @@ multi-label data, AUROC, average precision and F1 per class."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -109,23 +110,24 @@ class MultiLabelResult:
         positives = self.labels.sum(0)
         return [c for c in range(self.labels.shape[1]) if 0 < positives[c] < self.count]
 
+    def _per_class(self, metric: Callable[[np.ndarray, np.ndarray], float]) -> np.ndarray:
+        """``metric(labels, scores)`` of each class that has both kinds of image; NaN elsewhere."""
+        values = np.full(self.labels.shape[1], np.nan)
+        for c in self._ranked():
+            values[c] = metric(self.labels[:, c], self.scores[:, c])
+        return values
+
     @cached_property
     def per_class_auroc(self) -> np.ndarray:
         from sklearn.metrics import roc_auc_score
 
-        auroc = np.full(self.labels.shape[1], np.nan)
-        for c in self._ranked():
-            auroc[c] = roc_auc_score(self.labels[:, c], self.scores[:, c])
-        return auroc
+        return self._per_class(roc_auc_score)
 
     @cached_property
     def per_class_ap(self) -> np.ndarray:
         from sklearn.metrics import average_precision_score
 
-        ap = np.full(self.labels.shape[1], np.nan)
-        for c in self._ranked():
-            ap[c] = average_precision_score(self.labels[:, c], self.scores[:, c])
-        return ap
+        return self._per_class(average_precision_score)
 
     @cached_property
     def per_class_f1(self) -> np.ndarray:
