@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from densenet.data.datasets import Data, FolderData
-from densenet.data.loaders import Batch, FolderBatches, Normalize, mix_seed
+from densenet.data.loaders import Batch, FolderBatches, Normalize, TensorBatches, mix_seed
 from densenet.data.mixing import mix_batch, mixed_targets
 from densenet.errors import DatasetError, DenseNetError, Preempted, TrainingError
 from densenet.hardware import autocast, resolve_device, to_memory_format, why_precision
@@ -183,24 +183,7 @@ def _train(
             raise _once(context, _nothing_read(run, data.train, config, state.epoch, skipped))
 
         def test(model: nn.Module, what: str) -> EvalResult | MultiLabelResult:
-            broadcast_buffers(model)  # evaluate the weights process 0 saves, on every process
-            result = (evaluate_multilabel if data.multilabel else evaluate)(
-                model,
-                test_batches,
-                normalize,
-                precision=config.precision,
-                memory_format=config.memory_format,
-                num_classes=len(data.class_names),
-            )
-            if not result.count:
-                skipped = result.skipped
-                raise _once(context, _nothing_read(run, data.test, config, state.epoch, skipped))
-            # Finite weights can still overflow in evaluation (huge BatchNorm statistics): such a
-            # model predicts nothing, and must not become best.safetensors or the next checkpoint.
-            if not math.isfinite(result.loss):
-                loss = f"the test loss{what} is {result.loss} after epoch {state.epoch + 1}"
-                raise _once(context, _diverged(run, config, loss))
-            return result
+            return _test(model, what, test_batches, normalize, config, data, run, state, context)
 
         raw = test(learner.model, "")
         ema = test(learner.ema.model, " of the weight average") if learner.ema else None
@@ -228,6 +211,38 @@ def _train(
         result = f"test top-1 {last.score:.2f}% (best {state.best_score:.2f}%)"
     say(f"done: {result}, weights in {run / run.FINAL}")
     return last
+
+
+def _test(
+    model: nn.Module,
+    what: str,
+    batches: TensorBatches | FolderBatches,
+    normalize: Normalize,
+    config: TrainConfig,
+    data: DataSetup,
+    run: RunDirectory,
+    state: TrainState,
+    context: DistributedContext,
+) -> EvalResult | MultiLabelResult:
+    """The epoch's evaluation of ``model`` (the weights, or ``what`` else: their average)."""
+    broadcast_buffers(model)  # evaluate the weights process 0 saves, on every process
+    result = (evaluate_multilabel if data.multilabel else evaluate)(
+        model,
+        batches,
+        normalize,
+        precision=config.precision,
+        memory_format=config.memory_format,
+        num_classes=len(data.class_names),
+    )
+    if not result.count:
+        skipped = result.skipped
+        raise _once(context, _nothing_read(run, data.test, config, state.epoch, skipped))
+    # Finite weights can still overflow in evaluation (huge BatchNorm statistics): such a model
+    # predicts nothing, and must not become best.safetensors or the next checkpoint.
+    if not math.isfinite(result.loss):
+        loss = f"the test loss{what} is {result.loss} after epoch {state.epoch + 1}"
+        raise _once(context, _diverged(run, config, loss))
+    return result
 
 
 def train_step(
