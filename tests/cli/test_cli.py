@@ -115,5 +115,5 @@ def test_train_flags_come_with_help_and_choices_from_the_config():
             assert by_setting[name].choices == typing.get_args(FIELD_TYPES[name])
     assert choice_fields == {
         "dataset", "augment", "interpolation", "precision", "memory_format", "task", "pos_weight",
-        "schedule", "optimizer",
+        "schedule", "optimizer", "auto_augment",
     }  # fmt: skip

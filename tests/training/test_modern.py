@@ -16,10 +16,12 @@ from torch import nn
 from architectures import DIGITS, TINY_TRAIN_FLAGS
 from densenet import create_model
 from densenet.cli import main
-from densenet.data.loaders import Batch, Normalize
+from densenet.data import loaders
+from densenet.data.erasing import erase_batch
+from densenet.data.loaders import Batch, Normalize, mix_seed
 from densenet.data.mixing import mix_batch, mixed_targets
 from densenet.training import loop
-from densenet.training.config import TrainConfig
+from densenet.training.config import TrainConfig, load_config
 from densenet.training.ema import WeightAverage
 from densenet.training.loop import clip_gradients, train_step
 from densenet.training.setup import Learner, build_criterion, build_optimizer
@@ -189,6 +191,46 @@ def test_cutmix_pastes_a_box_of_the_partner_and_records_its_share():
     assert kinds == {True, False}
 
 
+def test_a_training_step_erases_its_normalised_batch_with_the_step_seed():
+    images = torch.randint(1, 256, (12, 1, 8, 8), dtype=torch.uint8)
+    batch, normalize = Batch(images, torch.randint(0, 10, (12,))), Normalize((0.0,), (1.0,))
+
+    def network_input(**settings):
+        learner, config = tiny_learner(**settings)
+        seen = []
+        recording = lambda x: seen.append(x) or learner.model(x)  # noqa: E731
+        train_step(recording, learner, batch, config, normalize, 7, False, 1.0, False)
+        return seen[0]
+
+    assert torch.equal(network_input(), normalize(images))
+    expected = erase_batch(normalize(images), 0.5, mix_seed(7, 4))
+    assert torch.equal(network_input(random_erasing=0.5), expected)
+    assert not torch.equal(expected, normalize(images))
+
+
+def test_train_runs_with_auto_augment_and_random_erasing(tmp_path, monkeypatch):
+    calls = {"augment_each": 0, "erase_batch": 0}
+
+    def counted(module, name):
+        function = getattr(module, name)
+
+        def counting(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, counting)
+
+    counted(loaders, "augment_each")
+    counted(loop, "erase_batch")
+    run = tmp_path / "run"
+    args = ["--epochs", "1", "--batch-size", "256", "--auto-augment", "randaugment"]
+    args += ["--random-erasing", "0.25", *TINY_TRAIN_FLAGS, "--precision", "fp32"]
+    assert main(["train", "--out", str(run), "--no-progress", *args]) == 0
+    assert calls == {"augment_each": 5, "erase_batch": 5}  # every one of the 5 training steps
+    saved = load_config(run / "config.toml")
+    assert (saved.auto_augment, saved.random_erasing) == ("randaugment", 0.25)
+
+
 def test_sigkill_and_resume_with_every_modern_option_gives_bitwise_identical_runs(tmp_path):
     # Digits: 5 batches of 256 an epoch, optimizer steps after batches 2, 4 and 5.
     args = [
@@ -197,6 +239,7 @@ def test_sigkill_and_resume_with_every_modern_option_gives_bitwise_identical_run
         *("--schedule", "cosine", "--warmup-epochs", "0.5", "--label-smoothing", "0.1"),
         *("--accumulate", "2", "--clip-grad-norm", "1", "--ema-decay", "0.9"),
         *("--mixup-alpha", "0.2", "--cutmix-alpha", "1"),
+        *("--auto-augment", "trivialaugment", "--random-erasing", "0.25"),
         *TINY_TRAIN_FLAGS,
         *("--precision", "fp32", "--no-progress"),
     ]

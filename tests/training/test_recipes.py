@@ -94,6 +94,12 @@ def test_saved_config_round_trips_as_a_recipe(tmp_path):
         ({"ema_decay": 1}, "ema_decay must be in [0, 1) (0: off)"),
         ({"mixup_alpha": -0.2}, "mixup_alpha must be a finite number >= 0"),
         ({"cutmix_alpha": float("nan")}, "cutmix_alpha must be a finite number >= 0"),
+        ({"random_erasing": 1.5}, "random_erasing must be in [0, 1] (0: off)"),
+        ({"random_erasing": float("nan")}, "random_erasing must be in [0, 1] (0: off)"),
+        (
+            {"auto_augment": "autoaugment"},
+            "auto_augment must be one of none, randaugment, trivialaugment",
+        ),
         ({"model_overrides": {"num_classes": 5}}, "may not set num_classes"),
     ],
 )

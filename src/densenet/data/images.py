@@ -101,10 +101,31 @@ def eval_transform(preprocessing: Preprocessing) -> v2.Compose:
     return v2.Compose([*_resize(preprocessing), v2.CenterCrop(preprocessing.input_size)])
 
 
-def train_transform(preprocessing: Preprocessing, augment: str, padding: int) -> v2.Compose:
-    """The augmentation ``augment`` names; its random draws come from torch's global generator."""
+# torchvision's defaults: RandAugment's 2 ops at magnitude 9 of 31, TrivialAugmentWide's 1 op.
+_POLICIES: dict[str, type[v2.Transform]] = {
+    "randaugment": v2.RandAugment,
+    "trivialaugment": v2.TrivialAugmentWide,
+}
+
+
+def auto_augment_op(name: str) -> v2.Transform | None:
+    """torchvision's policy ``name`` (None for "none"); it draws from torch's global generator."""
+    return None if name == "none" else _POLICIES[name]()
+
+
+def train_transform(
+    preprocessing: Preprocessing, augment: str, padding: int, auto_augment: str = "none"
+) -> v2.Compose:
+    """The augmentation ``augment`` names, then the policy ``auto_augment`` names; their random
+    draws come from torch's global generator."""
+    steps = _crop_and_flip(preprocessing, augment, padding)
+    policy = auto_augment_op(auto_augment)
+    return v2.Compose(steps if policy is None else [*steps, policy])
+
+
+def _crop_and_flip(preprocessing: Preprocessing, augment: str, padding: int) -> list:
     if augment == "none":
-        return eval_transform(preprocessing)
+        return eval_transform(preprocessing).transforms
     size = preprocessing.input_size
     if augment == "random_resized_crop_flip":
         interpolation = InterpolationMode(preprocessing.interpolation)
@@ -112,4 +133,4 @@ def train_transform(preprocessing: Preprocessing, augment: str, padding: int) ->
     else:  # the CIFAR-style crop, after the evaluation resize
         crop = [*_resize(preprocessing), v2.RandomCrop(size, padding=padding)]
     flip = [v2.RandomHorizontalFlip()] if augment.endswith("flip") else []
-    return v2.Compose([*crop, *flip])
+    return [*crop, *flip]

@@ -2,9 +2,16 @@
 (seed, epoch, step): its images, their order and their augmentation. A run resumed at any step
 therefore sees exactly the batches the uninterrupted run would have seen.
 
-In-memory datasets are indexed and augmented on the device, a whole batch per tensor operation.
-ImageFolder data goes through a DataLoader whose workers decode and augment each image with a
-per-image seed drawn from the same function.
+In-memory datasets are indexed, cropped and flipped on the device, a whole batch per tensor
+operation. ImageFolder data goes through a DataLoader whose workers decode and augment each image
+with a per-image seed drawn from the same function.
+
+RandAugment and TrivialAugmentWide (``auto_augment``) are applied to in-memory data image by image
+on the device, each image with torch's global generator seeded from (seed, epoch, step) and its
+place in the global batch: torchvision's ops given a batch apply one op at one magnitude to all of
+its images, which is a weaker augmentation than the policies' per-image draws, and a batched
+version of their 14 ops would be a second implementation of torchvision's. The loop costs a few
+small tensor operations per image and step.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
 from densenet.data.datasets import Data, FolderData, TensorData
-from densenet.data.images import eval_transform, read_image, train_transform
+from densenet.data.images import auto_augment_op, eval_transform, read_image, train_transform
 from densenet.errors import ConfigError, DatasetError
 from densenet.models.presets import Preprocessing
 
@@ -114,6 +121,18 @@ def crop_and_flip(
     return padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
 
 
+def augment_each(images: Tensor, policy: v2.Transform, seeds: list[int]) -> Tensor:
+    """``policy`` applied to each of ``images`` with its own draws, from torch's global generator
+    seeded by its entry of ``seeds``; the caller's generator state is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        augmented = []
+        for image, seed in zip(images, seeds, strict=True):
+            # The CPU generator only: the policies draw on it even for images on a GPU.
+            torch.default_generator.manual_seed(seed)
+            augmented.append(policy(image))
+    return torch.stack(augmented)
+
+
 class TensorBatches:
     """Batches of a :class:`TensorData` held on the device."""
 
@@ -127,12 +146,14 @@ class TensorBatches:
         seed: int = 0,
         augment: str = "none",
         padding: int = 0,
+        auto_augment: str = "none",
         shard: Shard = Shard(),
     ) -> None:
         self.images = data.images.to(device)
         self.labels = data.labels.to(device)
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.augment, self.padding, self.shard = augment, padding, shard
+        self.policy = auto_augment_op(auto_augment)
 
     def __len__(self) -> int:
         return batches_per_epoch(len(self.labels), self.batch_size, self.train)
@@ -148,6 +169,11 @@ class TensorBatches:
                 generator = torch.Generator().manual_seed(mix_seed(self.seed, epoch, step, 1))
                 flip = self.augment == "crop_flip"
                 images = crop_and_flip(images, self.padding, flip, generator, len(batch), shard)
+            if self.train and self.policy is not None:
+                # Seeded by the place in the global batch: the same for any number of processes.
+                places = range(len(batch))[shard]
+                seeds = [mix_seed(self.seed, epoch, step, 3, place) for place in places]
+                images = augment_each(images, self.policy, seeds)
             yield Batch(images, self.labels[index])
 
 
@@ -244,6 +270,7 @@ def make_batches(
     in_channels: int,
     augment: str = "none",
     padding: int = 0,
+    auto_augment: str = "none",
     workers: int = 0,
     seed: int = 0,
     shard: Shard = Shard(),
@@ -257,10 +284,11 @@ def make_batches(
             seed=seed,
             augment=augment,
             padding=padding,
+            auto_augment=auto_augment,
             shard=shard,
         )
     if train:
-        transform = train_transform(preprocessing, augment, padding)
+        transform = train_transform(preprocessing, augment, padding, auto_augment)
     else:
         transform = eval_transform(preprocessing)
     return FolderBatches(

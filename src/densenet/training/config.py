@@ -34,6 +34,7 @@ else:  # pragma: no cover - Python 3.10
 Dataset = Literal["digits", "cifar10", "cifar100", "svhn", "imagefolder", "csv"]
 DATASETS: tuple[Dataset, ...] = typing.get_args(Dataset)
 Augmentation = Literal["none", "crop", "crop_flip", "random_resized_crop_flip"]
+AutoAugment = Literal["none", "randaugment", "trivialaugment"]
 Task = Literal["auto", "single", "multilabel"]
 Schedule = Literal["step", "cosine"]
 Optimizer = Literal["sgd", "adamw"]
@@ -174,6 +175,18 @@ class TrainConfig:
         "random_resized_crop_flip (ImageFolder only)",
     )
     crop_padding: int = _setting(4, help="zero padding on each side before a random crop, in px")
+    auto_augment: AutoAugment = _setting(
+        "none",
+        help="after the crop and flip, per image: randaugment (torchvision's RandAugment: 2 ops "
+        "at magnitude 9) or trivialaugment (TrivialAugmentWide: 1 op, random magnitude); "
+        "in-memory datasets are augmented image by image on the device, as image files are",
+    )
+    random_erasing: float = _setting(
+        0.0,
+        help="probability that an image gets one rectangle (0.02 to 1/3 of its area, aspect "
+        "ratio 0.3 to 3.3) set to 0 after normalisation, i.e. to the mean (0: off; e.g. "
+        "the DeiT ImageNet recipe: 0.25)",
+    )
     svhn_extra: bool = _setting(
         True, help="SVHN only: train on train + extra (the paper's 604,388 images)"
     )
@@ -336,6 +349,7 @@ _DOMAINS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "mixup_alpha": (lambda x: 0 <= x < math.inf, "a finite number >= 0 (0: off)"),
     "cutmix_alpha": (lambda x: 0 <= x < math.inf, "a finite number >= 0 (0: off)"),
     "drop_rate": (lambda x: 0 <= x < 1, "in [0, 1)"),
+    "random_erasing": (lambda x: 0 <= x <= 1, "in [0, 1] (0: off)"),
     "backbone_lr_scale": (lambda x: 0 <= x <= 1, "in [0, 1]"),
     "mean": (lambda xs: all(math.isfinite(x) for x in xs), "finite numbers"),
     "std": (lambda xs: all(0 < x < math.inf for x in xs), "finite numbers > 0"),

@@ -1,5 +1,6 @@
 """The training loop: the paper's SGD and step schedule (or AdamW, cosine, accumulation, clipping,
-mixup/cutmix and a weight average), evaluation every epoch, resumable at any optimizer step.
+random erasing, mixup/cutmix and a weight average), evaluation every epoch, resumable at any
+optimizer step.
 
 Every source of randomness is a pure function of (seed, epoch, step): the data order and
 augmentation (see loaders.py) and dropout (the global RNG is re-seeded before each step). Together
@@ -8,8 +9,8 @@ exactly what the uninterrupted run computes.
 
 Under torchrun each process trains on its slice of every global batch; gradients are averaged by
 DistributedDataParallel and the step's loss and accuracy are summed over processes (distributed.py).
-The data, and so a run without dropout, do not depend on the number of processes; dropout masks
-are drawn per process.
+The data (crops, flips and augmentation policies included), and so a run without dropout, random
+erasing or mixing, do not depend on the number of processes; those three are drawn per process.
 
 A step never waits for the device: its sums stay there, and the host reads them every
 ``SYNC_STEPS`` steps, before a save and at the end of the epoch. A non-finite loss is therefore
@@ -29,6 +30,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from densenet.data.datasets import Data, FolderData
+from densenet.data.erasing import erase_batch
 from densenet.data.loaders import Batch, FolderBatches, Normalize, TensorBatches, mix_seed
 from densenet.data.mixing import mix_batch, mixed_targets
 from densenet.errors import DatasetError, DenseNetError, Preempted, TrainingError
@@ -270,6 +272,9 @@ def train_step(
     # Dropout draws from the global RNG: a seed per step (and process) makes a resume repeat it.
     torch.manual_seed(seed)
     images = normalize(batch.images)
+    # Erased before mixing, as torchvision's and timm's recipes do (per image, then per batch).
+    if config.random_erasing:
+        images = erase_batch(images, config.random_erasing, mix_seed(seed, 4))
     mixed = None
     if config.mixup_alpha or config.cutmix_alpha:
         mixed = mix_batch(images, config.mixup_alpha, config.cutmix_alpha, mix_seed(seed, 3))

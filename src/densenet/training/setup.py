@@ -323,7 +323,12 @@ def build_batches(
         shard=shard,
     )
     train = make_batches(
-        data.train, train=True, augment=config.augment, padding=config.crop_padding, **common
+        data.train,
+        train=True,
+        augment=config.augment,
+        padding=config.crop_padding,
+        auto_augment=config.auto_augment,
+        **common,
     )
     if len(train) == 0:
         raise ConfigError(
