@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from sklearn.metrics import average_precision_score, roc_auc_score
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from architectures import TINY
 from densenet import create_model
@@ -61,7 +62,7 @@ def shapes(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(shapes, tmp_path_factory):
     run = tmp_path_factory.mktemp("runs") / "run"
-    assert main([*csv_args(shapes, "--epochs", "12", "--out", str(run))]) == 0
+    assert main([*csv_args(shapes, "--epochs", "12", "--out", str(run), "--tensorboard")]) == 0
     return run
 
 
@@ -82,6 +83,15 @@ def test_a_multilabel_csv_trains_through_the_cli_to_a_high_mean_auroc(trained):
     per_class = np.array([[float(rows[-1][f"auroc_{k}"]) for k in SHAPES]])
     assert means[-1] == pytest.approx(per_class.mean(), abs=1e-5)
     assert (trained / "best.safetensors").is_file() and (trained / "curves.png").is_file()
+
+
+def test_a_multilabel_run_logs_its_ranking_columns_to_tensorboard(trained):
+    events = EventAccumulator(str(trained / "tensorboard"), size_guidance={"scalars": 0}).Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"epoch/test_mean_auroc", *(f"epoch/auroc_{kind}" for kind in SHAPES)} <= tags
+    assert "step/train_loss" in tags and "step/train_top1" not in tags  # no top-1 here
+    aurocs = [s.value for s in events.Scalars("epoch/test_mean_auroc")]
+    assert aurocs == pytest.approx([float(r["test_mean_auroc"]) for r in read_metrics(trained)])
 
 
 def test_project_metrics_equal_scikit_learns_on_the_same_scores():

@@ -49,7 +49,9 @@ DEFAULT_RECIPES: dict[Dataset, str] = {
     "csv": "imagenet",
 }
 # Settings that may change when a run is resumed: they don't change what is computed.
-RESUMABLE_CHANGES = frozenset({"data_dir", "download", "workers", "checkpoint_every"})
+RESUMABLE_CHANGES = frozenset(
+    {"data_dir", "download", "workers", "checkpoint_every", "tensorboard"}
+)
 
 
 def _setting(default: object = dataclasses.MISSING, *, help: str, **options: object) -> Any:
@@ -222,6 +224,12 @@ class TrainConfig:
     )
     checkpoint_every: int = _setting(
         0, help="also checkpoint every N optimizer steps (0: at the end of each epoch only)"
+    )
+    tensorboard: bool = _setting(
+        False,
+        help="write TensorBoard event files to RUN/tensorboard: train loss, top-1, lr and img/s "
+        "per step, every metrics.csv column and the curves per epoch (pip install "
+        "'densenet[tensorboard]')",
     )
     deterministic: bool = _setting(
         False, help="deterministic algorithms only (bitwise-reproducible runs, may be slower)"

@@ -21,6 +21,7 @@ image could be read, stop the run too, before the epoch's state or weights are s
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from typing import TypeVar
@@ -54,6 +55,7 @@ from densenet.training.evaluate import (
     evaluate_multilabel,
     topk_correct,
 )
+from densenet.training.events import RunEvents, check_available
 from densenet.training.metrics import DeviceTally, EpochRow, MultiLabelRow, Row, Tally
 from densenet.training.preemption import StopRequests
 from densenet.training.rundir import RunDirectory
@@ -86,15 +88,20 @@ def train(
     # (and its rounding) can change from run to run: only a non-deterministic run may use it.
     torch.backends.cudnn.benchmark = not config.deterministic
     try:
-        with StopRequests() as stops:
-            return _train(config, run, resume, progress, stops)
+        with StopRequests() as stops, contextlib.ExitStack() as closing:
+            return _train(config, run, resume, progress, stops, closing)
     finally:
         torch.use_deterministic_algorithms(previous_determinism)
         torch.backends.cudnn.benchmark = previous_benchmark
 
 
 def _train(
-    config: TrainConfig, run: RunDirectory, resume: bool, progress: bool, stops: StopRequests
+    config: TrainConfig,
+    run: RunDirectory,
+    resume: bool,
+    progress: bool,
+    stops: StopRequests,
+    closing: contextlib.ExitStack,
 ) -> Row:
     # Under torchrun every process runs this function; the process group is already up (see
     # distributed.distributed_session) and only the main process writes or prints.
@@ -105,6 +112,7 @@ def _train(
     # one that can't makes all of them stop.
     auto_precision = config.precision == "auto"
     with stop_together(device):
+        check_available(config)
         data = load_data(config)
         config = resolve_config(config, data)
         saved = run.read_state() if resume else None
@@ -115,6 +123,9 @@ def _train(
     if not resume:
         run.write_config(config)
     state = saved.state if saved else TrainState()
+    events = closing.enter_context(
+        RunEvents.open(config, run, state, steps, data.multilabel, resume)
+    )
     normalize = Normalize(config.mean, config.std).to(device)
     meta = weights_meta(config, data)
     say = print if context.is_main else lambda line: None
@@ -126,6 +137,7 @@ def _train(
         if not all(bool(torch.isfinite(p).all()) for p in learner.model.parameters()):
             where = _at_step(state.epoch * steps + state.step, steps)
             raise _diverged(run, config, f"weights became non-finite {where}")
+        events.flush()  # events before the state: a resumed run drops what follows the state
         learner_states = learner.state_dicts()
         run.write_state(state, learner_states, config.to_dict(), learner.model.config.to_dict())
 
@@ -141,6 +153,7 @@ def _train(
     while state.epoch < config.epochs:
         learner.model.train()
         sums = DeviceTally(state.tally, device)
+        events.start_window(state)
         bar = _progress_bar(config, state, steps, enabled=progress and context.is_main)
         tick = time.perf_counter()
         for batch in train_batches.epoch(state.epoch, state.step):
@@ -166,6 +179,8 @@ def _train(
                 if bad_step is not None:
                     raise _loss_diverged(run, config, state, bad_step, steps, context)
                 bar.set_postfix(_postfix(state, data.multilabel), refresh=False)
+            if update:
+                events.step(state, synced=sync or stop)
             if save_now or stop:
                 save()
             if stop:
@@ -197,6 +212,7 @@ def _train(
             best = learner.ema.model if learner.ema and better_ema else learner.model
             run.write_weights(best, run.BEST, {**meta, **_weights_tag(row, better_ema)})
         state.next_epoch(row)
+        events.epoch(state)
         # The state before the metrics: a crash in between re-writes the metrics on resume.
         save()
         run.write_metrics(state.history)

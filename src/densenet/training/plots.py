@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
@@ -14,6 +15,12 @@ from densenet.training.metrics import EpochRow, Row
 
 def plot_curves(history: list[Row], path: Path) -> None:
     """Loss and top-1 accuracy per epoch, train and test; multi-label runs: test mean AUROC."""
+    figure = curves_figure(history)
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
+
+
+def curves_figure(history: list[Row]) -> Figure:
+    """The figure of :func:`plot_curves`."""
     epochs = [row.epoch for row in history]
     figure = Figure(figsize=(10, 4), layout="constrained")
     loss_axes, acc_axes = figure.subplots(1, 2)
@@ -37,7 +44,15 @@ def plot_curves(history: list[Row], path: Path) -> None:
         axes.grid(alpha=0.3)
         axes.legend()
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
+    return figure
+
+
+def render(figure: Figure) -> np.ndarray:
+    """The figure's RGB pixels (height x width x 3, uint8) at its own dpi."""
+    # A canvas of its own: pyplot (and the backend it picks) stays out of it.
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
 def plot_confusion(confusion: np.ndarray, class_names: list[str], path: Path, title: str) -> None:
