@@ -157,3 +157,37 @@ def test_relu_is_not_in_place_so_hooks_see_their_tensors():
     model(torch.randn(2, 3, 32, 32))
     assert (captured["bn"] < 0).any()  # an in-place ReLU would have clamped it
     assert not any(getattr(m, "inplace", False) for m in model.modules())
+
+
+def _conv_input_versions(model: DenseNet, x: torch.Tensor) -> list[int]:
+    """How often each bottleneck conv's input was written after it was made: 1 if the ReLU
+    before it reused the BatchNorm's output, 0 if it made a tensor of its own."""
+    versions = []
+    for layer in model.modules():
+        if isinstance(layer, DenseLayer):
+            layer.conv1.register_forward_pre_hook(lambda m, i: versions.append(i[0]._version))
+    model(x)
+    return versions
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_unhooked_relus_reuse_the_norms_output(training):
+    # Without a hook on the norm or the ReLU nobody can see the BN output change: the ReLU
+    # overwrites it, as torchvision's in-place ReLU does (the torchvision equivalence tests show
+    # the result is the same).
+    model = DenseNet(**TINY).train(training)
+    x = torch.randn(2, 3, 32, 32)
+    assert set(_conv_input_versions(model, x)) == {1}
+
+
+def test_a_hook_on_the_norm_or_the_relu_keeps_the_relu_out_of_place():
+    model = DenseNet(**TINY)
+    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+    first, second = model.features.denseblock1.denselayer1, model.features.denseblock1.denselayer2
+    first.norm1.register_forward_hook(lambda m, i, out: None)
+    # A full backward hook wraps the ReLU's input in a view that an in-place ReLU would break.
+    second.relu1.register_full_backward_hook(lambda m, grad_in, grad_out: None)
+    versions = _conv_input_versions(model, x)
+    assert versions[:2] == [0, 0] and set(versions[2:]) == {1}
+    model(x).sum().backward()
+    assert x.grad is not None
