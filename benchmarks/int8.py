@@ -80,7 +80,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", nargs="+", type=int, default=[1])
-    parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved timed rounds")
     parser.add_argument("--output")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -109,8 +109,9 @@ def main(argv: list[str]) -> int:
         f"(fp32 predicts {classes} distinct classes on them); quantize + compile "
         f"{time.perf_counter() - started:.0f} s"
     )
-    lines += ["", "| batch | configuration | ms/batch | img/s | vs torchvision default |"]
-    lines.append("|---|---|---|---|---|")
+    lines += ["", "| batch | configuration | ms/batch (median) | fastest-slowest round | img/s "]
+    lines[-1] += "| vs torchvision default |"
+    lines.append("|---|---|---|---|---|---|")
     print(lines[-4], flush=True)
 
     twin = torchvision_twin(model)
@@ -121,17 +122,13 @@ def main(argv: list[str]) -> int:
         Candidate("ours, quantize_int8 + compile (int8)", "int8", lambda: int8, True),
     ]
     for batch in args.batch:
-        timings = time_candidates(
-            candidates,
-            torch.randn(batch, 3, 224, 224),
-            warmup=2,
-            min_runs=5,
-            budget_seconds=args.seconds * len(candidates),
-        )
+        x = torch.randn(batch, 3, 224, 224)
+        timings = time_candidates(candidates, x, warmup=2, rounds=args.rounds)
         reference = timings[0].seconds_per_batch
         for timing in timings:
             lines.append(
                 f"| {batch} | {timing.name} | {timing.seconds_per_batch * 1e3:.1f} "
+                f"| {min(timing.seconds) * 1e3:.1f}-{max(timing.seconds) * 1e3:.1f} "
                 f"| {timing.images_per_second:.1f} | {reference / timing.seconds_per_batch:.2f}x |"
             )
             print(lines[-1], flush=True)

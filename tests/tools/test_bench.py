@@ -23,12 +23,16 @@ def test_no_twin_where_torchvision_cannot_express_the_model():
 def test_bench_prints_and_writes_a_table(tmp_path, capsys):
     output = tmp_path / "bench.md"
     argv = ["bench", "densenet_bc100_k12", "--batch", "1", "--precision", "fp32"]
-    argv += ["--warmup", "0", "--min-runs", "1", "--seconds", "0", "--output", str(output)]
+    argv += ["--warmup", "0", "--rounds", "2", "--output", str(output)]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "torch threads" in printed
+    assert "torch threads" in printed and "kernels" in printed and "bf16 in oneDNN" in printed
     written = output.read_text()
     assert "ours, optimize_for_inference" in written and "command: `densenet bench" in written
+    rows = [line for line in written.splitlines() if line.startswith("| 1 |")]
+    fastest, slowest = (float(ms) for ms in rows[0].split("|")[5].split("-"))
+    median = float(rows[0].split("|")[4])
+    assert fastest <= median <= slowest
 
 
 @pytest.mark.parametrize(
@@ -36,6 +40,7 @@ def test_bench_prints_and_writes_a_table(tmp_path, capsys):
     [
         (["--batch", "0"], "--batch"),
         (["--threads", "0"], "--threads"),
+        (["--rounds", "0"], "--rounds"),
         (["--device", "cuda"], "CUDA"),
     ],
 )

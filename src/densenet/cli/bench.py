@@ -40,12 +40,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--threads", type=int, help="torch.set_num_threads (default: torch's choice)"
     )
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls per configuration")
-    parser.add_argument("--min-runs", type=int, default=5, help="timed calls at the least")
     parser.add_argument(
-        "--seconds",
-        type=float,
-        default=8.0,
-        help="time budget per configuration and batch size (configurations take turns)",
+        "--rounds",
+        type=int,
+        default=7,
+        help="timed rounds, each calling every configuration once in turn (median and range shown)",
     )
     parser.add_argument("--output", type=Path, help="also write the results as Markdown here")
     parser.set_defaults(run=run)
@@ -55,6 +54,10 @@ def run(args: argparse.Namespace) -> int:
     spec = get_spec(args.name)
     if any(batch < 1 for batch in args.batch):
         raise ConfigError(f"--batch sizes must be >= 1, got {args.batch}")
+    if args.rounds < 1 or args.warmup < 0:
+        raise ConfigError(
+            f"--rounds must be >= 1 and --warmup >= 0, got {args.rounds} and {args.warmup}"
+        )
     device = resolve_device(args.device)
     if args.threads is not None:
         if args.threads < 1:
@@ -72,20 +75,14 @@ def run(args: argparse.Namespace) -> int:
 
     configurations = candidates(model, device, args.precision, args.compile)
     header = (
-        "| batch | precision | configuration | ms/batch | img/s | vs torchvision default "
-        "| vs best torchvision same precision |"
+        "| batch | precision | configuration | ms/batch (median) | fastest-slowest round "
+        "| img/s | vs torchvision default | vs best torchvision same precision |"
     )
-    table = [header, "|---|---|---|---|---|---|---|"]
+    table = [header, "|---|---|---|---|---|---|---|---|"]
     print(header, flush=True)
     for batch in args.batch:
         x = torch.randn(batch, model.config.in_channels, *size, device=device)
-        timings = time_candidates(
-            configurations,
-            x,
-            warmup=args.warmup,
-            min_runs=args.min_runs,
-            budget_seconds=args.seconds * len(configurations),
-        )
+        timings = time_candidates(configurations, x, warmup=args.warmup, rounds=args.rounds)
         for timing in timings:
             row = _row(timing, timings)
             table.append(row)
@@ -113,7 +110,9 @@ def _row(timing: Timing, so_far: list[Timing]) -> str:
 
     return (
         f"| {timing.batch} | {timing.precision} | {timing.name} "
-        f"| {timing.seconds_per_batch * 1e3:.1f} | {timing.images_per_second:.1f} "
+        f"| {timing.seconds_per_batch * 1e3:.1f} "
+        f"| {min(timing.seconds) * 1e3:.1f}-{max(timing.seconds) * 1e3:.1f} "
+        f"| {timing.images_per_second:.1f} "
         f"| {ratio(default)} | {ratio(best)} |"
     )
 
@@ -122,8 +121,7 @@ def _command_line(args: argparse.Namespace) -> str:
     """The command that reproduces this run, with every setting spelled out."""
     words = ["densenet", "bench", args.name, "--batch", *map(str, args.batch)]
     words += ["--precision", *args.precision, "--device", args.device]
-    words += ["--warmup", str(args.warmup), "--min-runs", str(args.min_runs)]
-    words += ["--seconds", f"{args.seconds:g}"]
+    words += ["--warmup", str(args.warmup), "--rounds", str(args.rounds)]
     if args.threads is not None:
         words += ["--threads", str(args.threads)]
     if args.compile:

@@ -1,8 +1,9 @@
 """Inference speed of our networks next to torchvision's DenseNet with the same weights.
 
 Every configuration is timed on the same input after warm-up (which includes torch.compile's
-compilation), in rounds until a time budget is spent; the median time per batch is reported, so
-one slow call from a neighbour on a shared machine does not skew the result.
+compilation), in interleaved rounds: each round calls every configuration once, so that load from
+elsewhere on a shared machine falls on all of them alike. The median over rounds is reported with
+the fastest and slowest round, so that one slow call does not skew a result and a noisy one shows.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torchvision
 from torch import Tensor, nn
 
 from densenet.deploy.optimize import onednn_supports, optimize_for_inference
-from densenet.hardware import DTYPES, Precision, autocast, cpu_info
+from densenet.hardware import DTYPES, Precision, autocast, cpu_info, fast_bf16
 from densenet.models.densenet import DenseNet
 
 TORCHVISION_DEFAULT = "torchvision default (fp32, NCHW)"
@@ -30,8 +31,11 @@ class Timing:
     name: str
     precision: str
     batch: int
-    seconds_per_batch: float  # median
-    runs: int
+    seconds: tuple[float, ...]  # per round, in order
+
+    @property
+    def seconds_per_batch(self) -> float:
+        return statistics.median(self.seconds)
 
     @property
     def images_per_second(self) -> float:
@@ -188,19 +192,9 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_candidates(
-    found: list[Candidate],
-    x: Tensor,
-    *,
-    warmup: int,
-    min_runs: int,
-    budget_seconds: float,
-) -> list[Timing]:
-    """Median seconds per call of each candidate on ``x``, after ``warmup`` untimed calls.
-
-    Candidates take turns, one call each per round, so that load from other processes on a shared
-    machine falls on all of them alike instead of on whichever happened to run at the time.
-    """
+def time_candidates(found: list[Candidate], x: Tensor, *, warmup: int, rounds: int) -> list[Timing]:
+    """Seconds per call of each candidate on ``x`` in each of ``rounds`` rounds, after ``warmup``
+    untimed calls. Every round calls each candidate once, in turn."""
     inputs = {
         layout: x.contiguous(memory_format=torch.channels_last) if layout else x.contiguous()
         for layout in (False, True)
@@ -212,26 +206,29 @@ def time_candidates(
             for _ in range(warmup):
                 run(inputs[candidate.channels_last])
         _synchronize(x.device)
-        started = time.perf_counter()
-        while len(times[0]) < min_runs or time.perf_counter() - started < budget_seconds:
+        for _ in range(rounds):
             for run, candidate, spent in zip(runs, found, times, strict=True):
                 begin = time.perf_counter()
                 run(inputs[candidate.channels_last])
                 _synchronize(x.device)
                 spent.append(time.perf_counter() - begin)
     return [
-        Timing(
-            candidate.name, candidate.precision, x.shape[0], statistics.median(spent), len(spent)
-        )
+        Timing(candidate.name, candidate.precision, x.shape[0], tuple(spent))
         for candidate, spent in zip(found, times, strict=True)
     ]
 
 
 def machine_description(device: torch.device) -> Iterator[str]:
+    """The facts a speed result depends on, one line each, for the head of every result file."""
     if device.type == "cuda":
-        yield f"device: {torch.cuda.get_device_name(device)}"
+        major, minor = torch.cuda.get_device_capability(device)
+        yield f"device: {torch.cuda.get_device_name(device)} (compute capability {major}.{minor})"
     cpu = cpu_info().get("model name") or platform.processor() or "unknown CPU"
-    yield f"cpu: {cpu}, torch threads: {torch.get_num_threads()}"
+    native = "native bf16" if fast_bf16(torch.device("cpu")) else "no native bf16"
+    yield (
+        f"cpu: {cpu}, kernels {torch.backends.cpu.get_cpu_capability()}, {native} in oneDNN, "
+        f"torch threads: {torch.get_num_threads()}"
+    )
     yield (
         f"torch {torch.__version__}, torchvision {torchvision.__version__}, "
         f"python {platform.python_version()}"
