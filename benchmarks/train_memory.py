@@ -1,8 +1,9 @@
 """Training speed and whole-process peak memory: ours (memory_efficient) against torchvision.
 
 Every (implementation, depth) runs in its own fresh Python process, so each peak RSS (the child's
-ru_maxrss) covers exactly one configuration. A training step is forward, cross-entropy loss,
-backward and an SGD update, timed after warm-up.
+ru_maxrss) covers exactly one configuration, in ``--rounds`` rounds that take the implementations
+in turn; the table gives medians, ranges and each ratio's worst round. A training step is
+forward, cross-entropy loss, backward and an SGD update, timed after warm-up.
 
     # target 1: DenseNet-121
     python benchmarks/train_memory.py --preset densenet121 --batch 32 --size 224
@@ -22,6 +23,7 @@ import csv
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import textwrap
@@ -165,24 +167,78 @@ def run(args: argparse.Namespace) -> list[dict]:
         ]
     rows, last_fit = [], {}
     for label, spec in cases:
+        results: dict[str, list[dict]] = {implementation: [] for implementation in args.impl}
+        errors: dict[str, str] = {}
         for implementation in args.impl:
-            row = {"model": label, "depth": spec.get("depth", ""), "implementation": implementation}
             previous = last_fit.get(implementation)
             # Deeper nets only while they fit: project quadratic growth in training from the last
             # depth (the memory before the first step, mostly the libraries, stays).
             if previous and _projected(previous, spec["depth"]) > args.cap_gb * 1.074:
-                row["error"] = f"skipped: projected over the {args.cap_gb} GiB cap"
+                errors[implementation] = f"skipped: projected over the {args.cap_gb} GiB cap"
+        # Rounds interleave the implementations, so that load from elsewhere on the machine
+        # falls on all of them alike; ratios are taken within each round.
+        for round_index in range(args.rounds):
+            for implementation in args.impl:
+                if implementation in errors:
+                    continue
+                result = measure(dict(spec, implementation=implementation))
+                if "error" in result:
+                    errors[implementation] = result["error"]
+                    continue
+                results[implementation].append(result)
+                print(_format_round(label, implementation, round_index, result), flush=True)
+        for implementation in args.impl:
+            row = {"model": label, "depth": spec.get("depth", ""), "implementation": implementation}
+            if implementation in errors:
+                row["error"] = errors[implementation]
             else:
-                row.update(measure(dict(spec, implementation=implementation)))
-                if "error" not in row and spec.get("depth"):
+                row.update(_summary(results[implementation]))
+                if spec.get("depth"):
                     last_fit[implementation] = (
                         spec["depth"],
                         row["rss_before_first_step_gb"],
                         row["peak_rss_gb"] - row["rss_before_first_step_gb"],
                     )
             rows.append(row)
-            print(_format_row(row), flush=True)
+        _add_ratios([row for row in rows if row["model"] == label], results)
     return rows
+
+
+def _summary(rounds: list[dict]) -> dict:
+    """Medians over rounds, with the fastest and slowest speed and the smallest and largest peak."""
+    speeds = [r["img_per_s"] for r in rounds]
+    peaks = [r["peak_rss_gb"] for r in rounds]
+    return {
+        "rounds": len(rounds),
+        "img_per_s": statistics.median(speeds),
+        "img_per_s_min": min(speeds),
+        "img_per_s_max": max(speeds),
+        "peak_rss_gb": statistics.median(peaks),
+        "peak_rss_gb_min": min(peaks),
+        "peak_rss_gb_max": max(peaks),
+        "rss_before_first_step_gb": statistics.median(
+            r["rss_before_first_step_gb"] for r in rounds
+        ),
+        # Other work on the machine slows the timing (not the memory): keep it on record.
+        "load_average_1min_max": max(r["load_average_1min"] for r in rounds),
+    }
+
+
+def _add_ratios(rows: list[dict], results: dict[str, list[dict]]) -> None:
+    """Each row's speed over torchvision's default and peak over torchvision memory_efficient's,
+    round by round: the median and the worst round."""
+    for row in rows:
+        own = results[row["implementation"]]
+        for key, reference, measure_of, worst in (
+            ("speed_vs_tv_default", "torchvision", "img_per_s", min),
+            ("memory_vs_tv_me", "torchvision-me", "peak_rss_gb", max),
+        ):
+            theirs = results.get(reference, [])
+            if "error" in row or not theirs or len(theirs) != len(own):
+                continue
+            ratios = [a[measure_of] / b[measure_of] for a, b in zip(own, theirs, strict=True)]
+            row[key] = statistics.median(ratios)
+            row[key + "_worst"] = worst(ratios)
 
 
 def _projected(previous: tuple[int, float, float], depth: int) -> float:
@@ -190,53 +246,41 @@ def _projected(previous: tuple[int, float, float], depth: int) -> float:
     return before + growth * (depth / last_depth) ** 2
 
 
-def _format_row(row: dict) -> str:
-    if "error" in row:
-        return f"{row['model']:>22} {row['implementation']:>15}  {row['error']}"
+def _format_round(model: str, implementation: str, round_index: int, result: dict) -> str:
     return (
-        f"{row['model']:>22} {row['implementation']:>15} {row['img_per_s']:8.2f} img/s "
-        f"{row['peak_rss_gb']:6.2f} GB peak RSS"
+        f"{model:>22} {implementation:>15} round {round_index + 1}: "
+        f"{result['img_per_s']:8.2f} img/s {result['peak_rss_gb']:6.2f} GB peak RSS"
     )
-
-
-def add_ratios(rows: list[dict]) -> None:
-    by_model: dict[str, dict[str, dict]] = {}
-    for row in rows:
-        by_model.setdefault(row["model"], {})[row["implementation"]] = row
-    for row in rows:
-        peers = by_model[row["model"]]
-        default, me = peers.get("torchvision", {}), peers.get("torchvision-me", {})
-        if "img_per_s" in row and "img_per_s" in default:
-            row["speed_vs_tv_default"] = row["img_per_s"] / default["img_per_s"]
-        if "peak_rss_gb" in row and "peak_rss_gb" in me:
-            row["memory_vs_tv_me"] = row["peak_rss_gb"] / me["peak_rss_gb"]
 
 
 def markdown(rows: list[dict], header: str) -> str:
     lines = [
         header,
         "",
-        "| model | implementation | img/s | peak RSS (GB) | RSS before 1st step (GB) "
-        "| growth in training (GB) | speed / tv default | memory / tv memory_efficient "
-        "| load average |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | implementation | img/s: median (range) | peak RSS GB: median (range) "
+        "| RSS before 1st step (GB) | speed / tv default: median (worst round) "
+        "| memory / tv memory_efficient: median (worst round) | highest load average |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         if "error" in row:
-            lines.append(f"| {row['model']} | {row['implementation']} | {row['error']} |||||||")
+            lines.append(f"| {row['model']} | {row['implementation']} | {row['error']} ||||||")
             continue
         lines.append(
-            f"| {row['model']} | {row['implementation']} | {row['img_per_s']:.2f} "
-            f"| {row['peak_rss_gb']:.2f} | {row['rss_before_first_step_gb']:.2f} "
-            f"| {row['peak_rss_gb'] - row['rss_before_first_step_gb']:.2f} "
-            f"| {_ratio(row.get('speed_vs_tv_default'))} | {_ratio(row.get('memory_vs_tv_me'))} "
-            f"| {row['load_average_1min']:.1f} |"
+            f"| {row['model']} | {row['implementation']} "
+            f"| {row['img_per_s']:.2f} ({row['img_per_s_min']:.2f}-{row['img_per_s_max']:.2f}) "
+            f"| {row['peak_rss_gb']:.2f} ({row['peak_rss_gb_min']:.2f}-"
+            f"{row['peak_rss_gb_max']:.2f}) | {row['rss_before_first_step_gb']:.2f} "
+            f"| {_ratio(row, 'speed_vs_tv_default')} | {_ratio(row, 'memory_vs_tv_me')} "
+            f"| {row['load_average_1min_max']:.1f} |"
         )
     return "\n".join(lines) + "\n"
 
 
-def _ratio(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}x"
+def _ratio(row: dict, key: str) -> str:
+    if key not in row:
+        return "-"
+    return f"{row[key]:.2f}x ({row[key + '_worst']:.2f}x)"
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
@@ -274,6 +318,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument(
+        "--rounds", type=int, default=3, help="times each configuration runs, interleaved"
+    )
+    parser.add_argument(
         "--impl", nargs="+", choices=IMPLEMENTATIONS, default=DEFAULT_IMPLEMENTATIONS
     )
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
@@ -301,7 +348,8 @@ def main() -> None:
         f"Machine: {machine} ({os.cpu_count()} CPUs, {cpu_features()}). "
         f"{args.dtype} autocast, {'NCHW' if args.nchw else 'channels_last'}, batch {args.batch}, "
         f"{args.size} px, {args.threads} threads, {args.warmup} warm-up + {args.steps} timed SGD "
-        f"steps, each configuration in a fresh process, glibc malloc with "
+        f"steps, each configuration in a fresh process, {args.rounds} interleaved rounds, "
+        "glibc malloc with "
         + (
             f"MALLOC_MMAP_THRESHOLD_={args.mmap_threshold}"
             if args.mmap_threshold
@@ -310,7 +358,6 @@ def main() -> None:
         + f".\nCommand: `{command}`"
     )
     rows = run(args)
-    add_ratios(rows)
     table = markdown(rows, header)
     print()
     print(table)
