@@ -1,12 +1,19 @@
-"""The fastest DenseNet-121 forward pass this CPU allows in float32, from its convolution FLOPs.
+"""How close DenseNet-121 inference comes to this CPU's convolution speed, in float32 or bfloat16.
 
-Counts the multiply-adds of every convolution and the classifier of our inference network
-(after the exact rewrites) at 224 px, measures the best throughput oneDNN reaches on
-DenseNet-121's own convolution shapes, and divides: no exact float32 implementation can be faster
-than that, whatever it does with the rest. Compare with torchvision's batch-1 latency from
-`densenet bench` to see which latency targets are reachable at all.
+Collects every convolution of our inference network (after the exact rewrites) with its input
+shape, times each alone through oneDNN (weights reordered once, channels_last), and reports:
 
-    python benchmarks/conv_ceiling.py --threads 1 2
+- the ceiling: the best throughput oneDNN reaches on any of DenseNet-121's own convolutions;
+  no exact implementation can run the network's FLOPs faster than that;
+- the convolutions' own time: the sum over the network's convolutions, each timed alone; what
+  the network would take if everything that is not a convolution cost nothing;
+- the network: ``optimize_for_inference`` timed whole, its FLOP rate and that rate as a share of
+  the ceiling.
+
+The measurements take turns in ``--rounds`` rounds, and each figure is the median over rounds with
+its range: a single run on a shared machine is not a floor.
+
+    python benchmarks/conv_ceiling.py --dtype bf16 --batch 32 --rounds 5
 """
 
 from __future__ import annotations
@@ -15,82 +22,124 @@ import argparse
 import statistics
 import sys
 import time
+from collections import Counter
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 import densenet
+from densenet.hardware import DTYPES
 from densenet.tools.bench import machine_description
 
-# (in channels, out channels, kernel, input size): DenseNet-121's convolutions at batch 1.
-SHAPES = [(128, 32, 3, 56), (128, 32, 3, 28), (160, 128, 1, 56), (480, 128, 1, 28)]
+# A convolution as (in channels, out channels, kernel, stride, input shape N, C, H, W).
+ConvShape = tuple[int, int, int, int, tuple[int, ...]]
 
 
-def forward_flops(network: nn.Module, x: torch.Tensor) -> int:
-    """2 x multiply-adds of every convolution and linear layer for one forward pass of ``x``."""
-    total = 0
+def network_convolutions(network: nn.Module, x: torch.Tensor) -> tuple[Counter[ConvShape], int]:
+    """The network's convolutions, counted by shape, and 2 x the multiply-adds of one forward
+    pass of ``x`` (convolutions and the classifier)."""
+    shapes: Counter[ConvShape] = Counter()
+    flops = 0
 
     def count(module: nn.Module, inputs: tuple[torch.Tensor], output: torch.Tensor) -> None:
-        nonlocal total
+        nonlocal flops
         if isinstance(module, nn.Conv2d):
-            total += 2 * output.numel() * module.weight[0].numel()
+            flops += 2 * output.numel() * module.weight[0].numel()
+            shape = (module.in_channels, module.out_channels, module.kernel_size[0])
+            shapes[(*shape, module.stride[0], tuple(inputs[0].shape))] += 1
         elif isinstance(module, nn.Linear):
-            total += 2 * output.numel() * module.in_features
+            flops += 2 * output.numel() * module.in_features
 
     hooks = [m.register_forward_hook(count) for m in network.modules()]
-    with torch.no_grad():
+    with torch.inference_mode():
         network(x)
     for hook in hooks:
         hook.remove()
-    return total
+    return shapes, flops
 
 
-def best_conv_flops_per_second(repeats: int = 20) -> float:
-    """The best of oneDNN's throughputs over SHAPES (weights reordered once, channels_last)."""
-    best = 0.0
-    for in_channels, out_channels, kernel, size in SHAPES:
-        x = torch.randn(1, in_channels, size, size).contiguous(memory_format=torch.channels_last)
-        conv = nn.Conv2d(in_channels, out_channels, kernel, padding=kernel // 2, bias=False)
-        weight = torch.ops.mkldnn._reorder_convolution_weight(
-            conv.weight.detach(), conv.padding, conv.stride, conv.dilation, 1, list(x.shape)
-        )
+def _conv_flops(shape: ConvShape) -> int:
+    in_channels, out_channels, kernel, stride, (n, _, height, width) = shape
+    return 2 * n * in_channels * out_channels * kernel**2 * (height // stride) * (width // stride)
 
-        def run(x=x, weight=weight, conv=conv) -> torch.Tensor:
-            return torch.ops.mkldnn._convolution_pointwise(
-                x, weight, None, conv.padding, conv.stride, conv.dilation, 1, "none", [], ""
-            )
 
-        for _ in range(3):
-            run()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - start)
-        flops = 2 * in_channels * out_channels * kernel * kernel * size * size
-        best = max(best, flops / statistics.median(times))
-    return best
+def _onednn_conv(shape: ConvShape, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
+    in_channels, out_channels, kernel, stride, input_shape = shape
+    x = torch.randn(input_shape, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(out_channels, in_channels, kernel, kernel, dtype=dtype)
+    padding, strides, dilation = [kernel // 2] * 2, [stride] * 2, [1, 1]
+    weight = torch.ops.mkldnn._reorder_convolution_weight(
+        weight, padding, strides, dilation, 1, list(x.shape)
+    )
+    return lambda: torch.ops.mkldnn._convolution_pointwise(
+        x, weight, None, padding, strides, dilation, 1, "none", [], ""
+    )
+
+
+def _median_seconds(run: Callable[[], object], repeats: int) -> float:
+    run()  # warm-up: oneDNN builds its kernel for the shape on the first call
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _spread(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
+    median = statistics.median(values) * scale
+    low, high = min(values) * scale, max(values) * scale
+    return f"{median:.{digits}f} ({low:.{digits}f}-{high:.{digits}f})"
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per round and item")
     args = parser.parse_args(argv)
-    network = densenet.optimize_for_inference(
-        densenet.create_model("densenet121").eval(), conv_backend="aten"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = DTYPES[args.dtype]
+    model = densenet.create_model("densenet121").eval()
+    x = torch.randn(args.batch, 3, 224, 224).contiguous(memory_format=torch.channels_last)
+    shapes, flops = network_convolutions(
+        densenet.optimize_for_inference(model, dtype=dtype, conv_backend="aten"), x.to(dtype)
     )
-    flops = forward_flops(network, torch.randn(1, 3, 224, 224))
-    for line in machine_description(torch.device("cpu")):
-        print(f"- {line}")
-    print(f"- DenseNet-121 after the exact rewrites: {flops / 1e9:.2f} GFLOP per 224 px image")
-    for threads in args.threads:
-        torch.set_num_threads(threads)
-        with torch.inference_mode():
-            peak = best_conv_flops_per_second()
-        print(
-            f"- {threads} thread(s): best oneDNN convolution {peak / 1e9:.1f} GFLOP/s -> "
-            f"batch-1 latency >= {flops / peak * 1e3:.0f} ms"
-        )
+    network = densenet.optimize_for_inference(model, dtype=dtype)
+    convs = {shape: _onednn_conv(shape, dtype) for shape in shapes}
+
+    ceilings, conv_seconds, network_seconds = [], [], []
+    with torch.inference_mode():
+        for _ in range(args.rounds):
+            alone = {shape: _median_seconds(run, args.repeats) for shape, run in convs.items()}
+            ceilings.append(max(_conv_flops(shape) / alone[shape] for shape in shapes))
+            conv_seconds.append(sum(count * alone[shape] for shape, count in shapes.items()))
+            network_seconds.append(_median_seconds(lambda: network(x), args.repeats))
+
+    rates = [flops / seconds for seconds in network_seconds]
+    shares = [rate / ceiling for rate, ceiling in zip(rates, ceilings, strict=True)]
+    lines = [f"# DenseNet-121 inference against the convolution ceiling, {args.dtype}", ""]
+    lines.append(f"- command: `python benchmarks/conv_ceiling.py {' '.join(argv)}`".rstrip())
+    lines += [f"- {line}" for line in machine_description(torch.device("cpu"))]
+    lines += [
+        f"- batch {args.batch}, 224 px, channels_last; {len(shapes)} distinct convolution shapes, "
+        f"{flops / args.batch / 1e9:.2f} GFLOP per image after the exact rewrites",
+        f"- medians over {args.rounds} interleaved rounds (range in brackets), each item the "
+        f"median of {args.repeats} calls",
+        "",
+        "| measure | value |",
+        "|---|---|",
+        f"| ceiling: best oneDNN convolution (GFLOP/s) | {_spread(ceilings, 1e-9)} |",
+        f"| the network's convolutions alone (ms/batch) | {_spread(conv_seconds, 1e3)} |",
+        f"| optimize_for_inference (ms/batch) | {_spread(network_seconds, 1e3)} |",
+        f"| optimize_for_inference (GFLOP/s) | {_spread(rates, 1e-9)} |",
+        f"| optimize_for_inference / ceiling | {_spread(shares, 100, 0)} % |",
+    ]
+    print("\n".join(lines))
     return 0
 
 
