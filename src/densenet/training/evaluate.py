@@ -3,7 +3,7 @@ multi-label data, AUROC, average precision and F1 per class."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -36,6 +36,43 @@ class EvalResult:
         return 100 * self.confusion.diag().double() / totals
 
 
+class _Predictions:
+    """Every test batch through ``model`` in eval mode: the float logits and labels of each batch
+    with images; unreadable images are counted in ``skipped``."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        batches: TensorBatches | FolderBatches,
+        normalize: Normalize,
+        precision: str,
+        memory_format: str,
+    ) -> None:
+        self.model, self.batches, self.normalize = model, batches, normalize
+        self.precision, self.memory_format = precision, memory_format
+        self.device = normalize.mean.device
+        self.skipped = 0
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for batch in self.batches.epoch(0):
+                self.skipped += batch.skipped
+                if len(batch.labels) == 0:
+                    continue
+                images = to_memory_format(self.normalize(batch.images), self.memory_format)
+                with autocast(self.device, self.precision):
+                    logits = self.model(images).float()
+                yield logits, batch.labels
+        finally:
+            self.model.train(was_training)
+
+    def skipped_everywhere(self) -> int:
+        """Unreadable images over all processes."""
+        return int(all_reduce_sum(torch.tensor(self.skipped, device=self.device)))
+
+
 def topk_correct(logits: Tensor, labels: Tensor, k: int) -> Tensor:
     """Per sample: is the label among the ``k`` highest logits?"""
     k = min(k, logits.shape[1])
@@ -52,30 +89,22 @@ def evaluate(
     memory_format: str,
     num_classes: int,
 ) -> EvalResult:
-    was_training = model.training
-    model.eval()
-    device = normalize.mean.device
+    predictions = _Predictions(model, batches, normalize, precision, memory_format)
+    device = predictions.device
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     top5 = torch.zeros((), dtype=torch.long, device=device)
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.long, device=device)
-    skipped = 0
-    for batch in batches.epoch(0):
-        skipped += batch.skipped
-        if len(batch.labels) == 0:
-            continue
-        with autocast(device, precision):
-            logits = model(to_memory_format(normalize(batch.images), memory_format)).float()
-        loss_sum += F.cross_entropy(logits, batch.labels, reduction="sum")
-        top5 += topk_correct(logits, batch.labels, 5).sum()
+    for logits, labels in predictions:
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum")
+        top5 += topk_correct(logits, labels, 5).sum()
         # Accumulate on the device: one bincount per batch, one transfer at the end.
         confusion += torch.bincount(
-            batch.labels * num_classes + logits.argmax(1), minlength=num_classes**2
+            labels * num_classes + logits.argmax(1), minlength=num_classes**2
         )
-    model.train(was_training)
     # With several processes each one saw a shard of the data (see loaders.Shard): add them up.
     for total in (loss_sum, top5, confusion):
         all_reduce_sum(total)
-    skipped = int(all_reduce_sum(torch.tensor(skipped, device=device)))
+    skipped = predictions.skipped_everywhere()
     confusion = confusion.view(num_classes, num_classes).cpu()
     count = max(int(confusion.sum()), 1)
     return EvalResult(
@@ -177,27 +206,19 @@ def evaluate_multilabel(
 ) -> MultiLabelResult:
     """Scores every image; under torchrun AUROC ranks all images together, so each process's
     scores are gathered rather than its AUROC averaged (a mean of AUROCs is not the AUROC)."""
-    was_training = model.training
-    model.eval()
-    device = normalize.mean.device
+    predictions = _Predictions(model, batches, normalize, precision, memory_format)
+    device = predictions.device
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     scores, labels = [], []
-    skipped = 0
-    for batch in batches.epoch(0):
-        skipped += batch.skipped
-        if len(batch.labels) == 0:
-            continue
-        with autocast(device, precision):
-            logits = model(to_memory_format(normalize(batch.images), memory_format)).float()
-        loss_sum += F.binary_cross_entropy_with_logits(logits, batch.labels, reduction="sum")
+    for logits, targets in predictions:
+        loss_sum += F.binary_cross_entropy_with_logits(logits, targets, reduction="sum")
         scores.append(logits.sigmoid())
-        labels.append(batch.labels)
-    model.train(was_training)
+        labels.append(targets)
     empty = torch.zeros((0, num_classes), device=device)
     all_scores = all_gather_rows(torch.cat(scores) if scores else empty)
     all_labels = all_gather_rows(torch.cat(labels) if labels else empty)
     all_reduce_sum(loss_sum)
-    skipped = int(all_reduce_sum(torch.tensor(skipped, device=device)))
+    skipped = predictions.skipped_everywhere()
     values = max(all_labels.numel(), 1)
     return MultiLabelResult(
         loss=float(loss_sum) / values,
