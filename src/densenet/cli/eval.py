@@ -165,25 +165,16 @@ def _report(
     print("per-class top-1" + ("" if len(rows) <= 20 else " (the 10 worst)") + ":")
     for class_name, accuracy, count in shown:
         print(f"  {class_name:<24}{accuracy:7.2f}%  of {count}")
-    csv_path = out / f"per_class-{name}.csv"
-    with staged(csv_path) as tmp, open(tmp, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["class", "top1", "images"])
-        writer.writerows(zip(class_names, per_class, result.confusion.sum(1).tolist(), strict=True))
-    json_path = out / f"metrics-{name}.json"
+    per_class_rows = zip(class_names, per_class, result.confusion.sum(1).tolist(), strict=True)
     metrics = {
-        "weights": str(args.weights),
-        "dataset": args.dataset,
-        "split": args.split,
-        "images": result.count,
-        "skipped": result.skipped,
-        "loss": result.loss,
         "top1": result.top1,
         "top5": result.top5,
         "class_names": class_names,
         "confusion": result.confusion.tolist(),  # rows: true classes, columns: predictions
     }
-    atomic_write(json_path, lambda tmp: tmp.write_text(json.dumps(metrics, indent=1) + "\n"))
+    csv_path, json_path = _write_tables(
+        args, result, out, ["class", "top1", "images"], list(per_class_rows), metrics
+    )
     png_path = out / f"confusion-{name}.png"
     plot_confusion(
         result.confusion.numpy(),
@@ -219,20 +210,8 @@ def _report_multilabel(
     print(f"  {'finding':<24}{'AUROC':>8}{'AP':>8}{'F1@0.5':>8}  positives")
     for finding, auroc, ap, f1, count in rows:
         print(f"  {finding:<24}{auroc:8.4f}{ap:8.4f}{f1:8.4f}  {count} of {result.count}")
-    csv_path = out / f"per_class-{name}.csv"
-    with staged(csv_path) as tmp, open(tmp, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["class", "auroc", "average_precision", "f1_at_0.5", "positives"])
-        writer.writerows(rows)
-    json_path = out / f"metrics-{name}.json"
     # JSON has no NaN: a finding without both positives and negatives has no AUROC (null).
     metrics = {
-        "weights": str(args.weights),
-        "dataset": args.dataset,
-        "split": args.split,
-        "images": result.count,
-        "skipped": result.skipped,
-        "loss": result.loss,
         "mean_auroc": _number(result.mean_auroc),
         "mean_average_precision": _number(result.mean_ap),
         "mean_f1": result.mean_f1,
@@ -241,7 +220,8 @@ def _report_multilabel(
         "average_precision": [_number(v) for v in result.per_class_ap.tolist()],
         "f1": result.per_class_f1.tolist(),
     }
-    atomic_write(json_path, lambda tmp: tmp.write_text(json.dumps(metrics, indent=1) + "\n"))
+    header = ["class", "auroc", "average_precision", "f1_at_0.5", "positives"]
+    csv_path, json_path = _write_tables(args, result, out, header, rows, metrics)
     png_path = out / f"roc-{name}.png"
     plot_roc(
         result.roc_curves(class_names),
@@ -249,6 +229,36 @@ def _report_multilabel(
         f"{args.weights.name} on {name}: mean AUROC {result.mean_auroc:.4f}",
     )
     print(f"wrote {png_path}, {csv_path} and {json_path}")
+
+
+def _write_tables(
+    args: argparse.Namespace,
+    result: EvalResult | MultiLabelResult,
+    out: Path,
+    header: list[str],
+    rows: list[tuple],
+    metrics: dict[str, object],
+) -> tuple[Path, Path]:
+    """per_class-NAME.csv (``header`` and ``rows``) and metrics-NAME.json (what was evaluated,
+    then ``metrics``)."""
+    name = f"{args.dataset}-{args.split}"
+    csv_path = out / f"per_class-{name}.csv"
+    with staged(csv_path) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    json_path = out / f"metrics-{name}.json"
+    evaluated = {
+        "weights": str(args.weights),
+        "dataset": args.dataset,
+        "split": args.split,
+        "images": result.count,
+        "skipped": result.skipped,
+        "loss": result.loss,
+    }
+    text = json.dumps({**evaluated, **metrics}, indent=1) + "\n"
+    atomic_write(json_path, lambda tmp: tmp.write_text(text))
+    return csv_path, json_path
 
 
 def _number(value: float) -> float | None:
