@@ -22,7 +22,6 @@ import pytest
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
-from test_train import read_metrics
 
 from architectures import TINY_TRAIN_FLAGS
 from densenet.cli import main
@@ -30,6 +29,7 @@ from densenet.data import loaders
 from densenet.data.datasets import load_split
 from densenet.training.distributed import DistributedContext, distributed_session
 from densenet.training.rundir import RunDirectory
+from killing import read_metrics
 
 ARGS = [
     # One epoch of 5 steps of 256 at a small lr. Training on digits amplifies float rounding

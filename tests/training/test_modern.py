@@ -3,14 +3,11 @@ BatchNorm and biases, label smoothing, gradient accumulation and clipping, a wei
 mixup and cutmix."""
 
 import math
-import signal
 
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import load_file
-from test_train import EXACT_COLUMNS, read_metrics
 from torch import nn
 
 from architectures import DIGITS, TINY_TRAIN_FLAGS
@@ -25,7 +22,7 @@ from densenet.training.config import TrainConfig, load_config
 from densenet.training.ema import WeightAverage
 from densenet.training.loop import clip_gradients, train_step
 from densenet.training.setup import Learner, build_criterion, build_optimizer
-from killing import train_killed_at
+from killing import assert_identical_runs, killed_and_resumed, read_metrics
 
 FP32 = dict(precision="fp32", memory_format="contiguous", device="cpu")
 
@@ -243,23 +240,13 @@ def test_sigkill_and_resume_with_every_modern_option_gives_bitwise_identical_run
         *TINY_TRAIN_FLAGS,
         *("--precision", "fp32", "--no-progress"),
     ]
-    whole, killed = tmp_path / "whole", tmp_path / "killed"
-    assert main(["train", "--out", str(whole), *args]) == 0
-
     # Killed as batch 4 begins: the optimizer stepped after batch 2, and only then was a state
     # saved; batch 3's gradient, accumulated but not applied, is lost and must be redone.
-    status = train_killed_at(4, "--out", str(killed), *args, "--checkpoint-every", "1")
-    assert status == -signal.SIGKILL
-    state = torch.load(killed / "last.pt", weights_only=True)
+    whole, killed, state = killed_and_resumed(tmp_path, args, 4)
     assert (state["epoch"], state["step"]) == (0, 2) and state["ema"]
-
-    assert main(["train", "--resume", str(killed), "--no-progress"]) == 0
-    for name in ("final.safetensors", "ema.safetensors", "best.safetensors"):
-        expected, got = load_file(whole / name), load_file(killed / name)
-        assert expected.keys() == got.keys()
-        assert all(torch.equal(expected[key], got[key]) for key in expected), name
-    exact = lambda rows: [[row[c] for c in EXACT_COLUMNS] for row in rows]  # noqa: E731
-    assert exact(read_metrics(whole)) == exact(read_metrics(killed))
+    assert_identical_runs(
+        whole, killed, ("final.safetensors", "ema.safetensors", "best.safetensors")
+    )
 
     # Each weights file says which weights it holds, and their score.
     rows = read_metrics(whole)

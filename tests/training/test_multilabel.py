@@ -24,6 +24,7 @@ from densenet.training.setup import DataSetup, positive_weights
 from densenet.weights.io import save_weights
 from densenet.weights.registry import load_for_inference
 from fake_data import SHAPES, write_shapes_csv
+from killing import read_metrics
 
 # A model and recipe that learn the shapes set to mean AUROC >= 0.95 in about 15 s of training
 # on one CPU thread (measured: 1.0 from epoch 8 on).
@@ -64,11 +65,6 @@ def trained(shapes, tmp_path_factory):
     run = tmp_path_factory.mktemp("runs") / "run"
     assert main([*csv_args(shapes, "--epochs", "12", "--out", str(run), "--tensorboard")]) == 0
     return run
-
-
-def read_metrics(run):
-    with open(run / "metrics.csv") as handle:
-        return list(csv.DictReader(handle))
 
 
 def test_a_multilabel_csv_trains_through_the_cli_to_a_high_mean_auroc(trained):

@@ -1,7 +1,5 @@
 """End-to-end CLI tests of train / resume / eval on tiny data (a few steps each)."""
 
-import csv
-import signal
 import subprocess
 import sys
 
@@ -19,17 +17,10 @@ from densenet.data.loaders import Normalize
 from densenet.training.loop import SYNC_STEPS
 from densenet.training.metrics import DeviceTally, EpochRow
 from fake_data import write_cifar, write_image_folder
-from killing import train_killed_at
+from killing import assert_identical_runs, killed_and_resumed, read_metrics
 
 TINY = [*TINY_TRAIN_FLAGS, "--precision", "fp32", "--no-progress"]
-# What must not differ between two runs that compute the same thing (timings may).
 METRICS = EpochRow.columns()
-EXACT_COLUMNS = [c for c in METRICS if c not in ("img_per_s", "seconds", "data_share")]
-
-
-def read_metrics(run):
-    with open(run / "metrics.csv") as handle:
-        return list(csv.DictReader(handle))
 
 
 @pytest.fixture
@@ -103,21 +94,10 @@ def test_sigkill_mid_epoch_then_resume_gives_bitwise_identical_weights(tmp_path)
         *TINY_TRAIN_FLAGS,
         *("--precision", "fp32", "--no-progress"),
     ]
-    whole, killed = tmp_path / "whole", tmp_path / "killed"
-    assert main(["train", "--out", str(whole), *args]) == 0
-
     # Killed as step 4 of epoch 1 begins: the state of step 3 was saved, nothing after it.
-    status = train_killed_at(4, "--out", str(killed), *args, "--checkpoint-every", "1")
-    assert status == -signal.SIGKILL
-    state = torch.load(killed / "last.pt", weights_only=True)
-    assert (state["epoch"], state["step"]) == (0, 3) and not (killed / "final.safetensors").exists()
-
-    assert main(["train", "--resume", str(killed), "--no-progress"]) == 0
-    expected, got = load_file(whole / "final.safetensors"), load_file(killed / "final.safetensors")
-    assert expected.keys() == got.keys()
-    assert all(torch.equal(expected[key], got[key]) for key in expected)
-    exact = lambda rows: [[row[c] for c in EXACT_COLUMNS] for row in rows]  # noqa: E731
-    assert exact(read_metrics(whole)) == exact(read_metrics(killed))
+    whole, killed, state = killed_and_resumed(tmp_path, args, 4)
+    assert (state["epoch"], state["step"]) == (0, 3)
+    assert_identical_runs(whole, killed, ("final.safetensors",))
 
 
 def test_missing_dataset_fails_in_one_line_and_leaves_no_run(tmp_path):
