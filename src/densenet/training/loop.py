@@ -33,7 +33,7 @@ from densenet.data.loaders import Batch, FolderBatches, Normalize, TensorBatches
 from densenet.data.mixing import mix_batch, mixed_targets
 from densenet.errors import DatasetError, DenseNetError, Preempted, TrainingError
 from densenet.hardware import autocast, resolve_device, to_memory_format, why_precision
-from densenet.training.config import TrainConfig
+from densenet.training.config import MAX_WARMUP_SHARE, TrainConfig
 from densenet.training.distributed import (
     DistributedContext,
     all_ranks_agree,
@@ -428,6 +428,7 @@ def _opening_line(
         f"{config.batch_size} per epoch{_accumulation(config)}, {precision} "
         f"{config.memory_format} on {device}{processes}"
     )
+    line += _shortened_warmup(config)
     if state.epoch >= config.epochs:
         return f"{line}\nthe run has finished its {config.epochs} epochs; writing its final files"
     if state.epoch or state.step:
@@ -435,6 +436,18 @@ def _opening_line(
     if resume:  # the run stopped before its first save
         return f"{line}\nno state was saved yet: starting at epoch 1"
     return line
+
+
+def _shortened_warmup(config: TrainConfig) -> str:
+    """A line saying the warm-up was capped for this run's length, or nothing."""
+    used = config.warmup_epochs_used
+    if used == config.warmup_epochs:
+        return ""
+    return (
+        f"\nwarm-up shortened to {used:g} epochs for a {config.epochs}-epoch run "
+        f"(warmup_epochs = {config.warmup_epochs:g}; a warm-up takes at most "
+        f"{MAX_WARMUP_SHARE:.0%} of the run)"
+    )
 
 
 def _accumulation(config: TrainConfig) -> str:
