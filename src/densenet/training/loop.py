@@ -38,9 +38,11 @@ from densenet.training.distributed import (
     DistributedContext,
     all_ranks_agree,
     all_reduce_sum,
+    average_gradients,
     broadcast_buffers,
     current_context,
     data_parallel,
+    gradient_sync,
     rank_device,
     stop_together,
     stopped_with_others,
@@ -265,6 +267,9 @@ def train_step(
     # ImageFolder batches can lose all their images (unreadable files), so only they need asking.
     if empty_possible and not all_ranks_agree(n > 0, device):
         if update:
+            # The accumulation's earlier batches kept their gradients per process (gradient_sync
+            # below), and this batch's backward, which would average them, does not run.
+            average_gradients(learner.model)
             optimizer_step(learner, config)
         return all_reduce_sum(Tally(skipped=batch.skipped).totals(device))
     # Dropout draws from the global RNG: a seed per step (and process) makes a resume repeat it.
@@ -274,13 +279,16 @@ def train_step(
     if config.mixup_alpha or config.cutmix_alpha:
         mixed = mix_batch(images, config.mixup_alpha, config.cutmix_alpha, mix_seed(seed, 3))
         images = mixed.images
-    with autocast(device, config.precision):
-        logits = trained(to_memory_format(images, config.memory_format)).float()
     targets = batch.labels
-    if mixed is not None:
-        targets = mixed_targets(batch.labels, mixed.lam, logits.shape[1])
-    loss = learner.criterion(logits, targets)
-    learner.scaler.scale(loss * share).backward()
+    # DDP averages the gradients over processes in every backward pass; an accumulation needs
+    # that once, in its last batch's. The forward is inside too: DDP prepares its hooks there.
+    with gradient_sync(trained, update):
+        with autocast(device, config.precision):
+            logits = trained(to_memory_format(images, config.memory_format)).float()
+        if mixed is not None:
+            targets = mixed_targets(batch.labels, mixed.lam, logits.shape[1])
+        loss = learner.criterion(logits, targets)
+        learner.scaler.scale(loss * share).backward()
     if update:
         optimizer_step(learner, config)
     # Built from device values only: a host-made tensor would be a copy that waits for the device.
