@@ -67,6 +67,14 @@ def test_dataset_picks_its_recipe_and_overrides_win():
     assert (config.dataset, config.epochs, config.drop_rate) == ("svhn", 2, 0.2)
     assert config.model_overrides == {"growth_rate": 6}
     assert resolve(None, {}).dataset == "digits"
+    # `densenet train`: cosine with a 1-epoch warm-up (benchmarks/results/train_digits.md).
+    digits = resolve(None, {})
+    assert (digits.schedule, digits.warmup_epochs, digits.lr, digits.epochs) == (
+        "cosine",
+        1,
+        0.1,
+        20,
+    )
 
 
 def test_saved_config_round_trips_as_a_recipe(tmp_path):
