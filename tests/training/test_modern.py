@@ -41,6 +41,37 @@ def test_cosine_schedule_with_warmup_follows_its_formula_per_step():
     assert factors == [step.lr_at(u // per_epoch) / step.lr for u in range(total)]
 
 
+@pytest.mark.parametrize("schedule", ["cosine", "step"])
+def test_a_warmup_longer_than_half_the_run_is_capped_at_half_of_it(schedule):
+    # 4 epochs of 5 optimizer steps: a 3-epoch warm-up is shortened to 2 epochs (10 steps).
+    capped = TrainConfig(schedule=schedule, warmup_epochs=3, epochs=4, lr_milestones=(0.75,))
+    assert (capped.warmup_epochs, capped.warmup_epochs_used) == (3, 2)
+    decayed = 0.5 * (1 + math.cos(math.pi * 4 / 10)) if schedule == "cosine" else 1.0
+    expected = {0: 0.1, 4: 0.5, 9: 1.0, 14: decayed}
+    assert {u: capped.lr_factor(u, 5) for u in expected} == pytest.approx(expected)
+    # Within the cap the warm-up is the one asked for: 1 epoch, 5 steps.
+    kept = TrainConfig(schedule=schedule, warmup_epochs=1, epochs=4, lr_milestones=(0.75,))
+    assert kept.warmup_epochs_used == 1
+    decayed = 0.5 * (1 + math.cos(math.pi * 7 / 15)) if schedule == "cosine" else 1.0
+    expected = {0: 0.2, 4: 1.0, 12: decayed}
+    assert {u: kept.lr_factor(u, 5) for u in expected} == pytest.approx(expected)
+    # Exactly half the run is not shortened.
+    assert TrainConfig(warmup_epochs=2, epochs=4).warmup_epochs_used == 2
+
+
+def test_a_one_epoch_run_shortens_a_one_epoch_warmup_and_says_so(tmp_path, capsys):
+    # The digits recipe's own warm-up (cosine, 1 epoch): `densenet train --epochs 1` works.
+    args = ["--epochs", "1", *TINY_TRAIN_FLAGS]
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), "--no-progress", "--precision", "fp32", *args]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].startswith("warm-up shortened to 0.5 epochs for a 1-epoch run")
+    # The run keeps the value asked for; only the schedule shortens it (22 steps of 64).
+    assert "warmup_epochs = 1.0" in (run / "config.toml").read_text()
+    config = TrainConfig(epochs=1, schedule="cosine", warmup_epochs=1)
+    assert float(read_metrics(run)[0]["lr"]) == pytest.approx(0.1 * config.lr_factor(21, 22))
+
+
 def test_a_run_sets_the_scheduled_lr_at_every_optimizer_step(tmp_path, monkeypatch, capsys):
     # 5 batches of 256 an epoch, an optimizer step every 2: steps after batches 2, 4 and 5.
     seen = []

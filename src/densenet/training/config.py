@@ -48,6 +48,8 @@ DEFAULT_RECIPES: dict[Dataset, str] = {
     "imagefolder": "imagenet",
     "csv": "imagenet",
 }
+# The largest share of a run a warm-up may take: the rest trains at (or decays from) the peak lr.
+MAX_WARMUP_SHARE = 0.5
 # Settings that may change when a run is resumed: they don't change what is computed.
 RESUMABLE_CHANGES = frozenset(
     {"data_dir", "download", "workers", "checkpoint_every", "tensorboard"}
@@ -141,7 +143,9 @@ class TrainConfig:
         "(from lr to 0 over the run, per optimizer step)",
     )
     warmup_epochs: float = _setting(
-        0.0, help="epochs over which the lr rises linearly from ~0 to lr, per optimizer step"
+        0.0,
+        help="epochs over which the lr rises linearly from ~0 to lr, per optimizer step (at most "
+        "half the run: a shorter run shortens it, and says so)",
     )
     lr_milestones: tuple[float, ...] = _setting(
         (0.5, 0.75), help="fractions of the run at which the lr is multiplied by lr_gamma"
@@ -286,10 +290,6 @@ class TrainConfig:
                 "a frozen backbone needs no activation memory for its gradients: drop "
                 "--memory-efficient or --freeze-backbone"
             )
-        if self.warmup_epochs >= self.epochs:
-            raise ConfigError(
-                f"warmup_epochs must be less than epochs ({self.epochs}), got {self.warmup_epochs}"
-            )
         if len(self.mean) != len(self.std):
             raise ConfigError(
                 f"mean and std must have one value per channel each, got {len(self.mean)} and "
@@ -311,9 +311,17 @@ class TrainConfig:
     def replace(self, **changes: object) -> TrainConfig:
         return from_dict({**self.to_dict(), **changes})
 
+    @property
+    def warmup_epochs_used(self) -> float:
+        """The warm-up the schedule applies: ``warmup_epochs``, shortened to
+        ``MAX_WARMUP_SHARE`` of a run too short for it."""
+        # A recipe's warm-up stays usable for `--epochs 1`; the config keeps the value asked for,
+        # so a resumed run and its config.toml are exact, and the run's first line says so.
+        return min(self.warmup_epochs, MAX_WARMUP_SHARE * self.epochs)
+
     def lr_factor(self, update: int, updates_per_epoch: int) -> float:
         """The lr of optimizer step ``update`` (0-based, counted over the run) over ``lr``."""
-        warmup = self.warmup_epochs * updates_per_epoch
+        warmup = self.warmup_epochs_used * updates_per_epoch
         # The first step already learns (at lr / warmup steps), as in timm; none is wasted at 0.
         ramp = min(1.0, (update + 1) / warmup) if warmup else 1.0
         if self.schedule == "step":

@@ -97,6 +97,27 @@ def data_parallel(model: nn.Module, context: DistributedContext, device: torch.d
     return DistributedDataParallel(model, device_ids=device_ids)
 
 
+def gradient_sync(model: nn.Module, sync: bool) -> contextlib.AbstractContextManager[object]:
+    """Where a forward and backward pass of ``model`` runs: with DistributedDataParallel and not
+    ``sync``, inside its ``no_sync``, which leaves the gradients this process's own."""
+    # torch.compile wraps the DDP module; its no_sync is the one whose flag the hooks read.
+    wrapped = getattr(model, "_orig_mod", model)
+    if sync or not isinstance(wrapped, DistributedDataParallel):
+        return contextlib.nullcontext()
+    return wrapped.no_sync()
+
+
+def average_gradients(model: nn.Module) -> None:
+    """Average the parameters' gradients over all processes, in place, as DistributedDataParallel
+    does in a backward pass; a no-op without a process group."""
+    if not dist.is_initialized():
+        return
+    for parameter in model.parameters():
+        if parameter.grad is not None:
+            dist.all_reduce(parameter.grad)
+            parameter.grad /= dist.get_world_size()
+
+
 def from_main(value: object) -> object:
     """The main process's ``value`` (any picklable object), on every process."""
     if not dist.is_initialized():

@@ -36,14 +36,16 @@ from densenet.data.loaders import Batch, FolderBatches, Normalize, TensorBatches
 from densenet.data.mixing import mix_batch, mixed_targets
 from densenet.errors import DatasetError, DenseNetError, Preempted, TrainingError
 from densenet.hardware import autocast, resolve_device, to_memory_format, why_precision
-from densenet.training.config import TrainConfig
+from densenet.training.config import MAX_WARMUP_SHARE, TrainConfig
 from densenet.training.distributed import (
     DistributedContext,
     all_ranks_agree,
     all_reduce_sum,
+    average_gradients,
     broadcast_buffers,
     current_context,
     data_parallel,
+    gradient_sync,
     rank_device,
     stop_together,
     stopped_with_others,
@@ -283,6 +285,9 @@ def train_step(
     # ImageFolder batches can lose all their images (unreadable files), so only they need asking.
     if empty_possible and not all_ranks_agree(n > 0, device):
         if update:
+            # The accumulation's earlier batches kept their gradients per process (gradient_sync
+            # below), and this batch's backward, which would average them, does not run.
+            average_gradients(learner.model)
             optimizer_step(learner, config)
         return all_reduce_sum(Tally(skipped=batch.skipped).totals(device))
     # Dropout draws from the global RNG: a seed per step (and process) makes a resume repeat it.
@@ -295,13 +300,16 @@ def train_step(
     if config.mixup_alpha or config.cutmix_alpha:
         mixed = mix_batch(images, config.mixup_alpha, config.cutmix_alpha, mix_seed(seed, 3))
         images = mixed.images
-    with autocast(device, config.precision):
-        logits = trained(to_memory_format(images, config.memory_format)).float()
     targets = batch.labels
-    if mixed is not None:
-        targets = mixed_targets(batch.labels, mixed.lam, logits.shape[1])
-    loss = learner.criterion(logits, targets)
-    learner.scaler.scale(loss * share).backward()
+    # DDP averages the gradients over processes in every backward pass; an accumulation needs
+    # that once, in its last batch's. The forward is inside too: DDP prepares its hooks there.
+    with gradient_sync(trained, update):
+        with autocast(device, config.precision):
+            logits = trained(to_memory_format(images, config.memory_format)).float()
+        if mixed is not None:
+            targets = mixed_targets(batch.labels, mixed.lam, logits.shape[1])
+        loss = learner.criterion(logits, targets)
+        learner.scaler.scale(loss * share).backward()
     if update:
         optimizer_step(learner, config)
     # Built from device values only: a host-made tensor would be a copy that waits for the device.
@@ -449,6 +457,7 @@ def _opening_line(
         f"{config.batch_size} per epoch{_accumulation(config)}, {precision} "
         f"{config.memory_format} on {device}{processes}"
     )
+    line += _shortened_warmup(config)
     if state.epoch >= config.epochs:
         return f"{line}\nthe run has finished its {config.epochs} epochs; writing its final files"
     if state.epoch or state.step:
@@ -456,6 +465,18 @@ def _opening_line(
     if resume:  # the run stopped before its first save
         return f"{line}\nno state was saved yet: starting at epoch 1"
     return line
+
+
+def _shortened_warmup(config: TrainConfig) -> str:
+    """A line saying the warm-up was capped for this run's length, or nothing."""
+    used = config.warmup_epochs_used
+    if used == config.warmup_epochs:
+        return ""
+    return (
+        f"\nwarm-up shortened to {used:g} epochs for a {config.epochs}-epoch run "
+        f"(warmup_epochs = {config.warmup_epochs:g}; a warm-up takes at most "
+        f"{MAX_WARMUP_SHARE:.0%} of the run)"
+    )
 
 
 def _accumulation(config: TrainConfig) -> str:
