@@ -77,6 +77,17 @@ def test_dataset_picks_its_recipe_and_overrides_win():
     )
 
 
+def test_a_shipped_name_wins_over_a_folder_of_that_name_here(tmp_path, monkeypatch):
+    # A "digits" data folder in the working directory must not break `densenet train`.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "digits").mkdir()
+    assert resolve(None, {}).schedule == "cosine"
+    (tmp_path / "mine").write_text('epochs = 3\nschedule = "step"\n')
+    assert resolve("./mine", {}).epochs == 3
+    with pytest.raises(ConfigError, match="recipe file not found: digits"):
+        resolve("./digits", {})
+
+
 def test_saved_config_round_trips_as_a_recipe(tmp_path):
     config = resolve("digits", {"mean": [0.5], "std": [0.25]})
     save_config(config, tmp_path / "config.toml")

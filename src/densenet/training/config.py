@@ -416,15 +416,18 @@ def list_recipes() -> list[str]:
 def read_recipe(name_or_path: str) -> dict[str, object]:
     """The settings of a shipped recipe (by name) or of a TOML file (by path)."""
     path = Path(name_or_path)
-    if path.suffix == ".toml" or path.exists():
+    # A shipped recipe's bare name wins over a file or folder of that name in the working
+    # directory (say a "digits" data folder): "./digits" names the path.
+    shipped = name_or_path in list_recipes()
+    if shipped:
+        data = (RECIPES / f"{name_or_path}.toml").read_bytes()
+    elif path.suffix == ".toml" or path.exists():
         if not path.is_file():
             raise ConfigError(f"recipe file not found: {path}")
         try:
             data = path.read_bytes()
         except OSError as error:
             raise ConfigError(f"cannot read recipe {path}: {error.strerror or error}") from None
-    elif name_or_path in list_recipes():
-        data = (RECIPES / f"{name_or_path}.toml").read_bytes()
     else:
         raise ConfigError(
             f"unknown recipe {name_or_path!r}: give a .toml path or one of "
