@@ -178,7 +178,9 @@ def run(args: argparse.Namespace) -> list[dict]:
         # Rounds interleave the implementations, so that load from elsewhere on the machine
         # falls on all of them alike; ratios are taken within each round.
         for round_index in range(args.rounds):
-            for implementation in args.impl:
+            # Each round starts one implementation later, so that none always goes first.
+            shift = round_index % len(args.impl)
+            for implementation in args.impl[shift:] + args.impl[:shift]:
                 if implementation in errors:
                     continue
                 result = measure(dict(spec, implementation=implementation))

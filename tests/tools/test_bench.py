@@ -22,7 +22,17 @@ def test_no_twin_where_torchvision_cannot_express_the_model():
 
 def test_bench_prints_and_writes_a_table(tmp_path, capsys):
     output = tmp_path / "bench.md"
-    argv = ["bench", "densenet_bc100_k12", "--batch", "1", "--precision", "fp32"]
+    argv = [
+        "bench",
+        "densenet121",
+        "--input-size",
+        "32",
+        "32",
+        "--batch",
+        "1",
+        "--precision",
+        "fp32",
+    ]
     argv += ["--warmup", "0", "--rounds", "2", "--output", str(output)]
     assert main(argv) == 0
     printed = capsys.readouterr().out
@@ -33,6 +43,9 @@ def test_bench_prints_and_writes_a_table(tmp_path, capsys):
     fastest, slowest = (float(ms) for ms in rows[0].split("|")[5].split("-"))
     median = float(rows[0].split("|")[4])
     assert fastest <= median <= slowest
+    # Our plain model is timed against torchvision's run the same way.
+    plain = next(row for row in rows if "ours, eager (fp32, channels_last)" in row)
+    assert plain.split("|")[7].strip().endswith("x")
 
 
 @pytest.mark.parametrize(

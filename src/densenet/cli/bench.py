@@ -18,6 +18,7 @@ from densenet.tools.bench import (
     candidates,
     machine_description,
     time_candidates,
+    torchvision_peer,
 )
 from densenet.weights.registry import create_model, get_spec
 
@@ -76,9 +77,10 @@ def run(args: argparse.Namespace) -> int:
     configurations = candidates(model, device, args.precision, args.compile)
     header = (
         "| batch | precision | configuration | ms/batch (median) | fastest-slowest round "
-        "| img/s | vs torchvision default | vs best torchvision same precision |"
+        "| img/s | vs torchvision run the same way | vs torchvision default "
+        "| vs best torchvision same precision |"
     )
-    table = [header, "|---|---|---|---|---|---|---|---|"]
+    table = [header, "|---|---|---|---|---|---|---|---|---|"]
     print(header, flush=True)
     for batch in args.batch:
         x = torch.randn(batch, model.config.in_channels, *size, device=device)
@@ -102,18 +104,20 @@ def _row(timing: Timing, so_far: list[Timing]) -> str:
         t for t in so_far if t.name.startswith("torchvision") and t.precision == timing.precision
     ]
     best = min(stock, key=lambda t: t.seconds_per_batch) if stock else None
+    peer = next((t for t in so_far if t.name == torchvision_peer(timing.name)), None)
 
-    def ratio(reference: Timing | None) -> str:
+    def ratio(reference: Timing | None, named: bool = True) -> str:
         if reference is None or timing.name.startswith("torchvision"):
             return "-"
-        return f"{reference.seconds_per_batch / timing.seconds_per_batch:.2f}x ({reference.name})"
+        times = f"{reference.seconds_per_batch / timing.seconds_per_batch:.2f}x"
+        return f"{times} ({reference.name})" if named else times
 
     return (
         f"| {timing.batch} | {timing.precision} | {timing.name} "
         f"| {timing.seconds_per_batch * 1e3:.1f} "
         f"| {min(timing.seconds) * 1e3:.1f}-{max(timing.seconds) * 1e3:.1f} "
         f"| {timing.images_per_second:.1f} "
-        f"| {ratio(default)} | {ratio(best)} |"
+        f"| {ratio(peer, named=False)} | {ratio(default)} | {ratio(best)} |"
     )
 
 

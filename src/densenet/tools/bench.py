@@ -23,7 +23,8 @@ from densenet.deploy.optimize import onednn_supports, optimize_for_inference
 from densenet.hardware import DTYPES, Precision, autocast, cpu_info, fast_bf16
 from densenet.models.densenet import DenseNet
 
-TORCHVISION_DEFAULT = "torchvision default (fp32, NCHW)"
+TORCHVISION_DEFAULT = "torchvision (fp32, NCHW)"  # the model as torchvision's users run it
+OURS_PLAIN = "ours, eager"  # our plain model, run as torchvision's is
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,11 @@ class Candidate:
     precision: str
     build: Callable[[], Callable[[Tensor], Tensor]]
     channels_last: bool
+
+
+def torchvision_peer(name: str) -> str:
+    """The name of the torchvision run that a run of our plain model is timed against."""
+    return "torchvision" + name.removeprefix(OURS_PLAIN).removeprefix("ours")
 
 
 def torchvision_twin(model: DenseNet) -> nn.Module | None:
@@ -104,43 +110,15 @@ def _stock(
 def candidates(
     model: DenseNet, device: torch.device, precisions: list[Precision], compile: bool
 ) -> list[Candidate]:
-    """What `densenet bench` compares: torchvision's default and best stock runs, and ours."""
+    """What `densenet bench` compares: torchvision's model and our plain model run alike, in each
+    precision and layout (optionally compiled), then our inference network."""
     twin = torchvision_twin(model)
     found = []
-    if twin is not None:
-        found.append(
-            Candidate(
-                TORCHVISION_DEFAULT,
-                "fp32",
-                _stock(twin, device, precision="fp32", channels_last=False, compile=False),
-                False,
-            )
-        )
     for precision in precisions:
-        bf16 = precision == "bf16"
-        compiles = [False, True] if compile else [False]
-        if twin is not None:
-            for compiled in compiles:
-                name = "torchvision channels_last" + (" + bf16 autocast" if bf16 else "")
-                found.append(
-                    Candidate(
-                        name + (" + compile" if compiled else ""),
-                        precision,
-                        _stock(
-                            twin, device, precision=precision, channels_last=True, compile=compiled
-                        ),
-                        True,
-                    )
-                )
-        eager_name = "ours, eager" + (" channels_last + bf16 autocast" if bf16 else " (fp32, NCHW)")
-        found.append(
-            Candidate(
-                eager_name,
-                precision,
-                _stock(model, device, precision=precision, channels_last=bf16, compile=False),
-                bf16,
-            )
-        )
+        for channels_last in (False, True):
+            found += _stock_pair(model, twin, device, precision, channels_last, compiled=False)
+        if compile:
+            found += _stock_pair(model, twin, device, precision, True, compiled=True)
         dtype = DTYPES[precision]
         if onednn_supports(device, dtype):
             # Both convolution backends, to show what oneDNN's reordered weights give on top.
@@ -172,6 +150,32 @@ def candidates(
                 )
             )
     return found
+
+
+def _stock_pair(
+    model: DenseNet,
+    twin: nn.Module | None,
+    device: torch.device,
+    precision: Precision,
+    channels_last: bool,
+    compiled: bool,
+) -> list[Candidate]:
+    """torchvision's model (where it can express ours) and our plain model, run the same way."""
+    layout = "channels_last" if channels_last else "NCHW"
+    how = f"({precision}, {layout}{', compiled' if compiled else ''})"
+    pair = [] if twin is None else [("torchvision", twin)]
+    pair.append((OURS_PLAIN if not compiled else "ours", model))
+    return [
+        Candidate(
+            f"{name} {how}",
+            precision,
+            _stock(
+                module, device, precision=precision, channels_last=channels_last, compile=compiled
+            ),
+            channels_last,
+        )
+        for name, module in pair
+    ]
 
 
 def _optimized(
@@ -206,16 +210,23 @@ def time_candidates(found: list[Candidate], x: Tensor, *, warmup: int, rounds: i
             for _ in range(warmup):
                 run(inputs[candidate.channels_last])
         _synchronize(x.device)
-        for _ in range(rounds):
-            for run, candidate, spent in zip(runs, found, times, strict=True):
+        for round_index in range(rounds):
+            # Each round starts one candidate later: going first (after another's garbage, with
+            # the allocator's free lists in another state) measurably costs or gains a few percent.
+            for i in _rotated(len(found), round_index):
                 begin = time.perf_counter()
-                run(inputs[candidate.channels_last])
+                runs[i](inputs[found[i].channels_last])
                 _synchronize(x.device)
-                spent.append(time.perf_counter() - begin)
+                times[i].append(time.perf_counter() - begin)
     return [
         Timing(candidate.name, candidate.precision, x.shape[0], tuple(spent))
         for candidate, spent in zip(found, times, strict=True)
     ]
+
+
+def _rotated(count: int, start: int) -> list[int]:
+    """0..count-1 starting at ``start`` (mod count)."""
+    return [(start + i) % count for i in range(count)]
 
 
 def machine_description(device: torch.device) -> Iterator[str]:
