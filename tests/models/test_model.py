@@ -160,12 +160,17 @@ def test_relu_is_not_in_place_so_hooks_see_their_tensors():
 
 
 def _conv_input_versions(model: DenseNet, x: torch.Tensor) -> list[int]:
-    """How often each bottleneck conv's input was written after it was made: 1 if the ReLU
-    before it reused the BatchNorm's output, 0 if it made a tensor of its own."""
+    """How often the stem pool's input, each bottleneck conv's and the global pool's was
+    written after it was made: 1 if the ReLU before it reused the BatchNorm's output, 0 if it made
+    a tensor of its own."""
     versions = []
+    record = lambda module, inputs: versions.append(inputs[0]._version)  # noqa: E731
     for layer in model.modules():
         if isinstance(layer, DenseLayer):
-            layer.conv1.register_forward_pre_hook(lambda m, i: versions.append(i[0]._version))
+            layer.conv1.register_forward_pre_hook(record)
+    # The stem's and the final BN-ReLU's too: what the max pool and the global pool read.
+    model.features.pool0.register_forward_pre_hook(record)
+    model.global_pool.register_forward_pre_hook(record)
     model(x)
     return versions
 
@@ -187,7 +192,9 @@ def test_a_hook_on_the_norm_or_the_relu_keeps_the_relu_out_of_place():
     first.norm1.register_forward_hook(lambda m, i, out: None)
     # A full backward hook wraps the ReLU's input in a view that an in-place ReLU would break.
     second.relu1.register_full_backward_hook(lambda m, grad_in, grad_out: None)
+    model.features.relu.register_forward_hook(lambda m, i, out: None)  # as Grad-CAM does
     versions = _conv_input_versions(model, x)
-    assert versions[:2] == [0, 0] and set(versions[2:]) == {1}
+    # In call order: the stem, the two hooked layers, the rest, the hooked final ReLU.
+    assert versions[:3] == [1, 0, 0] and set(versions[3:-1]) == {1} and versions[-1] == 0
     model(x).sum().backward()
     assert x.grad is not None

@@ -240,7 +240,8 @@ def _hooked(module: nn.Module) -> bool:
 
 
 def norm_relu(norm: nn.Module, relu: nn.Module, x: Tensor) -> Tensor:
-    """``relu(norm(x))``, overwriting the norm's output where no one can see it.
+    """``relu(norm(x))`` (``relu`` may be any module), overwriting the norm's output where no one
+    can see it.
 
     The ReLU modules are not in place, so that a hook (Grad-CAM, feature extraction) may hold their
     input. Yet a BatchNorm's output is a fresh tensor that only the ReLU reads, and BatchNorm's
@@ -256,6 +257,27 @@ def norm_relu(norm: nn.Module, relu: nn.Module, x: Tensor) -> Tensor:
     ):
         return out.relu_()
     return relu(out)
+
+
+def run_layers(layers: list[nn.Module], x: Tensor) -> Tensor:
+    """``x`` through ``layers`` in order; a BatchNorm and the layer after it go through
+    :func:`norm_relu`."""
+    i = 0
+    while i < len(layers):
+        if isinstance(layers[i], nn.BatchNorm2d) and i + 1 < len(layers):
+            x = norm_relu(layers[i], layers[i + 1], x)
+            i += 2
+        else:
+            x = layers[i](x)
+            i += 1
+    return x
+
+
+class Features(nn.Sequential):
+    """The stem, dense blocks, transitions and final BN-ReLU, run by :func:`run_layers`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return run_layers(list(self), x)
 
 
 def _conv(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1) -> nn.Conv2d:
@@ -368,7 +390,7 @@ class DenseNet(nn.Module):
             stem = list(zip(IMAGENET_STEM, layers, strict=True))
         else:
             stem = [("conv0", _conv(config.in_channels, stem_channels, 3))]
-        self.features = nn.Sequential()
+        self.features = Features()
         for name, module in stem:
             self.features.add_module(name, module)
 
@@ -424,10 +446,8 @@ class DenseNet(nn.Module):
             return self.features(x)
         features = self.features
         x = efficient.stem_forward(features.norm0, features.pool0, features.conv0(x))
-        for name, layer in features.named_children():
-            if name not in IMAGENET_STEM:
-                x = layer(x)
-        return x
+        rest = [layer for name, layer in features.named_children() if name not in IMAGENET_STEM]
+        return run_layers(rest, x)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         x = torch.flatten(self.global_pool(x), 1)
