@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from densenet.tools.bench import machine_kind
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -64,8 +66,10 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--precision", default="bf16")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/ddp_scaling.md"))
+    parser.add_argument("--out", type=Path, help="default: results/ddp_scaling_MACHINE-KIND.md")
     args = parser.parse_args()
+    kind = machine_kind(torch.device("cpu"))
+    args.out = args.out or Path(f"benchmarks/results/ddp_scaling_{kind}.md")
     cores = os.cpu_count() or 1
     common = ["--epochs", str(args.epochs), "--precision", args.precision, "--no-progress"]
     common += ["--batch-size", "128"]

@@ -307,8 +307,19 @@ class DenseLayer(nn.Module):
     def _dropout(self, x: Tensor) -> Tensor:
         return F.dropout(x, self.drop_rate, self.training) if self.drop_rate > 0 else x
 
-    def forward(self, features: Tensor) -> Tensor:
-        out = self._dropout(self.conv1(norm_relu(self.norm1, self.relu1, features)))
+    def forward(self, features: Tensor | list[Tensor]) -> Tensor:
+        """``features``: the earlier feature maps, one tensor or a list to concatenate.
+
+        Concatenated here, a list's concatenation is let go as soon as the BN-ReLU has read it
+        (in evaluation: training keeps it for BN's backward) instead of being held by the caller
+        for the whole layer; the allocations that follow can then reuse its memory, which on CPUs
+        is measurably faster than fresh pages.
+        """
+        if isinstance(features, list):  # no name holds the concatenation: BN-ReLU frees it
+            out = self.conv1(norm_relu(self.norm1, self.relu1, torch.cat(features, 1)))
+        else:
+            out = self.conv1(norm_relu(self.norm1, self.relu1, features))
+        out = self._dropout(out)
         if self.bottleneck:
             out = self._dropout(self.conv2(norm_relu(self.norm2, self.relu2, out)))
         return out
@@ -338,7 +349,7 @@ class DenseBlock(nn.ModuleDict):
             return efficient.dense_block_forward(list(self.values()), x, self.out_channels)
         features = [x]
         for layer in self.values():
-            features.append(layer(torch.cat(features, 1)))
+            features.append(layer(features))
         return torch.cat(features, 1)
 
 

@@ -229,6 +229,18 @@ def _rotated(count: int, start: int) -> list[int]:
     return [(start + i) % count for i in range(count)]
 
 
+def machine_kind(device: torch.device) -> str:
+    """A short name for the kind of machine, for results file names: avx2, avx512, avx512bf16,
+    amx (each a CPU whose oneDNN kernels differ in speed by several times), or the GPU's name."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device).lower().replace(" ", "-")
+    if getattr(torch._C._cpu, "_is_amx_tile_supported", lambda: False)():
+        return "amx"
+    if fast_bf16(device):
+        return "avx512bf16"
+    return torch.backends.cpu.get_cpu_capability().lower()
+
+
 def machine_description(device: torch.device) -> Iterator[str]:
     """The facts a speed result depends on, one line each, for the head of every result file."""
     if device.type == "cuda":
