@@ -198,3 +198,10 @@ def test_a_hook_on_the_norm_or_the_relu_keeps_the_relu_out_of_place():
     assert versions[:3] == [1, 0, 0] and set(versions[3:-1]) == {1} and versions[-1] == 0
     model(x).sum().backward()
     assert x.grad is not None
+
+
+def test_a_dense_layer_takes_the_earlier_maps_as_a_list_or_joined():
+    layer = DenseNet(**TINY).features.denseblock1.denselayer2.eval()
+    maps = [torch.randn(2, 8, 6, 6), torch.randn(2, 4, 6, 6)]
+    with torch.no_grad():
+        assert torch.equal(layer(maps), layer(torch.cat(maps, 1)))
