@@ -18,7 +18,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("name", help="model preset (see `densenet list`)")
     parser.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"))
     parser.add_argument(
-        "--batch", type=positive_int, default=1, help="batch size for activation memory"
+        "--batch",
+        type=positive_int,
+        default=1,
+        help="batch size for activation memory (batches above 4 are extrapolated, exactly, from "
+        "runs of 2 and 4)",
     )
     parser.set_defaults(run=run)
 

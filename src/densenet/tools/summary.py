@@ -84,8 +84,25 @@ def _stages(model: DenseNet) -> list[tuple[str, list[nn.Module]]]:
     return stages
 
 
+# Batches above this are not run: what autograd saves is an affine function of the batch size
+# (activations per image, plus per-channel statistics), so two small batches give it exactly.
+LARGEST_RUN_BATCH = 4
+
+
 def summarize(model: DenseNet, input_size: tuple[int, int], batch_size: int = 1) -> ModelSummary:
-    """Run one training-mode forward pass on random input and measure each stage."""
+    """Run training-mode forward passes on random input and measure each stage."""
+    if batch_size <= LARGEST_RUN_BATCH:
+        return _measure(model, input_size, batch_size)
+    small, large = _measure(model, input_size, 2), _measure(model, input_size, LARGEST_RUN_BATCH)
+    for stage, other in zip(small.stages, large.stages, strict=True):
+        per_image = (other.activation_bytes - stage.activation_bytes) // (LARGEST_RUN_BATCH - 2)
+        stage.activation_bytes += per_image * (batch_size - 2)
+    small.batch_size = batch_size
+    return small
+
+
+def _measure(model: DenseNet, input_size: tuple[int, int], batch_size: int) -> ModelSummary:
+    """One training-mode forward pass of ``batch_size`` random images, measured per stage."""
     stages = _stages(model)
     flops = {name: 0 for name, _ in stages}
     saved = {name: 0 for name, _ in stages}
