@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
+from densenet.data import datasets
 from densenet.data.datasets import load_split
 from densenet.data.images import eval_transform
 from densenet.data.loaders import Normalize, Shard, TensorBatches, crop_and_flip
@@ -265,3 +266,17 @@ def test_training_batches_split_evenly_and_evaluation_batches_nearly_so():
         slice(4, 7),
         slice(7, 10),
     ]
+
+
+def test_an_svhn_file_declaring_other_arrays_is_refused_before_loading(tmp_path, monkeypatch):
+    from scipy.io import savemat
+
+    write_svhn(tmp_path)
+    savemat(str(tmp_path / "test_32x32.mat"), {"X": np.zeros((64, 64, 3, 2), np.uint8), "y": []})
+    with pytest.raises(DatasetError, match=r"not an SVHN file: it declares X \(64, 64, 3, 2\)"):
+        load_split("svhn", tmp_path, "test")
+    # The image count is bounded too (here lowered, to stay small).
+    write_svhn(tmp_path)
+    monkeypatch.setattr(datasets, "SVHN_MAX_IMAGES", 11)
+    with pytest.raises(DatasetError, match="N at most 11"):
+        load_split("svhn", tmp_path, "test")

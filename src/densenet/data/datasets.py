@@ -42,6 +42,8 @@ CIFAR = {
         "url": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
     },
 }
+# SVHN's largest file, extra_32x32.mat, holds 531,131 images.
+SVHN_MAX_IMAGES = 1_000_000
 SVHN_FILES = {"train": "train_32x32.mat", "extra": "extra_32x32.mat", "test": "test_32x32.mat"}
 SVHN_URL = "http://ufldl.stanford.edu/housenumbers/"
 SVHN_READER = "reading SVHN's MATLAB files"
@@ -262,7 +264,7 @@ def _cifar(name: str, data_dir: Path, split: str) -> TensorData:
 
 def _svhn(data_dir: Path, parts: list[str]) -> TensorData:
     require("scipy", purpose=SVHN_READER, extra="svhn")
-    from scipy.io import loadmat
+    from scipy.io import loadmat, whosmat
 
     images, labels = [], []
     for part in parts:
@@ -273,10 +275,13 @@ def _svhn(data_dir: Path, parts: list[str]) -> TensorData:
                 f"{SVHN_URL}{SVHN_FILES[part]} into {data_dir}"
             )
         try:
+            _check_svhn_shapes(path, whosmat(str(path)))
             mat = loadmat(str(path))
             # Stored as (H, W, C, N) with the digit 0 labelled 10.
             x = np.ascontiguousarray(np.asarray(mat["X"], dtype=np.uint8).transpose(3, 2, 0, 1))
             y = np.asarray(mat["y"], dtype=np.int64).reshape(-1) % 10
+        except DatasetError:
+            raise
         except Exception as error:  # scipy raises ValueError, MatReadError, KeyError, ...
             raise DatasetError(
                 f"{path} is corrupt ({type(error).__name__}: {error}); delete it and run again "
@@ -292,6 +297,26 @@ def _svhn(data_dir: Path, parts: list[str]) -> TensorData:
         [str(i) for i in range(10)],
     )
     return _checked(data, data_dir)
+
+
+def _check_svhn_shapes(path: Path, variables: list[tuple[str, tuple[int, ...], str]]) -> None:
+    """Refuse a .mat whose header declares other arrays than SVHN's, before they are allocated:
+    a few bytes of header can declare gigabytes."""
+    shapes = {name: tuple(shape) for name, shape, _ in variables}
+    images, labels = shapes.get("X"), shapes.get("y")
+    if (
+        images is None
+        or labels is None
+        or len(images) != 4
+        or images[:3] != (32, 32, 3)
+        or not 0 < images[3] <= SVHN_MAX_IMAGES
+        or labels not in ((images[3], 1), (1, images[3]))
+    ):
+        raise DatasetError(
+            f"{path} is not an SVHN file: it declares X {images} and y {labels}, where SVHN has "
+            f"X (32, 32, 3, N) and y (N, 1) with N at most {SVHN_MAX_IMAGES:,}; delete it and run "
+            "again with --download"
+        )
 
 
 def _checked(data: TensorData, where: Path) -> TensorData:
