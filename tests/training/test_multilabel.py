@@ -15,12 +15,13 @@ from architectures import TINY
 from densenet import create_model
 from densenet.cli import main
 from densenet.data.datasets import load_split
+from densenet.data.mixing import mixed_targets
 from densenet.deploy.predict import Predictor
 from densenet.models.presets import PRESETS
 from densenet.training.distributed import all_gather_rows
 from densenet.training.evaluate import MultiLabelResult
 from densenet.training.metrics import EpochRow
-from densenet.training.setup import DataSetup, positive_weights
+from densenet.training.setup import DataSetup, SmoothedBCEWithLogitsLoss, positive_weights
 from densenet.weights.io import save_weights
 from densenet.weights.registry import load_for_inference
 from fake_data import SHAPES, write_shapes_csv
@@ -119,7 +120,7 @@ def write_csv(data, name, text):
         (
             "path,square,disc,cross\nimages/train0.png,1,0,1\n",
             ("--ema-decay", "0.99", "--mixup-alpha", "0.2"),
-            "--mixup-alpha, --ema-decay apply to single-label runs",
+            "--ema-decay applies to single-label runs",
         ),
         (
             "path,square,disc,cross\nimages/train0.png,1,0,0\nimages/train1.png,1,1,0\n",
@@ -277,3 +278,31 @@ def test_a_finished_multilabel_run_resumes_from_its_saved_history(trained, tmp_p
     assert main(["train", "--resume", str(run), "--no-progress"]) == 0
     assert "finished its 12 epochs" in capsys.readouterr().out
     assert (run / "metrics.csv").read_text() == before
+
+
+def test_multilabel_label_smoothing_moves_each_target_towards_one_half():
+    logits, targets = torch.randn(6, 3), torch.randint(0, 2, (6, 3)).float()
+    weights = torch.tensor([1.0, 2.0, 5.0])
+    loss = SmoothedBCEWithLogitsLoss(0.2, pos_weight=weights)(logits, targets)
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(
+        logits, targets * 0.8 + 0.1, pos_weight=weights
+    )
+    torch.testing.assert_close(loss, expected, rtol=0, atol=0)
+    assert SmoothedBCEWithLogitsLoss(0.0)(logits, targets) == (
+        torch.nn.functional.binary_cross_entropy_with_logits(logits, targets)
+    )
+
+
+def test_mixed_multilabel_targets_are_the_images_proportions_of_their_findings():
+    labels = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
+    mixed = mixed_targets(labels, 0.75, 3)
+    torch.testing.assert_close(mixed, 0.75 * labels + 0.25 * labels.flip(0))
+
+
+def test_multilabel_runs_train_with_smoothing_mixup_and_cutmix(shapes, tmp_path):
+    run = tmp_path / "run"
+    extra = ("--label-smoothing", "0.1", "--mixup-alpha", "0.2", "--cutmix-alpha", "1.0")
+    assert main([*csv_args(shapes, "--epochs", "3", "--out", str(run), *extra)]) == 0
+    rows = read_metrics(run)
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
+    assert float(rows[-1]["test_mean_auroc"]) > 0.5

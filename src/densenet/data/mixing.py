@@ -52,6 +52,10 @@ def mix_batch(images: Tensor, mixup_alpha: float, cutmix_alpha: float, seed: int
 
 
 def mixed_targets(labels: Tensor, lam: float, num_classes: int) -> Tensor:
-    """Class probabilities: ``lam`` on each image's label, the rest on its partner's."""
-    one_hot = torch.nn.functional.one_hot(labels, num_classes).float()
-    return one_hot * lam + one_hot.flip(0) * (1 - lam)
+    """Targets in proportion ``lam`` of each image's own, the rest its partner's: class
+    probabilities from class indices, or per-finding targets from multi-label 0/1 rows."""
+    if labels.ndim == 2:
+        targets = labels.float()
+    else:
+        targets = torch.nn.functional.one_hot(labels, num_classes).float()
+    return targets * lam + targets.flip(0) * (1 - lam)

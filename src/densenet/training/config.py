@@ -152,7 +152,9 @@ class TrainConfig:
     )
     lr_gamma: float = _setting(0.1, help="what the lr is multiplied by at each milestone")
     label_smoothing: float = _setting(
-        0.0, help="share of each target spread evenly over all classes (0: one-hot targets)"
+        0.0,
+        help="share of each target spread evenly over all classes (0: one-hot targets); "
+        "multilabel: each 0/1 target t becomes t(1-e) + e/2",
     )
     accumulate: int = _setting(
         1,

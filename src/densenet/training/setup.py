@@ -82,21 +82,11 @@ def load_data(config: TrainConfig) -> DataSetup:
 
 
 def _check_multilabel_options(config: TrainConfig) -> None:
-    """Options built for one softmax over classes, which multi-label runs don't take (yet)."""
-    unsupported = [
-        flag
-        for flag, value in (
-            ("--label-smoothing", config.label_smoothing),
-            ("--mixup-alpha", config.mixup_alpha),
-            ("--cutmix-alpha", config.cutmix_alpha),
-            ("--ema-decay", config.ema_decay),
-        )
-        if value
-    ]
-    if unsupported:
+    """Options multi-label runs don't take (yet)."""
+    if config.ema_decay:
+        # The weight average is scored and kept by top-1, which multi-label runs don't have.
         raise ConfigError(
-            f"{', '.join(unsupported)} apply to single-label runs; {config.train_csv} is "
-            "multi-label: drop them"
+            f"--ema-decay applies to single-label runs; {config.train_csv} is multi-label: drop it"
         )
 
 
@@ -286,7 +276,21 @@ def criterion_of(config: TrainConfig, data: DataSetup, device: torch.device) -> 
     if not data.multilabel:
         return build_criterion(config)
     weights = positive_weights(data).to(device) if config.pos_weight == "auto" else None
-    return nn.BCEWithLogitsLoss(pos_weight=weights)
+    return SmoothedBCEWithLogitsLoss(config.label_smoothing, pos_weight=weights)
+
+
+class SmoothedBCEWithLogitsLoss(nn.BCEWithLogitsLoss):
+    """Binary cross-entropy per finding, each 0/1 (or mixed) target t taken as
+    t (1 - smoothing) + smoothing / 2: label smoothing for independent sigmoids."""
+
+    def __init__(self, smoothing: float = 0.0, pos_weight: torch.Tensor | None = None) -> None:
+        super().__init__(pos_weight=pos_weight)
+        self.smoothing = smoothing
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self.smoothing:
+            targets = targets * (1 - self.smoothing) + self.smoothing / 2
+        return super().forward(logits, targets)
 
 
 def build_criterion(config: TrainConfig) -> nn.Module:
