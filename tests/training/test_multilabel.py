@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 from sklearn.metrics import average_precision_score, roc_auc_score
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -72,9 +73,10 @@ def test_a_multilabel_csv_trains_through_the_cli_to_a_high_mean_auroc(trained):
     rows = read_metrics(trained)
     assert list(rows[0]) == [
         "epoch", "train_loss", "test_loss", "test_mean_auroc", "test_mean_ap", "test_mean_f1",
-        "lr", "img_per_s", "seconds", "data_share", "skipped_images",
+        "lr", "img_per_s", "seconds", "data_share", "skipped_images", "ema_test_mean_auroc",
         *(f"auroc_{kind}" for kind in SHAPES),
     ]  # fmt: skip
+    assert rows[0]["ema_test_mean_auroc"] == ""  # no weight average in this run
     assert float(rows[-1]["test_mean_auroc"]) >= 0.95
     means = [float(row["test_mean_auroc"]) for row in rows]
     per_class = np.array([[float(rows[-1][f"auroc_{k}"]) for k in SHAPES]])
@@ -117,11 +119,6 @@ def write_csv(data, name, text):
         ("path,square,disc\nimages/nowhere.png,1,0\n", (), "line 2: image"),
         ("path\nimages/train0.png\n", (), "add a label column"),
         ("path,square,disc\nimages/train0.png,1,0\n", ("--task", "single"), "--task single"),
-        (
-            "path,square,disc,cross\nimages/train0.png,1,0,1\n",
-            ("--ema-decay", "0.99", "--mixup-alpha", "0.2"),
-            "--ema-decay applies to single-label runs",
-        ),
         (
             "path,square,disc,cross\nimages/train0.png,1,0,0\nimages/train1.png,1,1,0\n",
             ("--pos-weight", "auto"),
@@ -299,10 +296,23 @@ def test_mixed_multilabel_targets_are_the_images_proportions_of_their_findings()
     torch.testing.assert_close(mixed, 0.75 * labels + 0.25 * labels.flip(0))
 
 
-def test_multilabel_runs_train_with_smoothing_mixup_and_cutmix(shapes, tmp_path):
+def test_multilabel_runs_train_with_smoothing_mixing_and_a_weight_average(shapes, tmp_path):
     run = tmp_path / "run"
     extra = ("--label-smoothing", "0.1", "--mixup-alpha", "0.2", "--cutmix-alpha", "1.0")
+    extra += ("--ema-decay", "0.9")
     assert main([*csv_args(shapes, "--epochs", "3", "--out", str(run), *extra)]) == 0
     rows = read_metrics(run)
     assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
     assert float(rows[-1]["test_mean_auroc"]) > 0.5
+    # The weight average is scored by mean AUROC, saved, and can be the best weights.
+    ema_scores = [float(row["ema_test_mean_auroc"]) for row in rows]
+    assert all(0 <= score <= 1 for score in ema_scores)
+    with safe_open(run / "ema.safetensors", "pt") as handle:
+        meta = json.loads(handle.metadata()["meta"])
+    assert meta["weights"] == "ema" and meta["test_mean_auroc"] == ema_scores[-1]
+    with safe_open(run / "best.safetensors", "pt") as handle:
+        best = json.loads(handle.metadata()["meta"])
+    raw_scores = [float(row["test_mean_auroc"]) for row in rows]
+    best_score = max(max(raw_scores), max(ema_scores))
+    assert best["test_mean_auroc"] == best_score
+    assert best["weights"] == ("ema" if best_score in ema_scores else "raw")

@@ -209,8 +209,7 @@ def _train(
         lr = config.lr * _last_lr_factor(config, state, steps)
         row = _epoch_row(state, raw, ema, lr, data.class_names)
         if row.score > state.best_score:
-            # Multi-label runs have no weight average: setup refuses --ema-decay for them.
-            better_ema = learner.ema is not None and row.ema_test_top1 > row.test_top1
+            better_ema = row.ema_score is not None and row.ema_score > row.raw_score
             best = learner.ema.model if learner.ema and better_ema else learner.model
             run.write_weights(best, run.BEST, {**meta, **_weights_tag(row, better_ema)})
         state.next_epoch(row)
@@ -362,7 +361,7 @@ def _last_lr_factor(config: TrainConfig, state: TrainState, steps: int) -> float
 def _epoch_row(
     state: TrainState,
     result: EvalResult | MultiLabelResult,
-    ema: EvalResult | None,
+    ema: EvalResult | MultiLabelResult | None,
     lr: float,
     class_names: list[str],
 ) -> Row:
@@ -384,6 +383,9 @@ def _epoch_row(
                 name: round(float(auroc), 6)
                 for name, auroc in zip(class_names, result.per_class_auroc, strict=True)
             },
+            ema_test_mean_auroc=(
+                round(ema.mean_auroc, 6) if isinstance(ema, MultiLabelResult) else None
+            ),
         )
     return EpochRow(
         epoch=state.epoch + 1,
@@ -393,7 +395,7 @@ def _epoch_row(
         test_loss=round(result.loss, 6),
         test_top1=round(result.top1, 4),
         test_top5=round(result.top5, 4),
-        ema_test_top1=round(ema.top1, 4) if ema else None,
+        ema_test_top1=round(ema.top1, 4) if isinstance(ema, EvalResult) else None,
         lr=float(f"{lr:.12g}"),  # 0.1 * 0.1 is 0.010000000000000002 in binary
         img_per_s=round(state.tally.images / max(seconds, 1e-9), 1),
         seconds=round(seconds, 3),
@@ -422,10 +424,9 @@ def _periodic_save_due(config: TrainConfig, state: TrainState, steps: int) -> bo
 
 def _weights_tag(row: Row, ema: bool) -> dict[str, object]:
     """Which weights a file holds (the network's, or their average) and how they scored."""
-    if isinstance(row, MultiLabelRow):
-        return {"epoch": row.epoch, "weights": "raw", "test_mean_auroc": row.test_mean_auroc}
-    top1 = row.ema_test_top1 if ema else row.test_top1
-    return {"epoch": row.epoch, "weights": "ema" if ema else "raw", "test_top1": top1}
+    metric = "test_mean_auroc" if isinstance(row, MultiLabelRow) else "test_top1"
+    score = row.ema_score if ema else row.raw_score
+    return {"epoch": row.epoch, "weights": "ema" if ema else "raw", metric: score}
 
 
 def _postfix(state: TrainState, multilabel: bool) -> dict[str, str]:

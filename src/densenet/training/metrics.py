@@ -75,6 +75,14 @@ class EpochRow:
         """What picks the best epoch's weights: the better top-1 of the network and its average."""
         return max(self.test_top1, self.ema_test_top1 or -1.0)
 
+    @property
+    def raw_score(self) -> float:
+        return self.test_top1
+
+    @property
+    def ema_score(self) -> float | None:
+        return self.ema_test_top1
+
     def csv_row(self) -> dict[str, object]:
         return dataclasses.asdict(self)
 
@@ -111,10 +119,21 @@ class MultiLabelRow:
     data_share: float
     skipped_images: int
     test_auroc: dict[str, float]  # per finding; NaN where the test split has one label value only
+    ema_test_mean_auroc: float | None = None  # of the weight average (--ema-decay)
 
     @property
     def score(self) -> float:
+        """What picks the best epoch's weights: the better mean AUROC of the network and its
+        average."""
+        return max(self.test_mean_auroc, self.ema_score or -1.0)
+
+    @property
+    def raw_score(self) -> float:
         return self.test_mean_auroc
+
+    @property
+    def ema_score(self) -> float | None:
+        return self.ema_test_mean_auroc
 
     def csv_row(self) -> dict[str, object]:
         row = dataclasses.asdict(self)
@@ -125,9 +144,14 @@ class MultiLabelRow:
         skipped = (
             f", {self.skipped_images} unreadable images skipped" if self.skipped_images else ""
         )
+        ema = (
+            ""
+            if self.ema_test_mean_auroc is None
+            else f" (EMA mean AUROC {self.ema_test_mean_auroc:.4f})"
+        )
         return (
             f"epoch {self.epoch}/{epochs}: train loss {self.train_loss:.4f} | test loss "
-            f"{self.test_loss:.4f} mean AUROC {self.test_mean_auroc:.4f} mAP "
+            f"{self.test_loss:.4f} mean AUROC {self.test_mean_auroc:.4f}{ema} mAP "
             f"{self.test_mean_ap:.4f} mean F1 {self.test_mean_f1:.4f} | lr {self.lr:g} | "
             f"{self.img_per_s:.0f} img/s, {self.seconds:.1f}s{skipped}"
         )

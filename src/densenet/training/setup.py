@@ -74,20 +74,9 @@ def load_data(config: TrainConfig) -> DataSetup:
     else:
         in_channels = 1 if config.grayscale else 3
     setup = DataSetup(train, test, train.class_names, in_channels, multilabel)
-    if multilabel:
-        _check_multilabel_options(config)
     if multilabel and config.pos_weight == "auto":
         positive_weights(setup)  # refuses a class without positives before any run is written
     return setup
-
-
-def _check_multilabel_options(config: TrainConfig) -> None:
-    """Options multi-label runs don't take (yet)."""
-    if config.ema_decay:
-        # The weight average is scored and kept by top-1, which multi-label runs don't have.
-        raise ConfigError(
-            f"--ema-decay applies to single-label runs; {config.train_csv} is multi-label: drop it"
-        )
 
 
 def positive_weights(data: DataSetup) -> torch.Tensor:
