@@ -20,6 +20,7 @@ from densenet.data.datasets import load_split
 from densenet.data.images import eval_transform, read_image
 from densenet.data.loaders import Normalize, make_batches
 from densenet.deploy.predict import Predictor, load_image
+from densenet.errors import DatasetError
 from fake_data import write_image_folder
 
 PREPROCESSING = Preprocessing(
@@ -174,6 +175,15 @@ def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path):
     expected = torch.from_numpy(((values.astype(np.int64) + 128) // 257).astype(np.uint8))
     assert torch.equal(read_image(tmp_path / "deep.png", 1)[0], expected)
     assert torch.equal(read_image(tmp_path / "deep.png", 3), expected.expand(3, 40, 50))
+
+
+def test_floating_point_images_are_refused_not_clipped(tmp_path):
+    # Values in 0-1 (or Hounsfield units) would all land on one or two 8-bit levels.
+    values = np.linspace(0, 1, 40 * 50, dtype=np.float32).reshape(40, 50)
+    Image.fromarray(values).save(tmp_path / "float.tiff")
+    assert Image.open(tmp_path / "float.tiff").mode == "F"
+    with pytest.raises(DatasetError, match=r"float\.tiff: it holds 32-bit floating-point pixels"):
+        read_image(tmp_path / "float.tiff", 1)
 
 
 @pytest.mark.parametrize("suffix", [".png", ".jpg"])

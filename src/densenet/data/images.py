@@ -60,7 +60,14 @@ def read_image(path: str | os.PathLike[str], in_channels: int) -> Tensor:
 def _to_8_bits(image: Image.Image) -> Image.Image:
     """16-bit (and 32-bit integer) grayscale images scaled to 8 bits: Pillow's conversion clips
     them at 255 instead, which turns nearly every pixel of a 16-bit image white. 32-bit images are
-    taken to hold 16-bit values, as Pillow reads some 16-bit files."""
+    taken to hold 16-bit values, as Pillow reads some 16-bit files. Floating-point images are
+    refused: their values (0-1, Hounsfield units, ...) have no range to map to 8 bits that would
+    be right for every file, and Pillow's conversion would clip them."""
+    if image.mode == "F":
+        raise DatasetError(
+            "it holds 32-bit floating-point pixels, which have no fixed range to map to 8 bits: "
+            "save it as an 8- or 16-bit PNG, scaled as your data needs"
+        )
     if not (image.mode.startswith("I;16") or image.mode == "I"):
         return image
     pixels = np.asarray(image, dtype=np.int32).clip(0, 65535)
