@@ -156,25 +156,22 @@ def _report(
     )
     if result.skipped:
         print(f"{result.skipped} unreadable images were skipped")
-    per_class = result.per_class.tolist()
-    rows = sorted(
-        zip(class_names, per_class, result.confusion.sum(1).tolist(), strict=True),
-        key=lambda row: (math.isnan(row[1]), row[1]),
+    per_class = list(
+        zip(class_names, result.per_class.tolist(), result.confusion.sum(1).tolist(), strict=True)
     )
+    rows = sorted(per_class, key=lambda row: (math.isnan(row[1]), row[1]))
     shown = rows if len(rows) <= 20 else rows[:10]
     print("per-class top-1" + ("" if len(rows) <= 20 else " (the 10 worst)") + ":")
     for class_name, accuracy, count in shown:
         print(f"  {class_name:<24}{accuracy:7.2f}%  of {count}")
-    per_class_rows = zip(class_names, per_class, result.confusion.sum(1).tolist(), strict=True)
     metrics = {
         "top1": result.top1,
         "top5": result.top5,
         "class_names": class_names,
         "confusion": result.confusion.tolist(),  # rows: true classes, columns: predictions
     }
-    csv_path, json_path = _write_tables(
-        args, result, out, ["class", "top1", "images"], list(per_class_rows), metrics
-    )
+    header = ["class", "top1", "images"]
+    csv_path, json_path = _write_tables(args, result, out, header, per_class, metrics)
     png_path = out / f"confusion-{name}.png"
     plot_confusion(
         result.confusion.numpy(),
