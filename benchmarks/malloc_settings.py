@@ -78,13 +78,11 @@ def main() -> None:
 
     import torch
 
-    from densenet.tools.bench import machine_description
+    from densenet.tools.bench import machine_description, rotated
 
     results: dict[str, list[dict]] = {name: [] for name in SETTINGS}
     for round_index in range(args.rounds):
-        names = list(SETTINGS)
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
+        for name in rotated(list(SETTINGS), round_index):
             command = [sys.executable, __file__, "--child", "--batch", str(args.batch)]
             command += ["--calls", str(args.calls)]
             env = {**os.environ, **SETTINGS[name]}

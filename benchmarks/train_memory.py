@@ -147,6 +147,8 @@ def measure(spec: dict) -> dict:
 
 
 def run(args: argparse.Namespace) -> list[dict]:
+    from densenet.tools.bench import rotated  # the parent only: children import what they need
+
     base = dict(
         batch=args.batch,
         size=args.size,
@@ -178,9 +180,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         # Rounds interleave the implementations, so that load from elsewhere on the machine
         # falls on all of them alike; ratios are taken within each round.
         for round_index in range(args.rounds):
-            # Each round starts one implementation later, so that none always goes first.
-            shift = round_index % len(args.impl)
-            for implementation in args.impl[shift:] + args.impl[:shift]:
+            for implementation in rotated(args.impl, round_index):
                 if implementation in errors:
                     continue
                 result = measure(dict(spec, implementation=implementation))

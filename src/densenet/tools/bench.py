@@ -12,8 +12,9 @@ import copy
 import platform
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torchvision
@@ -25,6 +26,7 @@ from densenet.models.densenet import DenseNet
 
 TORCHVISION_DEFAULT = "torchvision (fp32, NCHW)"  # the model as torchvision's users run it
 OURS_PLAIN = "ours, eager"  # our plain model, run as torchvision's is
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -213,7 +215,7 @@ def time_candidates(found: list[Candidate], x: Tensor, *, warmup: int, rounds: i
         for round_index in range(rounds):
             # Each round starts one candidate later: going first (after another's garbage, with
             # the allocator's free lists in another state) measurably costs or gains a few percent.
-            for i in _rotated(len(found), round_index):
+            for i in rotated(range(len(found)), round_index):
                 begin = time.perf_counter()
                 runs[i](inputs[found[i].channels_last])
                 _synchronize(x.device)
@@ -224,9 +226,11 @@ def time_candidates(found: list[Candidate], x: Tensor, *, warmup: int, rounds: i
     ]
 
 
-def _rotated(count: int, start: int) -> list[int]:
-    """0..count-1 starting at ``start`` (mod count)."""
-    return [(start + i) % count for i in range(count)]
+def rotated(items: Sequence[T], round_index: int) -> list[T]:
+    """``items`` in the order round ``round_index`` takes them: each round starts one later, so
+    that none always goes first."""
+    shift = round_index % len(items)
+    return [*items[shift:], *items[:shift]]
 
 
 def machine_kind(device: torch.device) -> str:
