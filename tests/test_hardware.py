@@ -10,6 +10,7 @@ from densenet.hardware import (
     resolve_precision_and_format,
     why_precision,
 )
+from densenet.tools.bench import machine_kind
 
 CPU = torch.device("cpu")
 
@@ -61,3 +62,12 @@ def test_explicit_choices_are_kept():
 def test_unknown_choices_are_refused(precision, memory_format, message):
     with pytest.raises(ConfigError, match=message):
         resolve_precision_and_format(CPU, precision, memory_format)
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_an_amx_cpu_is_named_in_the_reason_and_the_results_kind(monkeypatch, amx):
+    # torch 2.14 answers this query in torch.cpu only; an older place silently said "no AMX".
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert ("with AMX" in why_precision(CPU, "bf16")) is amx
+    assert (machine_kind(CPU) == "amx") is amx

@@ -93,15 +93,22 @@ def fast_bf16(device: torch.device) -> bool:
     return device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
+def has_amx() -> bool:
+    """Whether the CPU has AMX tile units (oneDNN's fastest bf16 and int8 kernels)."""
+    # torch.cpu has had this query since 2.3; before that there is no AMX path to report.
+    return getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+
+
 def why_precision(device: torch.device, precision: Precision) -> str:
     """Why "auto" chose ``precision`` on ``device``, for the first line of a run."""
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         units = "has" if precision == "bf16" else "lacks"
         return f"this GPU (compute capability {major}.{minor}) {units} native bf16"
+    kernels = torch.backends.cpu.get_cpu_capability() + (" with AMX" if has_amx() else "")
     if precision == "bf16":
-        return f"this CPU ({torch.backends.cpu.get_cpu_capability()}) has native bf16 in oneDNN"
-    return f"this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native bf16"
+        return f"this CPU ({kernels}) has native bf16 in oneDNN"
+    return f"this CPU ({kernels}) has no native bf16"
 
 
 def _default_memory_format(device: torch.device, precision: Precision) -> MemoryFormat:

@@ -21,7 +21,7 @@ import torchvision
 from torch import Tensor, nn
 
 from densenet.deploy.optimize import onednn_supports, optimize_for_inference
-from densenet.hardware import DTYPES, Precision, autocast, cpu_info, fast_bf16
+from densenet.hardware import DTYPES, Precision, autocast, cpu_info, fast_bf16, has_amx
 from densenet.models.densenet import DenseNet
 
 TORCHVISION_DEFAULT = "torchvision (fp32, NCHW)"  # the model as torchvision's users run it
@@ -238,7 +238,7 @@ def machine_kind(device: torch.device) -> str:
     amx (each a CPU whose oneDNN kernels differ in speed by several times), or the GPU's name."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device).lower().replace(" ", "-")
-    if getattr(torch._C._cpu, "_is_amx_tile_supported", lambda: False)():
+    if has_amx():
         return "amx"
     if fast_bf16(device):
         return "avx512bf16"
