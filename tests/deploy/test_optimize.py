@@ -8,10 +8,12 @@ from torch import nn
 
 from conftest import randomize_batchnorm
 from densenet import ConfigError, DenseNet, create_model, optimize_for_inference
+from densenet.deploy import optimize
 from densenet.deploy.optimize import (
     BatchNormReLU,
     ClampedReLU,
     Conv2dReLU,
+    FastDenseBlock,
     InferenceDenseNet,
     OneDNNConv2dReLU,
     onednn_supports,
@@ -81,6 +83,25 @@ def test_fp32_computes_the_same_function(name, device, backend):
     with torch.no_grad():
         actual = optimize_for_inference(model, conv_backend=backend)(x)
     assert actual.dtype == torch.float32
+    assert _relative_error(actual, expected) <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["bc-imagenet-3-blocks", "plain-c1-cifar", "one-block-no-head"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_images_run_in_chunks_compute_the_same_function(monkeypatch, name, backend):
+    # A chunk size below one image's block tensor: every group runs image by image.
+    monkeypatch.setattr(optimize, "CHUNK_BYTES", 1)
+    model = _model(CONFIGS[name])
+    x = torch.randn(3, 3, 37, 41)
+    expected = _reference(model, x)
+    network = optimize_for_inference(model, conv_backend=backend)
+    batches = []
+    for module in network.modules():
+        if isinstance(module, FastDenseBlock):
+            module.register_forward_hook(lambda m, args, out: batches.append(len(args[0])))
+    with torch.no_grad():
+        actual = network(x)
+    assert batches == [1] * 3 * len(CONFIGS[name]["block_config"])
     assert _relative_error(actual, expected) <= 1e-5
 
 

@@ -33,10 +33,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from densenet.deploy import native
 from densenet.errors import ConfigError
 from densenet.hardware import DTYPES, Precision
 from densenet.models.densenet import DenseBlock, DenseLayer, DenseNet, DenseNetConfig, Transition
 
+# On CPU each dense block runs (with the transition after it) on as many images at a time as keep
+# its block tensor within this size, so that what a layer's clamp writes is still in the caches
+# when its convolution reads it, rather than the whole batch's, tens of MB, going out to memory
+# and back. DenseNet-121 at batch 32 (chunks of 5, 10, 20 and 32 images in bf16) on a 2-vCPU Xeon
+# with AMX, whole batch against chunks in alternating calls: bf16 1.17x faster (median over 21
+# rounds), fp32 1.21x (11 rounds, 1.15-1.32x); chunks twice as large measured the same.
+CHUNK_BYTES = 8 << 20
 # The precisions the rewritten network is built in (see optimize_for_inference).
 INFERENCE_PRECISIONS: tuple[Precision, ...] = ("fp32", "bf16")
 SUPPORTED_DTYPES = tuple(DTYPES[precision] for precision in INFERENCE_PRECISIONS)
@@ -78,6 +86,38 @@ class ClampedReLU(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.clamp(x, self.low, self.high)
+
+
+class NativeClampedReLU(nn.Module):
+    """:class:`ClampedReLU` in bf16 through :mod:`densenet.deploy.native`'s C kernel, followed
+    by 2x2 average pooling in the same pass if ``avg_pool2``; ATen for inputs the kernel doesn't
+    take."""
+
+    def __init__(self, unit: ClampedReLU, avg_pool2: bool = False) -> None:
+        super().__init__()
+        self.register_buffer("low", unit.low)
+        self.register_buffer("high", unit.high)
+        # The kernel's float32 copies: plain attributes, so that no .to() can change their dtype.
+        self.low32 = unit.low.float().flatten().contiguous()
+        self.high32 = unit.high.float().flatten().contiguous()
+        self.avg_pool2 = avg_pool2
+
+    def forward(self, x: Tensor) -> Tensor:
+        if native.supports_clamp(x):
+            kernel = native.clamp_avg_pool2 if self.avg_pool2 else native.clamp_channels
+            return kernel(x, self.low32, self.high32)
+        out = torch.clamp(x, self.low, self.high)
+        return F.avg_pool2d(out, 2) if self.avg_pool2 else out
+
+
+class NativeMaxPool3x3s2(nn.Module):
+    """``nn.MaxPool2d(3, 2, padding=1)`` through :mod:`densenet.deploy.native`'s C kernel where
+    it takes the input."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if native.supports_max_pool(x):
+            return native.max_pool_3x3s2(x)
+        return F.max_pool2d(x, 3, 2, 1)
 
 
 CONV_BACKENDS = ("auto", "onednn", "aten")
@@ -184,11 +224,32 @@ def onednn_supports(device: torch.device, dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-def _use_onednn(network: nn.Module) -> None:
+def _use_onednn(network: nn.Module, dtype: torch.dtype) -> None:
+    """oneDNN for the convolutions; where the C kernels build, they take the stem's max pooling
+    and, in bf16, the clamps (a transition's with its average pooling)."""
     for parent in list(network.modules()):
         for name, child in parent.named_children():
             if isinstance(child, Conv2dReLU):
                 setattr(parent, name, OneDNNConv2dReLU(child))
+    if not native.available():
+        return
+    for module in list(network.modules()):
+        if isinstance(module, ImageNetStem) and _is_3x3s2_max_pool(module.pool):
+            module.pool = NativeMaxPool3x3s2()
+        if dtype != torch.bfloat16 or not isinstance(getattr(module, "act", None), ClampedReLU):
+            continue
+        if isinstance(module, FastTransition):
+            module.act, module.pool = NativeClampedReLU(module.act, avg_pool2=True), nn.Identity()
+        else:
+            module.act = NativeClampedReLU(module.act)
+
+
+def _is_3x3s2_max_pool(pool: nn.MaxPool2d) -> bool:
+    settings = (pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode)
+    return all(
+        value in (expected, (expected, expected))
+        for value, expected in zip(settings, (3, 2, 1, 1, False), strict=True)
+    )
 
 
 class BatchNormReLU(nn.Module):
@@ -242,7 +303,7 @@ class ImageNetStem(nn.Module):
         self.conv = Conv2dReLU(
             weight, bias, stride=conv0.stride[0], padding=conv0.padding[0], relu=True
         )
-        self.pool = nn.MaxPool2d(pool0.kernel_size, pool0.stride, pool0.padding)
+        self.pool: nn.Module = nn.MaxPool2d(pool0.kernel_size, pool0.stride, pool0.padding)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.pool(self.conv(x))
@@ -313,9 +374,10 @@ class FastTransition(nn.Module):
         self.act, scale, shift = _input_activation(transition.norm, fold_input_bn)
         weight, bias = _fold_input_affine(transition.conv.weight, scale, shift)
         self.conv = Conv2dReLU(weight, bias)
+        self.pool: nn.Module = nn.AvgPool2d(2)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.avg_pool2d(self.act(x), 2))
+        return self.conv(self.pool(self.act(x)))
 
 
 class FastHead(nn.Module):
@@ -375,14 +437,49 @@ class InferenceDenseNet(nn.Module):
         self.head = FastHead(norm, model.classifier, fold_input_bn)
         self.to(dtype=dtype, memory_format=torch.channels_last)
         if onednn:
-            _use_onednn(self)
+            _use_onednn(self, dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         if not torch.jit.is_scripting() and not torch.compiler.is_compiling():
             self.config.check_input(x)
         dtype = self.head.fc.weight.dtype
-        out = self.stem(x.to(dtype=dtype, memory_format=torch.channels_last))
-        return self.head(self.stages(out)).to(x.dtype)
+        out = x.to(dtype=dtype, memory_format=torch.channels_last)
+        if not torch.jit.is_scripting() and _runs_eagerly_on_cpu(out):
+            out = self._features_in_chunks(out)
+        else:
+            out = self.stages(self.stem(out))
+        return self.head(out).to(x.dtype)
+
+    @torch.jit.unused
+    def _features_in_chunks(self, x: Tensor) -> Tensor:
+        """``stages(stem(x))``, each dense block with what comes before it and the transition after
+        it run on as many images at a time as keep its block tensor within ``CHUNK_BYTES``."""
+        groups: list[list[nn.Module]] = [[self.stem]]
+        for module in self.stages:
+            groups[-1].append(module)
+            if isinstance(module, FastTransition):
+                groups.append([])
+        _, _, height, width = x.shape
+        pixels = height * width // (16 if self.config.stem == "imagenet" else 1)
+        for i, group in enumerate(groups):
+            block = next(m for m in group if isinstance(m, FastDenseBlock))
+            image_bytes = block.out_channels * max(1, pixels >> (2 * i)) * x.element_size()
+            chunks = [
+                _run_in_turn(group, part) for part in x.split(CHUNK_BYTES // image_bytes or 1)
+            ]
+            x = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+        return x
+
+
+def _runs_eagerly_on_cpu(x: Tensor) -> bool:
+    tracing = torch.jit.is_tracing() or torch.compiler.is_compiling()
+    return x.device.type == "cpu" and not tracing
+
+
+def _run_in_turn(modules: list[nn.Module], x: Tensor) -> Tensor:
+    for module in modules:
+        x = module(x)
+    return x
 
 
 def optimize_for_inference(

@@ -1,0 +1,108 @@
+/* Memory-bound steps of optimize_for_inference's network as plain loops over channels_last data.
+ *
+ * Pixels hold `channels` contiguous values; pixel r of an input starts at x + r * pixel_stride
+ * (a channels_last slice of a wider block tensor has pixel_stride > channels); outputs are dense.
+ * A bf16 value widens to float exactly by a 16-bit shift, and a clamp or max returns one of its
+ * operands, all bf16 values, so narrowing it back by a shift is exact as well: no rounding, unlike
+ * a convert. Averages round to nearest even, as PyTorch's conversion does. NaN passes through
+ * clamps (both comparisons are false), as in torch.clamp, and wins a max, as in max_pool2d.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+static inline float widen(uint16_t value) {
+    uint32_t bits = (uint32_t)value << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline uint16_t narrow_exact(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    return (uint16_t)(bits >> 16);
+}
+
+static inline uint16_t narrow_rounded(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    if (f != f) return (uint16_t)((bits >> 16) | 0x40); /* a quiet NaN stays NaN */
+    bits += 0x7FFF + ((bits >> 16) & 1);
+    return (uint16_t)(bits >> 16);
+}
+
+static inline float clamp(float v, float low, float high) {
+    v = v < low ? low : v;
+    return v > high ? high : v;
+}
+
+/* clamp(x, low, high) per channel, for `rows` pixels. */
+void clamp_bf16(const uint16_t *x, int64_t pixel_stride, uint16_t *out, int64_t rows,
+                int64_t channels, const float *low, const float *high) {
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *in = x + r * pixel_stride;
+        uint16_t *dst = out + r * channels;
+        for (int64_t c = 0; c < channels; c++)
+            dst[c] = narrow_exact(clamp(widen(in[c]), low[c], high[c]));
+    }
+}
+
+/* avg_pool2d(clamp(x, low, high), 2) for output image rows [first, last) of an image stack of
+ * height x width pixels (even sizes; an odd last row or column is dropped, as PyTorch does). */
+void clamp_avg_pool2_bf16(const uint16_t *x, int64_t pixel_stride, uint16_t *out,
+                          int64_t first, int64_t last, int64_t height, int64_t width,
+                          int64_t channels, const float *low, const float *high) {
+    int64_t out_height = height / 2, out_width = width / 2;
+    for (int64_t row = first; row < last; row++) {
+        int64_t image = row / out_height, y = row % out_height;
+        for (int64_t x_out = 0; x_out < out_width; x_out++) {
+            const uint16_t *p00 = x + ((image * height + 2 * y) * width + 2 * x_out) * pixel_stride;
+            const uint16_t *p01 = p00 + pixel_stride;
+            const uint16_t *p10 = p00 + width * pixel_stride;
+            const uint16_t *p11 = p10 + pixel_stride;
+            uint16_t *dst = out + (row * out_width + x_out) * channels;
+            for (int64_t c = 0; c < channels; c++) {
+                /* PyTorch's order: the window row by row, summed in float, then divided by 4. */
+                float sum = clamp(widen(p00[c]), low[c], high[c]);
+                sum += clamp(widen(p01[c]), low[c], high[c]);
+                sum += clamp(widen(p10[c]), low[c], high[c]);
+                sum += clamp(widen(p11[c]), low[c], high[c]);
+                dst[c] = narrow_rounded(sum / 4.0f);
+            }
+        }
+    }
+}
+
+/* max_pool2d(x, 3, stride=2, padding=1) of dense channels_last bf16 or float, for output image
+ * rows [first, last). */
+#define MAX_POOL_3X3S2(NAME, T, LOAD, STORE)                                                    \
+    void NAME(const T *x, T *out, int64_t first, int64_t last, int64_t height, int64_t width,  \
+              int64_t channels) {                                                             \
+        float window[channels];                                                               \
+        int64_t out_height = (height - 1) / 2 + 1, out_width = (width - 1) / 2 + 1;            \
+        for (int64_t row = first; row < last; row++) {                                        \
+            int64_t image = row / out_height, y = row % out_height;                           \
+            for (int64_t x_out = 0; x_out < out_width; x_out++) {                             \
+                for (int64_t c = 0; c < channels; c++) window[c] = -INFINITY;                 \
+                for (int64_t iy = 2 * y - 1; iy <= 2 * y + 1; iy++) {                         \
+                    if (iy < 0 || iy >= height) continue;                                     \
+                    for (int64_t ix = 2 * x_out - 1; ix <= 2 * x_out + 1; ix++) {             \
+                        if (ix < 0 || ix >= width) continue;                                  \
+                        const T *in = x + ((image * height + iy) * width + ix) * channels;    \
+                        for (int64_t c = 0; c < channels; c++) {                              \
+                            float v = LOAD(in[c]);                                            \
+                            window[c] = (v > window[c] || v != v) ? v : window[c];            \
+                        }                                                                     \
+                    }                                                                         \
+                }                                                                             \
+                T *dst = out + (row * out_width + x_out) * channels;                          \
+                for (int64_t c = 0; c < channels; c++) dst[c] = STORE(window[c]);             \
+            }                                                                                 \
+        }                                                                                     \
+    }
+
+static inline float load_float(float v) { return v; }
+static inline float store_float(float v) { return v; }
+MAX_POOL_3X3S2(max_pool_3x3s2_bf16, uint16_t, widen, narrow_exact)
+MAX_POOL_3X3S2(max_pool_3x3s2_float, float, load_float, store_float)

@@ -1,0 +1,183 @@
+import shutil
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conftest import randomize_batchnorm
+from densenet import DenseNet, optimize_for_inference
+from densenet.deploy import native
+from densenet.deploy.optimize import (
+    ClampedReLU,
+    NativeClampedReLU,
+    NativeMaxPool3x3s2,
+    onednn_supports,
+)
+
+INF = float("inf")
+needs_compiler = pytest.mark.skipif(
+    shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler"
+)
+needs_bf16_onednn = pytest.mark.skipif(
+    not onednn_supports(torch.device("cpu"), torch.bfloat16), reason="oneDNN without native bf16"
+)
+
+
+@pytest.fixture
+def fresh_build(tmp_path, monkeypatch):
+    """A kernel cache of the test's own, and the next call building (or failing to) afresh."""
+    monkeypatch.setenv("DENSENET_CACHE", str(tmp_path))
+    native._library.cache_clear()
+    yield tmp_path / "kernels"
+    native._library.cache_clear()
+
+
+def _block_slice(channels: int = 24) -> torch.Tensor:
+    """A bf16 channels_last slice of a wider block tensor, as a dense layer reads it, holding
+    values on both sides of the bounds, signed zeros, infinities and NaN."""
+    generator = torch.Generator().manual_seed(0)
+    block = torch.randn(3, 40, 5, 7, generator=generator) * 3
+    block.view(-1)[:6] = torch.tensor([float("nan"), INF, -INF, 0.0, -0.0, 1e-40])
+    block = block.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    return block[:, :channels]
+
+
+def _bounds(channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # As ClampedReLU.from_bn makes them: a lower bound (positive BN scale), an upper bound
+    # (negative scale), or both zero (a constant channel).
+    generator = torch.Generator().manual_seed(1)
+    threshold = torch.randn(channels, generator=generator).to(torch.bfloat16).float()
+    kind = torch.arange(channels) % 3
+    low = torch.where(kind == 0, threshold, torch.where(kind == 1, -INF, 0.0))
+    high = torch.where(kind == 1, threshold, torch.where(kind == 0, INF, 0.0))
+    return low, high
+
+
+@needs_compiler
+@pytest.mark.parametrize("parts", [1, 2])
+def test_the_kernel_equals_torch_clamp_bit_for_bit(fresh_build, monkeypatch, parts):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: parts)
+    monkeypatch.setattr(native, "PARALLEL_MIN_ELEMENTS", 1)
+    x = _block_slice()
+    low, high = _bounds(x.shape[1])
+    assert native.available() and native.supports_clamp(x)
+    actual = native.clamp_channels(x, low, high)
+    expected = torch.clamp(x, low.bfloat16().view(1, -1, 1, 1), high.bfloat16().view(1, -1, 1, 1))
+    assert actual.is_contiguous(memory_format=torch.channels_last)
+    # Same bits, NaN included (its sign and payload pass through untouched).
+    assert torch.equal(actual.view(torch.int16), expected.view(torch.int16))
+    assert len(list(fresh_build.glob("kernels-*.so"))) == 1
+
+
+@needs_compiler
+@pytest.mark.parametrize("parts", [1, 2])
+@pytest.mark.parametrize("height, width", [(6, 8), (7, 5)])
+def test_the_fused_clamp_and_average_pooling_equal_torch_bit_for_bit(
+    fresh_build, monkeypatch, parts, height, width
+):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: parts)
+    monkeypatch.setattr(native, "PARALLEL_MIN_ELEMENTS", 1)
+    generator = torch.Generator().manual_seed(2)
+    block = (torch.randn(3, 40, height, width, generator=generator) * 3).to(torch.bfloat16)
+    x = block.contiguous(memory_format=torch.channels_last)[:, :24]
+    x[0, :3, 0, 0] = torch.tensor([float("nan"), INF, -INF])
+    low, high = _bounds(24)
+    assert native.available() and native.supports_clamp(x)
+    clamped = torch.clamp(x, low.bfloat16().view(1, -1, 1, 1), high.bfloat16().view(1, -1, 1, 1))
+    expected = F.avg_pool2d(clamped, 2)
+    actual = native.clamp_avg_pool2(x, low, high)
+    assert torch.equal(actual.view(torch.int16), expected.view(torch.int16))
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("height, width", [(8, 10), (7, 9), (1, 2)])
+def test_the_max_pooling_equals_torch_bit_for_bit(fresh_build, monkeypatch, dtype, height, width):
+    monkeypatch.setattr(native, "PARALLEL_MIN_ELEMENTS", 1)
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 16, height, width, generator=generator).to(dtype)
+    x = x.contiguous(memory_format=torch.channels_last)
+    x[1, :3, 0, 0] = torch.tensor([float("nan"), INF, -INF])
+    assert native.available() and native.supports_max_pool(x)
+    expected = F.max_pool2d(x, 3, 2, 1)
+    actual = native.max_pool_3x3s2(x)
+    assert actual.is_contiguous(memory_format=torch.channels_last)
+    bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
+    assert torch.equal(actual.view(bits), expected.view(bits))
+    assert not native.supports_max_pool(x[:, :8])  # only dense channels_last
+
+
+def test_the_clamp_takes_only_evenly_spaced_bf16_pixels():
+    x = _block_slice()
+    assert native.supports_clamp(x)
+    assert not native.supports_clamp(x.float())
+    assert not native.supports_clamp(x.contiguous())  # NCHW
+    assert not native.supports_clamp(
+        x[:, :, 1:]
+    )  # rows of the image missing: pixels unevenly spaced
+    assert not native.supports_clamp(x[:, :, :, ::2])
+    assert not native.supports_clamp(x.clone().requires_grad_())
+
+
+def _tiny_bf16_networks() -> tuple[torch.nn.Module, torch.nn.Module]:
+    model = randomize_batchnorm(
+        DenseNet(growth_rate=4, block_config=(2, 3), num_init_features=8, num_classes=5)
+    ).eval()
+    return optimize_for_inference(model, dtype=torch.bfloat16), model
+
+
+@needs_compiler
+@needs_bf16_onednn
+def test_the_bf16_network_clamps_with_the_kernel_to_the_same_logits(fresh_build):
+    network, _ = _tiny_bf16_networks()
+    units = [m for m in network.modules() if isinstance(m, NativeClampedReLU)]
+    assert len(units) == 5 + 1 + 1  # a clamp per bottleneck layer, transition and head
+    assert any(isinstance(m, NativeMaxPool3x3s2) for m in network.modules())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        fast = network(x)
+        for parent in list(network.modules()):
+            for name, child in parent.named_children():
+                if isinstance(child, NativeClampedReLU):
+                    aten = ClampedReLU(child.low.flatten(), child.high.flatten())
+                    setattr(
+                        parent,
+                        name,
+                        nn.Sequential(aten, nn.AvgPool2d(2)) if child.avg_pool2 else aten,
+                    )
+                elif isinstance(child, NativeMaxPool3x3s2):
+                    setattr(parent, name, nn.MaxPool2d(3, 2, 1))
+        assert torch.equal(fast, network(x))  # the same network with ATen's clamp
+
+
+@needs_bf16_onednn
+def test_without_a_compiler_it_warns_once_and_clamps_with_torch(fresh_build, monkeypatch):
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    with pytest.warns(RuntimeWarning, match="could not build its C kernels.*C compiler"):
+        network, model = _tiny_bf16_networks()
+    assert not any(
+        isinstance(m, (NativeClampedReLU, NativeMaxPool3x3s2)) for m in network.modules()
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once, not on every build
+        optimize_for_inference(model, dtype=torch.bfloat16)
+    assert not any(fresh_build.glob("*"))  # nothing half-built left behind
+
+
+@needs_compiler
+def test_a_damaged_cached_library_is_built_again(fresh_build):
+    assert native.available()
+    (library,) = fresh_build.glob("kernels-*.so")
+    # A new file, as a copy or a restore would leave; rewriting the one this process has mapped
+    # would pull the code from under it.
+    library.unlink()
+    library.write_bytes(b"not a shared library")
+    native._library.cache_clear()
+    assert native.available()
+    x = _block_slice()
+    low, high = _bounds(x.shape[1])
+    actual = native.clamp_channels(x, low, high)
+    expected = torch.clamp(x, low.bfloat16().view(1, -1, 1, 1), high.bfloat16().view(1, -1, 1, 1))
+    assert torch.equal(actual.view(torch.int16), expected.view(torch.int16))
