@@ -27,6 +27,7 @@ import functools
 import hashlib
 import itertools
 import os
+import shlex
 import shutil
 import subprocess
 import warnings
@@ -170,8 +171,14 @@ def _in_parts(items: int, cost_per_item: int, run: Callable[[int, int], None]) -
         part.result()
 
 
-@functools.cache
 def _pool() -> ThreadPoolExecutor:
+    return _pool_of_process(os.getpid())
+
+
+@functools.cache
+def _pool_of_process(pid: int) -> ThreadPoolExecutor:
+    # One per process: a forked child (a DataLoader worker, say) inherits the parent's pool
+    # without its threads, and work handed to it would never run.
     return ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 1) - 1))
 
 
@@ -181,7 +188,7 @@ def _library() -> ctypes.CDLL | None:
         path = _build()
         try:
             library = ctypes.CDLL(str(path))
-        except OSError:  # a damaged cached build (a full disk, say): build it afresh, once
+        except OSError:  # a cached build that no longer loads (damaged, say): build it afresh
             path.unlink(missing_ok=True)
             library = ctypes.CDLL(str(_build()))
     except (OSError, subprocess.SubprocessError) as error:
@@ -204,7 +211,7 @@ def _library() -> ctypes.CDLL | None:
 
 def _build() -> Path:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
+    if not compiler:
         raise FileNotFoundError("no C compiler found (cc, gcc or $CC)")
     source = SOURCE.read_bytes()
     cpu = cpu_info()
@@ -224,7 +231,7 @@ def _build() -> Path:
     partial = directory / f".kernels-{key}.{os.getpid()}.so"
     try:
         subprocess.run(
-            [compiler, *FLAGS, "-o", str(partial), str(SOURCE)],
+            [*shlex.split(compiler), *FLAGS, "-o", str(partial), str(SOURCE)],
             check=True,
             capture_output=True,
             timeout=COMPILE_TIMEOUT_S,
