@@ -1,4 +1,6 @@
+import os
 import shutil
+import signal
 import warnings
 
 import pytest
@@ -181,3 +183,28 @@ def test_a_damaged_cached_library_is_built_again(fresh_build):
     actual = native.clamp_channels(x, low, high)
     expected = torch.clamp(x, low.bfloat16().view(1, -1, 1, 1), high.bfloat16().view(1, -1, 1, 1))
     assert torch.equal(actual.view(torch.int16), expected.view(torch.int16))
+
+
+@needs_compiler
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_a_forked_child_runs_the_kernel_in_parts(fresh_build, monkeypatch):
+    # A DataLoader worker, say, forked after the parent used the kernel's threads: a pool
+    # inherited without its threads would leave the child waiting forever.
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(native, "PARALLEL_MIN_ELEMENTS", 1)
+    x = _block_slice()
+    low, high = _bounds(x.shape[1])
+    expected = native.clamp_channels(x, low, high)
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: at most 60 s, then the parent's read sees the pipe closed
+        signal.alarm(60)
+        same = torch.equal(native.clamp_channels(x, low, high).view(torch.int16),
+                           expected.view(torch.int16))  # fmt: skip
+        os.write(writer, b"same" if same else b"differs")
+        os._exit(0)
+    os.close(writer)
+    with os.fdopen(reader, "rb") as pipe:
+        answer = pipe.read()
+    os.waitpid(pid, 0)
+    assert answer == b"same"
