@@ -105,6 +105,18 @@ def test_images_run_in_chunks_compute_the_same_function(monkeypatch, name, backe
     assert _relative_error(actual, expected) <= 1e-5
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_stem_pool_of_other_settings_is_kept_as_it_is(backend):
+    # Rounding up at the borders: not the C kernel's case, nor nn.MaxPool2d's default.
+    model = _model(CONFIGS["bc-imagenet"])
+    model.features.pool0 = nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True)
+    x = torch.randn(2, 3, 36, 40)  # an even stem output, where ceil_mode adds a row and a column
+    expected = _reference(model, x)
+    with torch.no_grad():
+        actual = optimize_for_inference(model, conv_backend=backend)(x)
+    assert _relative_error(actual, expected) <= 1e-5
+
+
 @pytest.mark.parametrize("name", ["bc-imagenet", "bottleneck-c1-cifar", "one-block-no-head"])
 def test_unfolded_input_bn_computes_the_same_function(name):
     # The int8 path keeps BN-ReLU in front of each 1x1 convolution instead of folding it.

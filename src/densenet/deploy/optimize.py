@@ -303,7 +303,13 @@ class ImageNetStem(nn.Module):
         self.conv = Conv2dReLU(
             weight, bias, stride=conv0.stride[0], padding=conv0.padding[0], relu=True
         )
-        self.pool: nn.Module = nn.MaxPool2d(pool0.kernel_size, pool0.stride, pool0.padding)
+        self.pool: nn.Module = nn.MaxPool2d(
+            pool0.kernel_size,
+            pool0.stride,
+            pool0.padding,
+            pool0.dilation,
+            ceil_mode=pool0.ceil_mode,
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return self.pool(self.conv(x))
