@@ -10,7 +10,7 @@ from densenet.hardware import (
     resolve_precision_and_format,
     why_precision,
 )
-from densenet.tools.bench import machine_kind
+from densenet.tools.bench import machine_description, machine_kind
 
 CPU = torch.device("cpu")
 
@@ -71,3 +71,4 @@ def test_an_amx_cpu_is_named_in_the_reason_and_the_results_kind(monkeypatch, amx
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
     assert ("with AMX" in why_precision(CPU, "bf16")) is amx
     assert (machine_kind(CPU) == "amx") is amx
+    assert ("with AMX" in next(machine_description(CPU))) is amx

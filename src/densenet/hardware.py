@@ -99,16 +99,20 @@ def has_amx() -> bool:
     return getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
 
 
+def cpu_kernels() -> str:
+    """The CPU's kernel set as PyTorch reports it, and AMX where it has it: "AVX512 with AMX"."""
+    return torch.backends.cpu.get_cpu_capability() + (" with AMX" if has_amx() else "")
+
+
 def why_precision(device: torch.device, precision: Precision) -> str:
     """Why "auto" chose ``precision`` on ``device``, for the first line of a run."""
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         units = "has" if precision == "bf16" else "lacks"
         return f"this GPU (compute capability {major}.{minor}) {units} native bf16"
-    kernels = torch.backends.cpu.get_cpu_capability() + (" with AMX" if has_amx() else "")
     if precision == "bf16":
-        return f"this CPU ({kernels}) has native bf16 in oneDNN"
-    return f"this CPU ({kernels}) has no native bf16"
+        return f"this CPU ({cpu_kernels()}) has native bf16 in oneDNN"
+    return f"this CPU ({cpu_kernels()}) has no native bf16"
 
 
 def _default_memory_format(device: torch.device, precision: Precision) -> MemoryFormat:

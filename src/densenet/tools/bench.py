@@ -21,7 +21,15 @@ import torchvision
 from torch import Tensor, nn
 
 from densenet.deploy.optimize import onednn_supports, optimize_for_inference
-from densenet.hardware import DTYPES, Precision, autocast, cpu_info, fast_bf16, has_amx
+from densenet.hardware import (
+    DTYPES,
+    Precision,
+    autocast,
+    cpu_info,
+    cpu_kernels,
+    fast_bf16,
+    has_amx,
+)
 from densenet.models.densenet import DenseNet
 
 TORCHVISION_DEFAULT = "torchvision (fp32, NCHW)"  # the model as torchvision's users run it
@@ -253,7 +261,7 @@ def machine_description(device: torch.device) -> Iterator[str]:
     cpu = cpu_info().get("model name") or platform.processor() or "unknown CPU"
     native = "native bf16" if fast_bf16(torch.device("cpu")) else "no native bf16"
     yield (
-        f"cpu: {cpu}, kernels {torch.backends.cpu.get_cpu_capability()}, {native} in oneDNN, "
+        f"cpu: {cpu}, kernels {cpu_kernels()}, {native} in oneDNN, "
         f"torch threads: {torch.get_num_threads()}"
     )
     yield (
