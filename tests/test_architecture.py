@@ -1,5 +1,6 @@
 """The package's layers depend one way: cli -> training / deploy / tools -> data / weights ->
-models -> errors, files, hardware. A module may import its own folder and the layers below it."""
+models -> errors, files, hardware, native. A module may import its own folder and the layers below
+it."""
 
 import ast
 from pathlib import Path
@@ -7,7 +8,7 @@ from pathlib import Path
 import densenet
 
 PACKAGE = Path(densenet.__file__).parent
-BOTTOM = {"errors", "files", "hardware"}
+BOTTOM = {"errors", "files", "hardware", "native"}
 # What each folder may import besides itself; the public API (densenet/__init__.py) sits on top.
 ALLOWED = {
     "bottom": set(),
@@ -34,9 +35,17 @@ def imported_modules(path: Path) -> set[str]:
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             modules.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module == "densenet" and node.level == 0:
+            # "from densenet import native" names a module of a layer, "create_model" the API.
+            modules.update(_submodule_or_package(alias.name) for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             modules.add(node.module)
     return {m for m in modules if m == "densenet" or m.startswith("densenet.")}
+
+
+def _submodule_or_package(name: str) -> str:
+    is_module = (PACKAGE / f"{name}.py").is_file() or (PACKAGE / name).is_dir()
+    return f"densenet.{name}" if is_module else "densenet"
 
 
 def module_name(path: Path) -> str:

@@ -21,6 +21,12 @@ SPACE_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 _TEMPORARY = re.compile(r"^\..+\.\d+\.tmp(\.[^.]*)?$")
 
 
+def cache_dir() -> Path:
+    """Where densenet keeps files between runs: downloads and built kernels."""
+    root = os.environ.get("DENSENET_CACHE") or Path.home() / ".cache" / "densenet"
+    return Path(root)
+
+
 @contextmanager
 def staged(path: Path) -> Iterator[Path]:
     """A temporary name beside ``path`` to write (and check) a file under.

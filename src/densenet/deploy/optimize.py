@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from densenet.deploy import native
+from densenet import native
 from densenet.errors import ConfigError
 from densenet.hardware import DTYPES, Precision
 from densenet.models.densenet import DenseBlock, DenseLayer, DenseNet, DenseNetConfig, Transition
@@ -89,7 +89,7 @@ class ClampedReLU(nn.Module):
 
 
 class NativeClampedReLU(nn.Module):
-    """:class:`ClampedReLU` in bf16 through :mod:`densenet.deploy.native`'s C kernel, followed
+    """:class:`ClampedReLU` in bf16 through :mod:`densenet.native`'s C kernel, followed
     by 2x2 average pooling in the same pass if ``avg_pool2``; ATen for inputs the kernel doesn't
     take."""
 
@@ -111,7 +111,7 @@ class NativeClampedReLU(nn.Module):
 
 
 class NativeMaxPool3x3s2(nn.Module):
-    """``nn.MaxPool2d(3, 2, padding=1)`` through :mod:`densenet.deploy.native`'s C kernel where
+    """``nn.MaxPool2d(3, 2, padding=1)`` through :mod:`densenet.native`'s C kernel where
     it takes the input."""
 
     def forward(self, x: Tensor) -> Tensor:

@@ -21,15 +21,10 @@ from pathlib import Path
 import torch
 
 from densenet.errors import WeightsError
-from densenet.files import SPACE_ERRORS, atomic_write, write_error
+from densenet.files import SPACE_ERRORS, atomic_write, cache_dir, write_error
 
 URL_SCHEMES = ("http", "https", "file")
 _HASH = re.compile(r"^(sha256|md5):([0-9a-f]+)$")
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("DENSENET_CACHE") or Path.home() / ".cache" / "densenet"
-    return Path(root)
 
 
 def is_url(source: str) -> bool:

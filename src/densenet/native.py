@@ -38,8 +38,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from densenet.files import cache_dir
 from densenet.hardware import cpu_info
-from densenet.weights.download import cache_dir
 
 SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC")

@@ -9,8 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import randomize_batchnorm
-from densenet import DenseNet, optimize_for_inference
-from densenet.deploy import native
+from densenet import DenseNet, native, optimize_for_inference
 from densenet.deploy.optimize import (
     ClampedReLU,
     NativeClampedReLU,
