@@ -122,6 +122,57 @@ def test_the_clamp_takes_only_evenly_spaced_bf16_pixels():
     assert not native.supports_clamp(x.clone().requires_grad_())
 
 
+def _norm_gradient_operands() -> tuple[torch.Tensor, ...]:
+    """A channel slice of a bf16 block gradient, dense bf16 grad and x, and float32 factors."""
+    generator = torch.Generator().manual_seed(4)
+
+    def channels_last(*shape: int) -> torch.Tensor:
+        values = torch.randn(*shape, generator=generator) * 4
+        return values.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+
+    target = channels_last(3, 40, 5, 7)[:, :24]
+    grad, x = channels_last(3, 24, 5, 7), channels_last(3, 24, 5, 7)
+    factors = [torch.randn(24, generator=generator) for _ in range(3)]
+    return target, grad, x, *factors
+
+
+@needs_compiler
+@pytest.mark.parametrize("parts", [1, 2])
+@pytest.mark.parametrize("accumulate", [True, False], ids=["added", "over-grad"])
+def test_the_norm_input_gradient_is_computed_in_float_and_rounded_once(
+    fresh_build, monkeypatch, parts, accumulate
+):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: parts)
+    monkeypatch.setattr(native, "PARALLEL_MIN_ELEMENTS", 1)
+    target, grad, x, scale_grad, scale_x, shift = _norm_gradient_operands()
+    channel = (1, -1, 1, 1)
+    exact = (
+        scale_grad.double().view(channel) * grad.double()
+        + scale_x.double().view(channel) * x.double()
+        + shift.double().view(channel)
+    )
+    if accumulate:  # into a channel slice of a block's gradient
+        exact += target.double()
+    else:  # over the incoming gradient itself
+        target = grad
+    assert native.available() and native.supports_norm_input_gradient(target, grad, x)
+    result = native.norm_input_gradient(target, grad, x, scale_grad, scale_x, shift, accumulate)
+    assert result.data_ptr() == target.data_ptr()
+    # One rounding to bf16 (8 significant bits): within half a unit in the last place of the
+    # exact value, plus float32 arithmetic's own error, far below bf16's.
+    ulp = torch.finfo(torch.bfloat16).eps * exact.abs()
+    assert ((result.double() - exact).abs() <= 0.5 * ulp + 1e-5).all()
+
+
+def test_the_norm_input_gradient_takes_only_matching_bf16_channels_last_tensors():
+    target, grad, x, *_ = _norm_gradient_operands()
+    assert native.supports_norm_input_gradient(target, grad, x)
+    assert not native.supports_norm_input_gradient(target.float(), grad.float(), x.float())
+    assert not native.supports_norm_input_gradient(target, grad.contiguous(), x)  # NCHW
+    assert not native.supports_norm_input_gradient(target, grad, x[:, :, :, 1:])
+    assert not native.supports_norm_input_gradient(target[:, :, 1:], grad[:, :, 1:], x[:, :, 1:])
+
+
 def _tiny_bf16_networks() -> tuple[torch.nn.Module, torch.nn.Module]:
     model = randomize_batchnorm(
         DenseNet(growth_rate=4, block_config=(2, 3), num_init_features=8, num_classes=5)

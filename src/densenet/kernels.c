@@ -1,7 +1,9 @@
-/* Memory-bound steps of optimize_for_inference's network as plain loops over channels_last data.
+/* Memory-bound passes over channels_last data as plain loops: optimize_for_inference's clamps and
+ * pools, and memory-efficient training's batch-norm input gradient.
  *
  * Pixels hold `channels` contiguous values; pixel r of an input starts at x + r * pixel_stride
- * (a channels_last slice of a wider block tensor has pixel_stride > channels); outputs are dense.
+ * (a channels_last slice of a wider block tensor has pixel_stride > channels); outputs are dense
+ * unless a stride says otherwise.
  * A bf16 value widens to float exactly by a 16-bit shift, and a clamp or max returns one of its
  * operands, all bf16 values, so narrowing it back by a shift is exact as well: no rounding, unlike
  * a convert. Averages round to nearest even, as PyTorch's conversion does. NaN passes through
@@ -106,3 +108,28 @@ static inline float load_float(float v) { return v; }
 static inline float store_float(float v) { return v; }
 MAX_POOL_3X3S2(max_pool_3x3s2_bf16, uint16_t, widen, narrow_exact)
 MAX_POOL_3X3S2(max_pool_3x3s2_float, float, load_float, store_float)
+
+/* target = [target +] scale_grad * grad + scale_x * x + shift per channel, for pixels
+ * [first, last) of bf16 tensors: batch norm's input gradient in training mode, computed in float
+ * and rounded once, added to a gradient accumulator when `accumulate` is set, else written (target
+ * may then be grad itself). target's pixels are target_stride apart (a channel slice of a block's
+ * gradient); grad's and x's are dense. */
+void norm_input_gradient_bf16(uint16_t *target, int64_t target_stride, const uint16_t *grad,
+                              const uint16_t *x, int64_t first, int64_t last, int64_t channels,
+                              const float *scale_grad, const float *scale_x, const float *shift,
+                              int accumulate) {
+    for (int64_t r = first; r < last; r++) {
+        uint16_t *dst = target + r * target_stride;
+        const uint16_t *g = grad + r * channels, *in = x + r * channels;
+        if (accumulate) {
+            for (int64_t c = 0; c < channels; c++) {
+                float sum = widen(dst[c]) + scale_grad[c] * widen(g[c]);
+                dst[c] = narrow_rounded(sum + (scale_x[c] * widen(in[c]) + shift[c]));
+            }
+        } else {
+            for (int64_t c = 0; c < channels; c++)
+                dst[c] = narrow_rounded(scale_grad[c] * widen(g[c]) +
+                                        (scale_x[c] * widen(in[c]) + shift[c]));
+        }
+    }
+}

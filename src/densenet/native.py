@@ -1,8 +1,8 @@
-"""Small C kernels for the memory-bound steps of ``optimize_for_inference``'s CPU network, compiled
-on this machine on first use.
+"""Small C kernels for memory-bound passes over channels_last CPU data, compiled on this machine on
+first use.
 
-Beside its convolutions, the inference network spends its time in three passes over memory (see
-:mod:`densenet.deploy.optimize`), each slower in ATen than it needs to be on channels_last data:
+Beside its convolutions, ``optimize_for_inference``'s network spends its time in three passes over
+memory (see :mod:`densenet.deploy.optimize`), each slower in ATen than it needs to be:
 
 - the per-layer clamp over every channel a layer reads: ATen's clamp with per-channel bounds
   converts each bf16 element to float and back with rounding; ``kernels.c`` widens and narrows by
@@ -12,12 +12,21 @@ Beside its convolutions, the inference network spends its time in three passes o
   data;
 - the ImageNet stem's 3x3 stride-2 max pooling.
 
-Each gives the same bits as the ATen operations it replaces (tests compare them). The library is
+Each gives the same bits as the ATen operations it replaces (tests compare them).
+
+Memory-efficient training in bf16 (:mod:`densenet.models.efficient`) forms each batch norm's input
+gradient from BN's per-channel sums with :func:`norm_input_gradient`: one pass in float, rounded
+once, added straight to the block's gradient accumulator or written over the incoming gradient.
+ATen's kernel allocates two tensors the size of the layer's input for it (a different size in every
+layer of a block, which leaves glibc's heap full of holes), and adding it to the accumulator takes
+another pass and a second rounding.
+
+The library is
 built with the machine's C compiler for its own CPU (``-march=native``) into the densenet cache
 directory, under a name that hashes the source, the compiler and the CPU, so a cache shared between
 machines never hands one CPU's code to another. Where it can't be built (no compiler, a read-only
-cache), :func:`available` is false after one warning, and callers use ATen: the same values, more
-slowly.
+cache), :func:`available` is false after one warning, and callers use ATen: more slowly, and for
+the clamps and pools the same values.
 """
 
 from __future__ import annotations
@@ -68,6 +77,51 @@ def supports_max_pool(x: Tensor) -> bool:
         and _plain_cpu_4d(x)
         and x.is_contiguous(memory_format=torch.channels_last)
     )
+
+
+def supports_norm_input_gradient(target: Tensor, grad: Tensor, x: Tensor) -> bool:
+    """Whether :func:`norm_input_gradient` takes these: CPU bf16 4-D tensors of one shape, grad
+    and x dense channels_last, target channels_last or a slice of one along channels."""
+    return (
+        all(t.dtype == torch.bfloat16 and _plain_cpu_4d(t) for t in (target, grad, x))
+        and target.shape == grad.shape == x.shape
+        and _evenly_spaced_pixels(target)
+        and grad.is_contiguous(memory_format=torch.channels_last)
+        and x.is_contiguous(memory_format=torch.channels_last)
+    )
+
+
+def norm_input_gradient(
+    target: Tensor,
+    grad: Tensor,
+    x: Tensor,
+    scale_grad: Tensor,
+    scale_x: Tensor,
+    shift: Tensor,
+    accumulate: bool,
+) -> Tensor:
+    """``scale_grad * grad + scale_x * x + shift`` with float32 per-channel factors (shape
+    ``[C]``), computed in float and rounded once, added to ``target`` if ``accumulate`` else
+    written to it (``target`` may be ``grad``), for tensors that
+    :func:`supports_norm_input_gradient`; returns target."""
+    library = _checked(supports_norm_input_gradient(target, grad, x))
+    n, channels, height, width = target.shape
+    factors = [f.float().contiguous() for f in (scale_grad, scale_x, shift)]
+    target_stride = target.stride(3)
+
+    def run(first: int, last: int) -> None:
+        library.norm_input_gradient_bf16(
+            _at(target),
+            ctypes.c_int64(target_stride),
+            _at(grad),
+            _at(x),
+            *(ctypes.c_int64(v) for v in (first, last, channels)),
+            *(_at(f) for f in factors),
+            ctypes.c_int(accumulate),
+        )
+
+    _in_parts(n * height * width, channels, run)
+    return target
 
 
 def clamp_channels(x: Tensor, low: Tensor, high: Tensor) -> Tensor:
@@ -193,9 +247,9 @@ def _library() -> ctypes.CDLL | None:
             library = ctypes.CDLL(str(_build()))
     except (OSError, subprocess.SubprocessError) as error:
         warnings.warn(
-            f"densenet: could not build its C kernels ({_reason(error)}); optimize_for_inference "
-            "uses ATen's clamp and pooling instead, the same values more slowly. Install a C "
-            "compiler (gcc or clang) to build them.",
+            f"densenet: could not build its C kernels ({_reason(error)}); it uses PyTorch's "
+            "operations instead, more slowly (and memory-efficient bf16 training with more "
+            "memory). Install a C compiler (gcc or clang) to build them.",
             RuntimeWarning,
             stacklevel=3,
         )
@@ -204,6 +258,7 @@ def _library() -> ctypes.CDLL | None:
         "clamp_bf16",
         "clamp_avg_pool2_bf16",
         *(f"max_pool_3x3s2_{t}" for t in POOL_DTYPES.values()),
+        "norm_input_gradient_bf16",
     ):
         getattr(library, name).restype = None
     return library

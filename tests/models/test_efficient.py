@@ -11,7 +11,7 @@ from torch.nn.parallel import DistributedDataParallel
 import densenet.models.efficient as efficient_functions
 from architectures import short_bc
 from conftest import randomize_batchnorm
-from densenet import ConfigError, DenseNet, DenseNetConfig, create_model
+from densenet import ConfigError, DenseNet, DenseNetConfig, create_model, native
 from densenet.models.densenet import EfficientParts
 from densenet.models.efficient import stem_forward
 
@@ -229,14 +229,30 @@ def reduced_precision_errors(dtype: torch.dtype, device: str, seed: int) -> tupl
 ERROR_SEEDS, MAX_ERROR_RATIO = 8, 1.5
 
 
+# On the CPU, bf16 batch norm input gradients are added by a C kernel where it is built, and by
+# PyTorch's operations where it is not: both routes are held to the same bound.
+@pytest.mark.parametrize("c_kernels", [True, False], ids=["c-kernels", "aten"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
-def test_autocast_channels_last_is_as_accurate_as_the_standard_path(dtype, device):
+def test_autocast_channels_last_is_as_accurate_as_the_standard_path(
+    dtype, device, c_kernels, monkeypatch
+):
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device")
+    if c_kernels and not native.available():
+        pytest.skip("the C kernels could not be built here")
+    kernel_calls = []
+    if c_kernels:
+        kernel = native.norm_input_gradient
+        monkeypatch.setattr(
+            native, "norm_input_gradient", lambda *a, **k: kernel_calls.append(1) or kernel(*a, **k)
+        )
+    else:
+        monkeypatch.setattr(native, "available", lambda: False)
     errors = [reduced_precision_errors(dtype, device, seed) for seed in range(ERROR_SEEDS)]
     standard, efficient = (sum(column) / ERROR_SEEDS for column in zip(*errors, strict=True))
     assert efficient <= MAX_ERROR_RATIO * standard
+    assert bool(kernel_calls) == (c_kernels and dtype == torch.bfloat16 and device == "cpu")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -314,6 +330,19 @@ def test_imagenet_stem_keeps_only_the_convolution_output():
         out = stem_forward(stem.norm0, stem.pool0, x)
     assert type(out.grad_fn).__name__ == "_NormReluMaxPoolBackward"
     assert [t.data_ptr() for t in saved if t.dim() == 4] == [x.data_ptr()]  # no ReLU out, indices
+
+
+def test_a_block_keeps_its_bottleneck_outputs_in_one_allocation():
+    _, efficient = make_pair(CONFIGS["bottleneck"])
+    block = efficient.features.denseblock1
+    x = torch.randn(2, 8, 6, 6, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        block(x)
+    bottleneck_width = block.denselayer1.conv1.out_channels
+    bottlenecks = [t for t in saved if t.shape == (2, bottleneck_width, 6, 6)]
+    assert len(bottlenecks) == len(block)
+    assert len({t.untyped_storage().data_ptr() for t in bottlenecks}) == 1
 
 
 def test_float32_block_input_under_autocast_is_as_accurate_as_the_standard_block():

@@ -9,11 +9,13 @@ the same function in training mode with these changes:
   one preallocated tensor; a layer's input is a slice of it, never a ``torch.cat`` copy.
 * Each BN-ReLU-Conv keeps only its input and per-channel statistics; backward recomputes the cheap
   BN-ReLU, never a convolution. What the block keeps is linear in depth: the block tensor, and for
-  each bottleneck layer its 4k-channel 1x1 output (plus dropout masks when dropout is on).
+  each bottleneck layer its 4k-channel 1x1 output (plus dropout masks when dropout is on). The
+  bottleneck outputs share one allocation per block, which glibc returns whole when it is freed.
 * In training mode BN normalises with batch statistics, and a channel's statistics are the same in
   every later layer that reads it: they are computed once, when the channel is produced.
 * Backward accumulates the gradient of every feature map in one block-sized tensor, in place. In
-  float32, BN's input gradient is added to it straight from per-channel coefficients, and a 1x1
+  float32, and in bf16 through a C kernel (:mod:`densenet.native`) on channels_last CPU tensors,
+  BN's input gradient is added to it straight from per-channel coefficients, and a 1x1
   convolution's input gradient is a matrix product into reused workspace: apart from the block
   tensor and its gradient, backward allocates nothing whose size changes from layer to layer, so
   the heap is not left full of holes that no later tensor fits.
@@ -39,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from densenet import native
 from densenet.errors import ConfigError
 from densenet.models.batchnorm import SyncBatchNorm2d, combine_batch_stats, update_running_stats
 
@@ -168,10 +171,13 @@ class _Statistics:
         x's gradient is added to ``accumulate`` if given, else returned (possibly in grad's memory).
         """
         grad, invstd = grad.to(x.dtype), torch.rsqrt(var + eps)
-        # float32: only BN's per-channel sums, and x's gradient formed from them where it is needed,
-        # without an activation-sized tensor of its own. Reduced precision: BN's own kernel, which
-        # rounds once (and mixed-precision arithmetic is slow on the CPU).
-        own_kernel = x.dtype != torch.float32 and not self.synchronized
+        # float32, or bf16 where the C kernel takes it: only BN's per-channel sums, and x's
+        # gradient formed from them where it is needed, without an activation-sized tensor of its
+        # own. Otherwise in reduced precision: BN's own kernel, which rounds once (mixed-precision
+        # arithmetic is slow on the CPU).
+        target = grad if accumulate is None else accumulate
+        natively = _NormInputGradient.runs_natively(target, grad, x)
+        own_kernel = x.dtype != torch.float32 and not self.synchronized and not natively
         grad_x, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
             grad, x, weight, None, None, mean, invstd, True, eps, [own_kernel, True, True]
         )
@@ -217,13 +223,26 @@ class _NormInputGradient:
         shape = (1, -1, 1, 1)
         return cls(scale_grad.view(shape), scale_x.view(shape), shift.view(shape))
 
+    @staticmethod
+    def runs_natively(target: Tensor, grad: Tensor, x: Tensor) -> bool:
+        """Whether :meth:`add_to` and :meth:`in_place` run as one C kernel pass (bf16
+        channels_last on the CPU)."""
+        return native.supports_norm_input_gradient(target, grad, x) and native.available()
+
     def add_to(self, target: Tensor, grad: Tensor, x: Tensor) -> Tensor:
         """target + the input gradient, in target's memory."""
+        if self.runs_natively(target, grad, x):
+            return native.norm_input_gradient(target, grad, x, *self._factors(), accumulate=True)
         return target.addcmul_(grad, self.scale_grad).addcmul_(x, self.scale_x).add_(self.shift)
 
     def in_place(self, grad: Tensor, x: Tensor) -> Tensor:
         """The input gradient, in grad's memory."""
+        if self.runs_natively(grad, grad, x):
+            return native.norm_input_gradient(grad, grad, x, *self._factors(), accumulate=False)
         return grad.mul_(self.scale_grad).addcmul_(x, self.scale_x).add_(self.shift)
+
+    def _factors(self) -> tuple[Tensor, Tensor, Tensor]:
+        return self.scale_grad.view(-1), self.scale_x.view(-1), self.shift.view(-1)
 
 
 @dataclass(frozen=True)
@@ -386,6 +405,20 @@ def _workspace(layers: Sequence[nn.Module], features: Tensor) -> Tensor:
     return torch.empty(n * widest * h * w, dtype=features.dtype, device=features.device)
 
 
+def _bottleneck_store(layers: Sequence[nn.Module], x: Tensor, dtype: torch.dtype) -> Tensor | None:
+    """Room for every bottleneck output of a block, kept for backward: one allocation per block.
+
+    Kept one by one, these tensors stay alive among the forward and backward passes' short-lived
+    ones and pin the heap: glibc can neither reuse nor return the holes between them. One
+    block-sized allocation is above glibc's mmap threshold and goes back to the system whole.
+    """
+    if not layers[0].bottleneck:
+        return None
+    n, _, h, w = x.shape
+    width = layers[0].norm2.num_features
+    return torch.empty((len(layers), n * width * h * w), dtype=dtype, device=x.device)
+
+
 def _norms(layer: nn.Module) -> list[nn.BatchNorm2d]:
     return [layer.norm1, layer.norm2] if layer.bottleneck else [layer.norm1]
 
@@ -405,6 +438,7 @@ class _BlockMemory:
         self.var = torch.empty_like(self.mean)
         self.inputs = _workspace(layers, self.features)
         self.outputs = _workspace(layers, self.features)
+        self.bottlenecks = _bottleneck_store(layers, x, _compute_dtype(x))
         self.filled = 0
 
     @classmethod
@@ -416,8 +450,14 @@ class _BlockMemory:
         memory.features, memory.mean, memory.var = features, mean, var
         memory.layout = _layout(features)
         memory.inputs, memory.outputs = _workspace(layers, features), _workspace(layers, features)
+        memory.bottlenecks = None
         memory.filled = features.shape[1]
         return memory
+
+    def keep_bottleneck(self, index: int, bottleneck: Tensor) -> Tensor:
+        """Layer ``index``'s bottleneck output (its 1x1 convolution's), copied to the store."""
+        assert self.bottlenecks is not None, "a block of bottleneck layers has a store"
+        return self._dense(self.bottlenecks[index], bottleneck.shape[1]).copy_(bottleneck)
 
     def append(self, feature: Tensor, mean: Tensor, var: Tensor) -> None:
         start, end = self.filled, self.filled + feature.shape[1]
@@ -470,7 +510,8 @@ class _DenseBlock(torch.autograd.Function):
         mean, var, count = statistics.of(x)  # count: values per channel, global when synchronized
         memory.append(x, mean, var)
         saved: list[Tensor | None] = []
-        for layer, layer_params in zip(plan.layers, _per_layer(plan.layers, params), strict=True):
+        layers = zip(plan.layers, _per_layer(plan.layers, params), strict=True)
+        for index, (layer, layer_params) in enumerate(layers):
             channels = memory.filled
             mean, var = memory.mean[:channels], memory.var[:channels]
             update_running_stats(layer.norm1, mean, var, count)
@@ -481,7 +522,8 @@ class _DenseBlock(torch.autograd.Function):
             out, noise1 = _dropout(out, layer.drop_rate)
             bottleneck = b_mean = b_var = noise2 = None
             if layer.bottleneck:
-                bottleneck, (norm_weight, norm_bias, conv_weight) = out, layer_params[3:]
+                bottleneck = memory.keep_bottleneck(index, out)
+                norm_weight, norm_bias, conv_weight = layer_params[3:]
                 z, b_mean, b_var = statistics.normalize(
                     bottleneck, layer.norm2.eps, norm_weight, norm_bias
                 )
