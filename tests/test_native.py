@@ -122,6 +122,28 @@ def test_the_clamp_takes_only_evenly_spaced_bf16_pixels():
     assert not native.supports_clamp(x.clone().requires_grad_())
 
 
+@needs_compiler
+@pytest.mark.parametrize("parts", [1, 2])
+def test_norm_relu_computes_in_float_and_rounds_once(fresh_build, monkeypatch, parts):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: parts)
+    monkeypatch.setattr(native, "PARALLEL_MIN_ELEMENTS", 1)
+    x = _block_slice()  # NaN, infinities and signed zeros included
+    generator = torch.Generator().manual_seed(6)
+    scale, shift = torch.randn(24, generator=generator), torch.randn(24, generator=generator)
+    out = torch.empty_like(x)
+    assert native.available() and native.supports_norm_relu(x, out)
+    assert native.norm_relu(x, scale, shift, out) is out
+    channel = (1, -1, 1, 1)
+    exact = torch.relu(x.double() * scale.double().view(channel) + shift.double().view(channel))
+    finite = exact.isfinite()
+    ulp = torch.finfo(torch.bfloat16).eps * exact[finite].abs()
+    assert ((out.double()[finite] - exact[finite]).abs() <= 0.5 * ulp + 1e-5).all()
+    assert torch.equal(out.double()[~finite].isnan(), exact[~finite].isnan())  # NaN passes
+    assert (out.double()[~finite].nan_to_num(0) == exact[~finite].nan_to_num(0)).all()
+    assert not native.supports_norm_relu(x, torch.empty_like(x).contiguous())  # NCHW out
+    assert not native.supports_norm_relu(x.float(), out.float())
+
+
 def _norm_gradient_operands() -> tuple[torch.Tensor, ...]:
     """A channel slice of a bf16 block gradient, dense bf16 grad and x, and float32 factors."""
     generator = torch.Generator().manual_seed(4)

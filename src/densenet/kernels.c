@@ -109,6 +109,22 @@ static inline float store_float(float v) { return v; }
 MAX_POOL_3X3S2(max_pool_3x3s2_bf16, uint16_t, widen, narrow_exact)
 MAX_POOL_3X3S2(max_pool_3x3s2_float, float, load_float, store_float)
 
+/* relu(x * scale + shift) per channel, computed in float and rounded once, for pixels [first, last)
+ * of bf16 tensors: batch norm with given statistics, then ReLU (NaN passes, as in torch.relu).
+ * x's pixels are x_stride apart (a channel slice of a block tensor); out's are dense. */
+void norm_relu_bf16(const uint16_t *restrict x, int64_t x_stride, uint16_t *restrict out,
+                    int64_t first, int64_t last, int64_t channels, const float *restrict scale,
+                    const float *restrict shift) {
+    for (int64_t r = first; r < last; r++) {
+        const uint16_t *in = x + r * x_stride;
+        uint16_t *dst = out + r * channels;
+        for (int64_t c = 0; c < channels; c++) {
+            float value = widen(in[c]) * scale[c] + shift[c];
+            dst[c] = narrow_rounded(value < 0.0f ? 0.0f : value);
+        }
+    }
+}
+
 /* target = [target +] scale_grad * grad + scale_x * x + shift per channel, for pixels
  * [first, last) of bf16 tensors: batch norm's input gradient in training mode, computed in float
  * and rounded once, added to a gradient accumulator when `accumulate` is set, else written (target

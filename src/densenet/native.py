@@ -14,12 +14,17 @@ memory (see :mod:`densenet.deploy.optimize`), each slower in ATen than it needs 
 
 Each gives the same bits as the ATen operations it replaces (tests compare them).
 
-Memory-efficient training in bf16 (:mod:`densenet.models.efficient`) forms each batch norm's input
-gradient from BN's per-channel sums with :func:`norm_input_gradient`: one pass in float, rounded
-once, added straight to the block's gradient accumulator or written over the incoming gradient.
-ATen's kernel allocates two tensors the size of the layer's input for it (a different size in every
-layer of a block, which leaves glibc's heap full of holes), and adding it to the accumulator takes
-another pass and a second rounding.
+Memory-efficient training in bf16 (:mod:`densenet.models.efficient`) uses two more, each computing
+in float and rounding once:
+
+- :func:`norm_relu`, BN with given statistics and ReLU in one pass that reads a layer's input
+  straight from the block tensor's slice, where ATen copies the slice to a dense tensor (its BN
+  kernel is several times slower on strided data), normalises it and runs ReLU: three passes;
+- :func:`norm_input_gradient`, BN's input gradient from its per-channel sums, added straight to the
+  block's gradient accumulator (or written over the incoming gradient). ATen's kernel allocates two
+  tensors the size of the layer's input for it (a different size in every layer of a block, which
+  leaves glibc's heap full of holes), and adding it to the accumulator takes another pass and a
+  second rounding.
 
 The library is
 built with the machine's C compiler for its own CPU (``-march=native``) into the densenet cache
@@ -77,6 +82,37 @@ def supports_max_pool(x: Tensor) -> bool:
         and _plain_cpu_4d(x)
         and x.is_contiguous(memory_format=torch.channels_last)
     )
+
+
+def supports_norm_relu(x: Tensor, out: Tensor) -> bool:
+    """Whether :func:`norm_relu` takes these: CPU bf16 4-D tensors of one shape, ``x``
+    channels_last or a slice of one along channels, ``out`` dense channels_last."""
+    return (
+        all(t.dtype == torch.bfloat16 and _plain_cpu_4d(t) for t in (x, out))
+        and x.shape == out.shape
+        and _evenly_spaced_pixels(x)
+        and out.is_contiguous(memory_format=torch.channels_last)
+    )
+
+
+def norm_relu(x: Tensor, scale: Tensor, shift: Tensor, out: Tensor) -> Tensor:
+    """``relu(x * scale + shift)`` with float32 per-channel factors (shape ``[C]``), computed in
+    float and rounded once, into ``out``, for tensors that :func:`supports_norm_relu`."""
+    library = _checked(supports_norm_relu(x, out))
+    n, channels, height, width = x.shape
+    factors = [f.float().contiguous() for f in (scale, shift)]
+
+    def run(first: int, last: int) -> None:
+        library.norm_relu_bf16(
+            _at(x),
+            ctypes.c_int64(x.stride(3)),
+            _at(out),
+            *(ctypes.c_int64(v) for v in (first, last, channels)),
+            *(_at(f) for f in factors),
+        )
+
+    _in_parts(n * height * width, channels, run)
+    return out
 
 
 def supports_norm_input_gradient(target: Tensor, grad: Tensor, x: Tensor) -> bool:
@@ -258,6 +294,7 @@ def _library() -> ctypes.CDLL | None:
         "clamp_bf16",
         "clamp_avg_pool2_bf16",
         *(f"max_pool_3x3s2_{t}" for t in POOL_DTYPES.values()),
+        "norm_relu_bf16",
         "norm_input_gradient_bf16",
     ):
         getattr(library, name).restype = None

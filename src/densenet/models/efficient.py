@@ -6,7 +6,9 @@ Pleiss et al. 2017 ("Memory-Efficient Implementation of DenseNets"), this module
 the same function in training mode with these changes:
 
 * A whole dense block is one autograd function. Every feature map of the block is written once into
-  one preallocated tensor; a layer's input is a slice of it, never a ``torch.cat`` copy.
+  one preallocated tensor; a layer's input is a slice of it, never a ``torch.cat`` copy. BN-ReLU
+  reads that slice where it is: in float32 as one ``x * scale + shift``, in bf16 through a C
+  kernel (:mod:`densenet.native`) on channels_last CPU tensors.
 * Each BN-ReLU-Conv keeps only its input and per-channel statistics; backward recomputes the cheap
   BN-ReLU, never a convolution. What the block keeps is linear in depth: the block tensor, and for
   each bottleneck layer its 4k-channel 1x1 output (plus dropout masks when dropout is on). The
@@ -276,12 +278,16 @@ def _norm_relu(
     """relu(batch_norm(x)) with given batch statistics, in ``out``."""
     if out is None:
         out = torch.empty_like(x)
+    # With given statistics BN is x * scale + shift per channel. As one addcmul (or the C
+    # kernel, which also does the ReLU) it reads a strided slice of the block tensor as fast as a
+    # dense tensor; BN's kernel does not.
+    scale = weight * torch.rsqrt(var + eps)
+    shift = bias - mean * scale
+    if _norm_relu_runs_natively(x, out):
+        return native.norm_relu(x, scale, shift, out)
     if x.dtype == torch.float32:
-        # With given statistics BN is x * scale + shift per channel. As one addcmul it reads a
-        # strided slice of the block tensor as fast as a dense tensor; BN's kernel does not.
-        scale = weight * torch.rsqrt(var + eps)
         shape = (1, -1, 1, 1)
-        torch.addcmul((bias - mean * scale).view(shape), x, scale.view(shape), out=out)
+        torch.addcmul(shift.view(shape), x, scale.view(shape), out=out)
     else:
         # In reduced precision BN's kernel computes in float32 and rounds once.
         unused = torch.empty(0, device=x.device)
@@ -290,6 +296,11 @@ def _norm_relu(
             save_invstd=unused,
         )  # fmt: skip
     return out.relu_()
+
+
+def _norm_relu_runs_natively(x: Tensor, out: Tensor) -> bool:
+    """Whether :func:`_norm_relu` runs as one C kernel pass (bf16 channels_last on the CPU)."""
+    return native.supports_norm_relu(x, out) and native.available()
 
 
 def _dropout(x: Tensor, p: float) -> tuple[Tensor, Tensor | None]:
@@ -469,11 +480,15 @@ class _BlockMemory:
     def norm_input(self, channels: int) -> Tensor:
         """The first ``channels`` feature maps as the input of a BN-ReLU (:func:`_norm_relu`).
 
-        In float32 that is the block tensor's (strided) slice itself. BN's own kernels, used in
-        reduced precision, are much slower on strided tensors than one copy and the dense kernel.
+        In float32, and in bf16 where the C kernel runs, that is the block tensor's (strided)
+        slice itself. BN's own kernels, used otherwise, are much slower on strided tensors than
+        one copy and the dense kernel.
         """
-        if self.features.dtype == torch.float32:
-            return self.features[:, :channels]
+        features = self.features[:, :channels]
+        if features.dtype == torch.float32 or _norm_relu_runs_natively(
+            features, self.activations(channels)
+        ):
+            return features
         return self.dense_input(channels)
 
     def dense_input(self, channels: int) -> Tensor:
