@@ -26,12 +26,11 @@ in float and rounding once:
   leaves glibc's heap full of holes), and adding it to the accumulator takes another pass and a
   second rounding.
 
-The library is
-built with the machine's C compiler for its own CPU (``-march=native``) into the densenet cache
-directory, under a name that hashes the source, the compiler and the CPU, so a cache shared between
-machines never hands one CPU's code to another. Where it can't be built (no compiler, a read-only
-cache), :func:`available` is false after one warning, and callers use ATen: more slowly, and for
-the clamps and pools the same values.
+The library is built with the machine's C compiler for its own CPU (``-march=native``) into the
+densenet cache directory, under a name that hashes the source, the compiler and the CPU, so a cache
+shared between machines never hands one CPU's code to another. Where it can't be built (no
+compiler, a read-only cache), :func:`available` is false after one warning, and callers use ATen:
+more slowly, and for the clamps and pools the same values.
 """
 
 from __future__ import annotations
