@@ -70,7 +70,7 @@ def available() -> bool:
 def supports_clamp(x: Tensor) -> bool:
     """Whether :func:`clamp_channels` and :func:`clamp_avg_pool2` take ``x``: a CPU bf16
     channels_last 4-D tensor, or a slice of one along channels, needing no gradient."""
-    return x.dtype == torch.bfloat16 and _plain_cpu_4d(x) and _evenly_spaced_pixels(x)
+    return _bf16_pixels(x)
 
 
 def supports_max_pool(x: Tensor) -> bool:
@@ -86,12 +86,7 @@ def supports_max_pool(x: Tensor) -> bool:
 def supports_norm_relu(x: Tensor, out: Tensor) -> bool:
     """Whether :func:`norm_relu` takes these: CPU bf16 4-D tensors of one shape, ``x``
     channels_last or a slice of one along channels, ``out`` dense channels_last."""
-    return (
-        all(t.dtype == torch.bfloat16 and _plain_cpu_4d(t) for t in (x, out))
-        and x.shape == out.shape
-        and _evenly_spaced_pixels(x)
-        and out.is_contiguous(memory_format=torch.channels_last)
-    )
+    return _bf16_pixels(x) and _dense_like(out, x)
 
 
 def norm_relu(x: Tensor, scale: Tensor, shift: Tensor, out: Tensor) -> Tensor:
@@ -117,13 +112,7 @@ def norm_relu(x: Tensor, scale: Tensor, shift: Tensor, out: Tensor) -> Tensor:
 def supports_norm_input_gradient(target: Tensor, grad: Tensor, x: Tensor) -> bool:
     """Whether :func:`norm_input_gradient` takes these: CPU bf16 4-D tensors of one shape, grad
     and x dense channels_last, target channels_last or a slice of one along channels."""
-    return (
-        all(t.dtype == torch.bfloat16 and _plain_cpu_4d(t) for t in (target, grad, x))
-        and target.shape == grad.shape == x.shape
-        and _evenly_spaced_pixels(target)
-        and grad.is_contiguous(memory_format=torch.channels_last)
-        and x.is_contiguous(memory_format=torch.channels_last)
-    )
+    return _bf16_pixels(target) and _dense_like(grad, target) and _dense_like(x, target)
 
 
 def norm_input_gradient(
@@ -223,6 +212,17 @@ def max_pool_3x3s2(x: Tensor) -> Tensor:
 def _plain_cpu_4d(x: Tensor) -> bool:
     no_grad_needed = not (torch.is_grad_enabled() and x.requires_grad)
     return x.device.type == "cpu" and x.dim() == 4 and no_grad_needed
+
+
+def _bf16_pixels(x: Tensor) -> bool:
+    """A CPU bf16 channels_last 4-D tensor, or a slice of one along channels, needing no grad."""
+    return x.dtype == torch.bfloat16 and _plain_cpu_4d(x) and _evenly_spaced_pixels(x)
+
+
+def _dense_like(t: Tensor, like: Tensor) -> bool:
+    """A dense channels_last :func:`_bf16_pixels` tensor of ``like``'s shape."""
+    dense = t.is_contiguous(memory_format=torch.channels_last)
+    return dense and _bf16_pixels(t) and t.shape == like.shape
 
 
 def _evenly_spaced_pixels(x: Tensor) -> bool:
