@@ -45,6 +45,16 @@ def _block_slice(channels: int = 24) -> torch.Tensor:
     return block[:, :channels]
 
 
+def _same_bits(actual: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Equal bit for bit: NaN included, with its sign and payload."""
+    bits = torch.int16 if actual.dtype == torch.bfloat16 else torch.int32
+    return actual.dtype == expected.dtype and torch.equal(actual.view(bits), expected.view(bits))
+
+
+def _torch_clamp(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    return torch.clamp(x, low.to(x.dtype).view(1, -1, 1, 1), high.to(x.dtype).view(1, -1, 1, 1))
+
+
 def _bounds(channels: int) -> tuple[torch.Tensor, torch.Tensor]:
     # As ClampedReLU.from_bn makes them: a lower bound (positive BN scale), an upper bound
     # (negative scale), or both zero (a constant channel).
@@ -57,28 +67,26 @@ def _bounds(channels: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @needs_compiler
-@pytest.mark.parametrize("parts", [1, 2])
-def test_the_kernel_equals_torch_clamp_bit_for_bit(fresh_build, monkeypatch, parts):
-    monkeypatch.setattr(torch, "get_num_threads", lambda: parts)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_kernel_equals_torch_clamp_bit_for_bit(fresh_build, monkeypatch, threads):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     monkeypatch.setattr(native, "PARALLEL_MIN_ELEMENTS", 1)
     x = _block_slice()
     low, high = _bounds(x.shape[1])
     assert native.available() and native.supports_clamp(x)
     actual = native.clamp_channels(x, low, high)
-    expected = torch.clamp(x, low.bfloat16().view(1, -1, 1, 1), high.bfloat16().view(1, -1, 1, 1))
     assert actual.is_contiguous(memory_format=torch.channels_last)
-    # Same bits, NaN included (its sign and payload pass through untouched).
-    assert torch.equal(actual.view(torch.int16), expected.view(torch.int16))
+    assert _same_bits(actual, _torch_clamp(x, low, high))
     assert len(list(fresh_build.glob("kernels-*.so"))) == 1
 
 
 @needs_compiler
-@pytest.mark.parametrize("parts", [1, 2])
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("height, width", [(6, 8), (7, 5)])
 def test_the_fused_clamp_and_average_pooling_equal_torch_bit_for_bit(
-    fresh_build, monkeypatch, parts, height, width
+    fresh_build, monkeypatch, threads, height, width
 ):
-    monkeypatch.setattr(torch, "get_num_threads", lambda: parts)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     monkeypatch.setattr(native, "PARALLEL_MIN_ELEMENTS", 1)
     generator = torch.Generator().manual_seed(2)
     block = (torch.randn(3, 40, height, width, generator=generator) * 3).to(torch.bfloat16)
@@ -86,10 +94,8 @@ def test_the_fused_clamp_and_average_pooling_equal_torch_bit_for_bit(
     x[0, :3, 0, 0] = torch.tensor([float("nan"), INF, -INF])
     low, high = _bounds(24)
     assert native.available() and native.supports_clamp(x)
-    clamped = torch.clamp(x, low.bfloat16().view(1, -1, 1, 1), high.bfloat16().view(1, -1, 1, 1))
-    expected = F.avg_pool2d(clamped, 2)
-    actual = native.clamp_avg_pool2(x, low, high)
-    assert torch.equal(actual.view(torch.int16), expected.view(torch.int16))
+    expected = F.avg_pool2d(_torch_clamp(x, low, high), 2)
+    assert _same_bits(native.clamp_avg_pool2(x, low, high), expected)
 
 
 @needs_compiler
@@ -105,8 +111,7 @@ def test_the_max_pooling_equals_torch_bit_for_bit(fresh_build, monkeypatch, dtyp
     expected = F.max_pool2d(x, 3, 2, 1)
     actual = native.max_pool_3x3s2(x)
     assert actual.is_contiguous(memory_format=torch.channels_last)
-    bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
-    assert torch.equal(actual.view(bits), expected.view(bits))
+    assert _same_bits(actual, expected)
     assert not native.supports_max_pool(x[:, :8])  # only dense channels_last
 
 
@@ -123,9 +128,9 @@ def test_the_clamp_takes_only_evenly_spaced_bf16_pixels():
 
 
 @needs_compiler
-@pytest.mark.parametrize("parts", [1, 2])
-def test_norm_relu_computes_in_float_and_rounds_once(fresh_build, monkeypatch, parts):
-    monkeypatch.setattr(torch, "get_num_threads", lambda: parts)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_norm_relu_computes_in_float_and_rounds_once(fresh_build, monkeypatch, threads):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     monkeypatch.setattr(native, "PARALLEL_MIN_ELEMENTS", 1)
     x = _block_slice()  # NaN, infinities and signed zeros included
     generator = torch.Generator().manual_seed(6)
@@ -159,12 +164,12 @@ def _norm_gradient_operands() -> tuple[torch.Tensor, ...]:
 
 
 @needs_compiler
-@pytest.mark.parametrize("parts", [1, 2])
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("accumulate", [True, False], ids=["added", "over-grad"])
 def test_the_norm_input_gradient_is_computed_in_float_and_rounded_once(
-    fresh_build, monkeypatch, parts, accumulate
+    fresh_build, monkeypatch, threads, accumulate
 ):
-    monkeypatch.setattr(torch, "get_num_threads", lambda: parts)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     monkeypatch.setattr(native, "PARALLEL_MIN_ELEMENTS", 1)
     target, grad, x, scale_grad, scale_x, shift = _norm_gradient_operands()
     channel = (1, -1, 1, 1)
@@ -252,27 +257,29 @@ def test_a_damaged_cached_library_is_built_again(fresh_build):
     assert native.available()
     x = _block_slice()
     low, high = _bounds(x.shape[1])
-    actual = native.clamp_channels(x, low, high)
-    expected = torch.clamp(x, low.bfloat16().view(1, -1, 1, 1), high.bfloat16().view(1, -1, 1, 1))
-    assert torch.equal(actual.view(torch.int16), expected.view(torch.int16))
+    assert _same_bits(native.clamp_channels(x, low, high), _torch_clamp(x, low, high))
 
 
 @needs_compiler
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
-def test_a_forked_child_runs_the_kernel_in_parts(fresh_build, monkeypatch):
-    # A DataLoader worker, say, forked after the parent used the kernel's threads: a pool
-    # inherited without its threads would leave the child waiting forever.
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+def test_a_forked_child_on_one_thread_runs_the_kernel(fresh_build, monkeypatch):
+    # A DataLoader worker: forked after the parent ran the kernel on OpenMP's threads, which a
+    # fork doesn't copy, it runs on one thread, as PyTorch sets its workers to.
     monkeypatch.setattr(native, "PARALLEL_MIN_ELEMENTS", 1)
     x = _block_slice()
     low, high = _bounds(x.shape[1])
-    expected = native.clamp_channels(x, low, high)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        expected = native.clamp_channels(x, low, high)
+    finally:
+        torch.set_num_threads(threads)
     reader, writer = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: at most 60 s, then the parent's read sees the pipe closed
         signal.alarm(60)
-        same = torch.equal(native.clamp_channels(x, low, high).view(torch.int16),
-                           expected.view(torch.int16))  # fmt: skip
+        torch.set_num_threads(1)
+        same = _same_bits(native.clamp_channels(x, low, high), expected)
         os.write(writer, b"same" if same else b"differs")
         os._exit(0)
     os.close(writer)
@@ -280,3 +287,30 @@ def test_a_forked_child_runs_the_kernel_in_parts(fresh_build, monkeypatch):
         answer = pipe.read()
     os.waitpid(pid, 0)
     assert answer == b"same"
+
+
+def _openmp_runtimes() -> set[str]:
+    with open("/proc/self/maps") as maps:
+        return {line.split()[-1] for line in maps if "libgomp" in line}
+
+
+@needs_compiler
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="no /proc/self/maps")
+def test_the_kernels_share_pytorchs_openmp_threads(fresh_build):
+    before = _openmp_runtimes()
+    if len(before) != 1:
+        pytest.skip("this PyTorch has not loaded exactly one libgomp")
+    assert native.available()
+    assert _openmp_runtimes() == before  # no second OpenMP runtime with threads of its own
+
+
+@needs_compiler
+def test_without_openmp_the_kernels_build_to_run_on_one_thread(fresh_build, monkeypatch):
+    monkeypatch.setattr(native, "OPENMP_FLAGS", ("--no-such-openmp-flag",))
+    monkeypatch.setattr(native, "PARALLEL_MIN_ELEMENTS", 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert native.available()
+    x = _block_slice()
+    low, high = _bounds(x.shape[1])
+    assert _same_bits(native.clamp_channels(x, low, high), _torch_clamp(x, low, high))

@@ -8,10 +8,17 @@
  * operands, all bf16 values, so narrowing it back by a shift is exact as well: no rounding, unlike
  * a convert. Averages round to nearest even, as PyTorch's conversion does. NaN passes through
  * clamps (both comparisons are false), as in torch.clamp, and wins a max, as in max_pool2d.
+ *
+ * Each kernel splits its rows across `threads` OpenMP threads. Built with -fopenmp, this library
+ * needs libgomp.so.1, which PyTorch's Linux wheels have already loaded under that name: the kernels
+ * then share PyTorch's own OpenMP threads, still awake after its last operation, where threads of
+ * our own would first have to be woken (on a 2-vCPU VM that cost more than a split saved).
  */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+
+#define PARALLEL_ROWS _Pragma("omp parallel for num_threads(threads) if (threads > 1) schedule(static)")
 
 static inline float widen(uint16_t value) {
     uint32_t bits = (uint32_t)value << 16;
@@ -41,7 +48,8 @@ static inline float clamp(float v, float low, float high) {
 
 /* clamp(x, low, high) per channel, for `rows` pixels. */
 void clamp_bf16(const uint16_t *x, int64_t pixel_stride, uint16_t *out, int64_t rows,
-                int64_t channels, const float *low, const float *high) {
+                int64_t channels, const float *low, const float *high, int threads) {
+    PARALLEL_ROWS
     for (int64_t r = 0; r < rows; r++) {
         const uint16_t *in = x + r * pixel_stride;
         uint16_t *dst = out + r * channels;
@@ -50,13 +58,14 @@ void clamp_bf16(const uint16_t *x, int64_t pixel_stride, uint16_t *out, int64_t 
     }
 }
 
-/* avg_pool2d(clamp(x, low, high), 2) for output image rows [first, last) of an image stack of
- * height x width pixels (even sizes; an odd last row or column is dropped, as PyTorch does). */
-void clamp_avg_pool2_bf16(const uint16_t *x, int64_t pixel_stride, uint16_t *out,
-                          int64_t first, int64_t last, int64_t height, int64_t width,
-                          int64_t channels, const float *low, const float *high) {
+/* avg_pool2d(clamp(x, low, high), 2) for n images of height x width pixels (an odd last row or
+ * column is dropped, as PyTorch does). */
+void clamp_avg_pool2_bf16(const uint16_t *x, int64_t pixel_stride, uint16_t *out, int64_t n,
+                          int64_t height, int64_t width, int64_t channels, const float *low,
+                          const float *high, int threads) {
     int64_t out_height = height / 2, out_width = width / 2;
-    for (int64_t row = first; row < last; row++) {
+    PARALLEL_ROWS
+    for (int64_t row = 0; row < n * out_height; row++) {
         int64_t image = row / out_height, y = row % out_height;
         for (int64_t x_out = 0; x_out < out_width; x_out++) {
             const uint16_t *p00 = x + ((image * height + 2 * y) * width + 2 * x_out) * pixel_stride;
@@ -76,14 +85,14 @@ void clamp_avg_pool2_bf16(const uint16_t *x, int64_t pixel_stride, uint16_t *out
     }
 }
 
-/* max_pool2d(x, 3, stride=2, padding=1) of dense channels_last bf16 or float, for output image
- * rows [first, last). */
+/* max_pool2d(x, 3, stride=2, padding=1) of n dense channels_last bf16 or float images. */
 #define MAX_POOL_3X3S2(NAME, T, LOAD, STORE)                                                    \
-    void NAME(const T *x, T *out, int64_t first, int64_t last, int64_t height, int64_t width,  \
-              int64_t channels) {                                                             \
-        float window[channels];                                                               \
+    void NAME(const T *x, T *out, int64_t n, int64_t height, int64_t width, int64_t channels, \
+              int threads) {                                                                  \
         int64_t out_height = (height - 1) / 2 + 1, out_width = (width - 1) / 2 + 1;            \
-        for (int64_t row = first; row < last; row++) {                                        \
+        PARALLEL_ROWS                                                                         \
+        for (int64_t row = 0; row < n * out_height; row++) {                                  \
+            float window[channels];                                                           \
             int64_t image = row / out_height, y = row % out_height;                           \
             for (int64_t x_out = 0; x_out < out_width; x_out++) {                             \
                 for (int64_t c = 0; c < channels; c++) window[c] = -INFINITY;                 \
@@ -109,13 +118,14 @@ static inline float store_float(float v) { return v; }
 MAX_POOL_3X3S2(max_pool_3x3s2_bf16, uint16_t, widen, narrow_exact)
 MAX_POOL_3X3S2(max_pool_3x3s2_float, float, load_float, store_float)
 
-/* relu(x * scale + shift) per channel, computed in float and rounded once, for pixels [first, last)
- * of bf16 tensors: batch norm with given statistics, then ReLU (NaN passes, as in torch.relu).
+/* relu(x * scale + shift) per channel, computed in float and rounded once, for `rows` pixels of
+ * bf16 tensors: batch norm with given statistics, then ReLU (NaN passes, as in torch.relu).
  * x's pixels are x_stride apart (a channel slice of a block tensor); out's are dense. */
 void norm_relu_bf16(const uint16_t *restrict x, int64_t x_stride, uint16_t *restrict out,
-                    int64_t first, int64_t last, int64_t channels, const float *restrict scale,
-                    const float *restrict shift) {
-    for (int64_t r = first; r < last; r++) {
+                    int64_t rows, int64_t channels, const float *restrict scale,
+                    const float *restrict shift, int threads) {
+    PARALLEL_ROWS
+    for (int64_t r = 0; r < rows; r++) {
         const uint16_t *in = x + r * x_stride;
         uint16_t *dst = out + r * channels;
         for (int64_t c = 0; c < channels; c++) {
@@ -125,16 +135,17 @@ void norm_relu_bf16(const uint16_t *restrict x, int64_t x_stride, uint16_t *rest
     }
 }
 
-/* target = [target +] scale_grad * grad + scale_x * x + shift per channel, for pixels
- * [first, last) of bf16 tensors: batch norm's input gradient in training mode, computed in float
+/* target = [target +] scale_grad * grad + scale_x * x + shift per channel, for `rows` pixels of
+ * bf16 tensors: batch norm's input gradient in training mode, computed in float
  * and rounded once, added to a gradient accumulator when `accumulate` is set, else written (target
  * may then be grad itself). target's pixels are target_stride apart (a channel slice of a block's
  * gradient); grad's and x's are dense. */
 void norm_input_gradient_bf16(uint16_t *target, int64_t target_stride, const uint16_t *grad,
-                              const uint16_t *x, int64_t first, int64_t last, int64_t channels,
+                              const uint16_t *x, int64_t rows, int64_t channels,
                               const float *scale_grad, const float *scale_x, const float *shift,
-                              int accumulate) {
-    for (int64_t r = first; r < last; r++) {
+                              int accumulate, int threads) {
+    PARALLEL_ROWS
+    for (int64_t r = 0; r < rows; r++) {
         uint16_t *dst = target + r * target_stride;
         const uint16_t *g = grad + r * channels, *in = x + r * channels;
         if (accumulate) {
