@@ -31,9 +31,9 @@ against the ``libgomp.so.1`` that PyTorch's Linux wheels have already loaded: th
 PyTorch's own OpenMP threads, which are still spinning from its last operation. Threads of the
 kernels' own (a Python thread pool, as here before) had to be woken for every call, and on a
 2-vCPU VM that cost most of what the split saved: DenseNet-121 bf16 inference at batch 32 ran
-1.3-1.7x faster with OpenMP (Xeon with AMX). In a forked child they need one thread, as
-PyTorch's own operations do (DataLoader workers are set to one): OpenMP's threads don't survive
-a fork.
+1.28x faster with OpenMP (Xeon with AMX, median of 4 alternating processes of each version).
+In a forked child they need one thread, as PyTorch's own operations do (DataLoader workers are
+set to one): OpenMP's threads don't survive a fork.
 
 The library is built with the machine's C compiler for its own CPU (``-march=native``) into the
 densenet cache directory, under a name that hashes the source, the compiler and the CPU, so a cache
