@@ -297,9 +297,9 @@ def _openmp_runtimes() -> set[str]:
 @needs_compiler
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="no /proc/self/maps")
 def test_the_kernels_share_pytorchs_openmp_threads(fresh_build):
-    before = _openmp_runtimes()
-    if len(before) != 1:
-        pytest.skip("this PyTorch has not loaded exactly one libgomp")
+    before = _openmp_runtimes()  # PyTorch's, and other wheels' copies under names of their own
+    if not before:
+        pytest.skip("this PyTorch runs without libgomp")
     assert native.available()
     assert _openmp_runtimes() == before  # no second OpenMP runtime with threads of its own
 
