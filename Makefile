@@ -21,13 +21,16 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 # The suite again with the kernels of other CPUs: ATen and oneDNN limited to AVX2 (an AVX2-only
-# CPU, no native bf16), then to scalar/SSE4.1 code. Tolerances must hold on every CPU kind.
+# CPU, no native bf16), then to scalar/SSE4.1 code, and our C kernels built for the same CPUs.
+# Tolerances must hold on every CPU kind.
 # Each set gets inductor caches of its own: their keys don't include these settings, and kernels
 # compiled for one set give wrong results under another.
 test-kernels: $(STAMP)
 	TORCHINDUCTOR_CACHE_DIR=$$(mktemp -d) ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 \
+		DENSENET_KERNEL_MARCH=x86-64-v3 \
 		$(BIN)/python -m pytest -q -p no:cacheprovider
 	TORCHINDUCTOR_CACHE_DIR=$$(mktemp -d) ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 \
+		DENSENET_KERNEL_MARCH=x86-64-v2 \
 		$(BIN)/python -m pytest -q -p no:cacheprovider
 
 lint: $(STAMP)

@@ -1,4 +1,5 @@
 import os
+import platform
 import shutil
 import signal
 import warnings
@@ -311,6 +312,22 @@ def test_without_openmp_the_kernels_build_to_run_on_one_thread(fresh_build, monk
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert native.available()
+    x = _block_slice()
+    low, high = _bounds(x.shape[1])
+    assert _same_bits(native.clamp_channels(x, low, high), _torch_clamp(x, low, high))
+
+
+@needs_compiler
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 CPU levels")
+def test_the_kernels_build_for_another_cpu_when_asked(fresh_build, monkeypatch):
+    monkeypatch.delenv("DENSENET_KERNEL_MARCH", raising=False)
+    assert native.available()
+    monkeypatch.setenv("DENSENET_KERNEL_MARCH", "x86-64-v2")  # SSE4.2: no AVX, as make test-kernels
+    native._library.cache_clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert native.available()
+    assert len(list(fresh_build.glob("kernels-*.so"))) == 2  # a build of its own, beside this CPU's
     x = _block_slice()
     low, high = _bounds(x.shape[1])
     assert _same_bits(native.clamp_channels(x, low, high), _torch_clamp(x, low, high))

@@ -35,9 +35,10 @@ kernels' own (a Python thread pool, as here before) had to be woken for every ca
 In a forked child they need one thread, as PyTorch's own operations do (DataLoader workers are
 set to one): OpenMP's threads don't survive a fork.
 
-The library is built with the machine's C compiler for its own CPU (``-march=native``) into the
-densenet cache directory, under a name that hashes the source, the compiler and the CPU, so a cache
-shared between machines never hands one CPU's code to another. Where it can't be built (no
+The library is built with the machine's C compiler for its own CPU (``-march=native``, or the
+level in ``$DENSENET_KERNEL_MARCH``) into the densenet cache directory, under a name that hashes
+the source, the flags, the compiler and the CPU, so a cache shared between machines never hands
+one CPU's code to another. Where it can't be built (no
 compiler, a read-only cache), :func:`available` is false after one warning, and callers use ATen:
 more slowly, and for the clamps and pools the same values.
 """
@@ -61,7 +62,6 @@ from densenet.files import cache_dir
 from densenet.hardware import cpu_info
 
 SOURCE = Path(__file__).with_name("kernels.c")
-FLAGS = ("-O3", "-march=native", "-shared", "-fPIC")
 # Without OpenMP (a compiler lacking its runtime, say) the kernels still build, on one thread.
 OPENMP_FLAGS = ("-fopenmp",)
 COMPILE_TIMEOUT_S = 120
@@ -284,9 +284,10 @@ def _build() -> Path:
         raise FileNotFoundError("no C compiler found (cc, gcc or $CC)")
     source = SOURCE.read_bytes()
     cpu = cpu_info()
+    flags = _flags()
     key = hashlib.sha256(
         b"\0".join(
-            [source, " ".join(FLAGS + OPENMP_FLAGS).encode(), compiler.encode()]
+            [source, " ".join(flags + OPENMP_FLAGS).encode(), compiler.encode()]
             + [cpu.get(field, "").encode() for field in ("model name", "flags")]
         )
     ).hexdigest()[:16]
@@ -300,13 +301,20 @@ def _build() -> Path:
     partial = directory / f".kernels-{key}.{os.getpid()}.so"
     try:
         try:
-            _compile(compiler, FLAGS + OPENMP_FLAGS, partial)
+            _compile(compiler, flags + OPENMP_FLAGS, partial)
         except subprocess.CalledProcessError:
-            _compile(compiler, FLAGS, partial)
+            _compile(compiler, flags, partial)
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
     return path
+
+
+def _flags() -> tuple[str, ...]:
+    # $DENSENET_KERNEL_MARCH builds for another CPU than this one: `make test-kernels` builds for
+    # AVX2 and for SSE4.2, to test the code those CPUs would run.
+    march = os.environ.get("DENSENET_KERNEL_MARCH", "native")
+    return ("-O3", f"-march={march}", "-shared", "-fPIC")
 
 
 def _compile(compiler: str, flags: tuple[str, ...], output: Path) -> None:
