@@ -12,7 +12,9 @@ from torch import nn
 from conftest import randomize_batchnorm
 from densenet import DenseNet, native, optimize_for_inference
 from densenet.deploy.optimize import (
+    BottleneckLayer,
     ClampedReLU,
+    NativeClampConv1x1ReLU,
     NativeClampedReLU,
     NativeMaxPool3x3s2,
     onednn_supports,
@@ -27,13 +29,18 @@ needs_bf16_onednn = pytest.mark.skipif(
 )
 
 
+def _forget_the_library() -> None:
+    native._library.cache_clear()
+    native._amx_library.cache_clear()
+
+
 @pytest.fixture
 def fresh_build(tmp_path, monkeypatch):
     """A kernel cache of the test's own, and the next call building (or failing to) afresh."""
     monkeypatch.setenv("DENSENET_CACHE", str(tmp_path))
-    native._library.cache_clear()
+    _forget_the_library()
     yield tmp_path / "kernels"
-    native._library.cache_clear()
+    _forget_the_library()
 
 
 def _block_slice(channels: int = 24) -> torch.Tensor:
@@ -212,6 +219,7 @@ def _tiny_bf16_networks() -> tuple[torch.nn.Module, torch.nn.Module]:
 @needs_bf16_onednn
 def test_the_bf16_network_clamps_with_the_kernel_to_the_same_logits(fresh_build):
     network, _ = _tiny_bf16_networks()
+    _unfuse(network)  # on AMX the bottleneck clamps run inside their convolutions' kernel
     units = [m for m in network.modules() if isinstance(m, NativeClampedReLU)]
     assert len(units) == 5 + 1 + 1  # a clamp per bottleneck layer, transition and head
     assert any(isinstance(m, NativeMaxPool3x3s2) for m in network.modules())
@@ -254,7 +262,7 @@ def test_a_damaged_cached_library_is_built_again(fresh_build):
     # would pull the code from under it.
     library.unlink()
     library.write_bytes(b"not a shared library")
-    native._library.cache_clear()
+    _forget_the_library()
     assert native.available()
     x = _block_slice()
     low, high = _bounds(x.shape[1])
@@ -323,7 +331,7 @@ def test_the_kernels_build_for_another_cpu_when_asked(fresh_build, monkeypatch):
     monkeypatch.delenv("DENSENET_KERNEL_MARCH", raising=False)
     assert native.available()
     monkeypatch.setenv("DENSENET_KERNEL_MARCH", "x86-64-v2")  # SSE4.2: no AVX, as make test-kernels
-    native._library.cache_clear()
+    _forget_the_library()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert native.available()
@@ -331,3 +339,52 @@ def test_the_kernels_build_for_another_cpu_when_asked(fresh_build, monkeypatch):
     x = _block_slice()
     low, high = _bounds(x.shape[1])
     assert _same_bits(native.clamp_channels(x, low, high), _torch_clamp(x, low, high))
+
+
+needs_amx = pytest.mark.skipif(not native.amx_available(), reason="no AMX kernels on this CPU")
+
+
+@needs_amx
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("in_channels, out_channels", [(64, 128), (40, 48)])
+def test_the_amx_clamp_and_1x1_convolution_sum_in_float_and_round_once(
+    monkeypatch, threads, in_channels, out_channels
+):
+    # Channel counts that are and aren't multiples of the 32-wide tiles, and 105 pixels: three
+    # full tiles of 32 and a partial one; the input a slice of a wider block tensor.
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    monkeypatch.setattr(native, "PARALLEL_MIN_ELEMENTS", 1)
+    generator = torch.Generator().manual_seed(7)
+    block = torch.randn(3, in_channels + 8, 5, 7, generator=generator).to(torch.bfloat16)
+    x = block.contiguous(memory_format=torch.channels_last)[:, :in_channels]
+    low, high = _bounds(in_channels)
+    weight = (torch.randn(out_channels, in_channels, 1, 1, generator=generator) / 8).bfloat16()
+    bias = torch.randn(out_channels, generator=generator).bfloat16().float()
+    assert native.supports_clamp_conv1x1(x)
+    packed = native.pack_conv1x1_weights(weight)
+    actual = native.clamp_conv1x1_relu(x, low, high, packed, bias, out_channels)
+    assert actual.dtype == torch.bfloat16 and actual.shape == (3, out_channels, 5, 7)
+    assert actual.is_contiguous(memory_format=torch.channels_last)
+    clamped = _torch_clamp(x, low, high).double()
+    exact = F.relu(F.conv2d(clamped, weight.double(), bias.double()))
+    # One rounding to bf16 (half an ulp, 2**-9 relative) of a float sum (far below that).
+    error = (actual.double() - exact).abs()
+    assert bool((error <= exact.abs() * 2**-8 + 1e-6).all()), error.max()
+
+
+@needs_amx
+def test_the_bf16_network_fuses_each_bottleneck_clamp_into_its_convolution_on_amx():
+    network, _ = _tiny_bf16_networks()
+    fused = [m for m in network.modules() if isinstance(m, NativeClampConv1x1ReLU)]
+    assert len(fused) == 5  # every bottleneck layer
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        fast = network(x)
+        _unfuse(network)  # the clamp kernel, then oneDNN's convolution
+        torch.testing.assert_close(fast, network(x), rtol=2e-2, atol=2e-2)
+
+
+def _unfuse(network: torch.nn.Module) -> None:
+    for layer in network.modules():
+        if isinstance(layer, BottleneckLayer) and isinstance(layer.conv1, NativeClampConv1x1ReLU):
+            layer.act, layer.conv1 = layer.conv1.act, layer.conv1.conv

@@ -19,6 +19,8 @@
 #include <string.h>
 
 #define PARALLEL_ROWS _Pragma("omp parallel for num_threads(threads) if (threads > 1) schedule(static)")
+#define PARALLEL_REGION _Pragma("omp parallel num_threads(threads) if (threads > 1)")
+#define PARALLEL_FOR _Pragma("omp for schedule(static)")
 
 static inline float widen(uint16_t value) {
     uint32_t bits = (uint32_t)value << 16;
@@ -160,3 +162,107 @@ void norm_input_gradient_bf16(uint16_t *target, int64_t target_stride, const uin
         }
     }
 }
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+/* On CPUs with AMX: relu(clamp(x, low, high) @ W^T + bias), a dense layer's clamp and bottleneck
+ * 1x1 convolution in one pass. Each thread clamps 32 pixels at a time into a small buffer that
+ * stays in its cache and multiplies it with the packed weights on the tile unit, in float, rounding
+ * once; the clamped input never goes to memory. Built only where the compiler targets AMX. */
+#include <immintrin.h>
+#include <stdlib.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define AMX_PIXELS 32
+#define ROUND_UP_32(v) (((v) + 31) / 32 * 32)
+
+/* Linux hands out the tile registers' state only to processes that ask for it. */
+int amx_request(void) {
+    return (int)syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */);
+}
+
+/* w: [n_out][k] bf16 -> tiles of 16 output channels x 32 inputs, in the pairs tdpbf16ps reads
+ * (row r holds inputs 2r and 2r+1 of each channel); both sizes zero-padded to multiples of 32. */
+void pack_conv1x1_weights_amx(const uint16_t *w, int64_t n_out, int64_t k, uint16_t *packed) {
+    int64_t k_blocks = ROUND_UP_32(k) / 32;
+    for (int64_t nb = 0; nb < ROUND_UP_32(n_out) / 16; nb++)
+        for (int64_t kb = 0; kb < k_blocks; kb++) {
+            uint16_t *tile = packed + (nb * k_blocks + kb) * 512;
+            for (int r = 0; r < 16; r++)
+                for (int n = 0; n < 16; n++)
+                    for (int p = 0; p < 2; p++) {
+                        int64_t out = nb * 16 + n, in = kb * 32 + 2 * r + p;
+                        tile[r * 32 + n * 2 + p] = out < n_out && in < k ? w[out * k + in] : 0;
+                    }
+        }
+}
+
+typedef struct {
+    uint8_t palette_id, start_row, reserved[14];
+    uint16_t bytes_per_row[16];
+    uint8_t rows[16];
+} tile_config;
+
+void clamp_conv1x1_relu_amx(const uint16_t *x, int64_t pixel_stride, int64_t rows, int64_t k,
+                            const float *low, const float *high, const uint16_t *packed,
+                            const float *bias, int64_t n_out, uint16_t *out, int threads) {
+    int64_t k_padded = ROUND_UP_32(k), k_blocks = k_padded / 32;
+    PARALLEL_REGION
+    {
+        tile_config config = {.palette_id = 1};
+        for (int t = 0; t < 8; t++) {
+            config.rows[t] = 16;
+            config.bytes_per_row[t] = 64;
+        }
+        _tile_loadconfig(&config);
+        /* tiles 0-3: 32 pixels x 32 output channels of float sums; 4-5: clamped input; 6-7: weights */
+        uint16_t *clamped = aligned_alloc(64, AMX_PIXELS * k_padded * sizeof(uint16_t));
+        float *sums = aligned_alloc(64, AMX_PIXELS * 32 * sizeof(float));
+        memset(clamped, 0, AMX_PIXELS * k_padded * sizeof(uint16_t));
+        PARALLEL_FOR
+        for (int64_t first = 0; first < rows; first += AMX_PIXELS) {
+            int64_t pixels = rows - first < AMX_PIXELS ? rows - first : AMX_PIXELS;
+            for (int64_t i = 0; i < pixels; i++) {
+                const uint16_t *in = x + (first + i) * pixel_stride;
+                uint16_t *dst = clamped + i * k_padded;
+                for (int64_t c = 0; c < k; c++)
+                    dst[c] = narrow_exact(clamp(widen(in[c]), low[c], high[c]));
+            }
+            for (int64_t i = pixels; i < AMX_PIXELS; i++)
+                memset(clamped + i * k_padded, 0, k * sizeof(uint16_t));
+            for (int64_t nb = 0; nb < ROUND_UP_32(n_out) / 16; nb += 2) {
+                const uint16_t *w0 = packed + nb * k_blocks * 512, *w1 = w0 + k_blocks * 512;
+                _tile_zero(0);
+                _tile_zero(1);
+                _tile_zero(2);
+                _tile_zero(3);
+                for (int64_t kb = 0; kb < k_blocks; kb++) {
+                    _tile_loadd(4, clamped + kb * 32, k_padded * sizeof(uint16_t));
+                    _tile_loadd(5, clamped + 16 * k_padded + kb * 32, k_padded * sizeof(uint16_t));
+                    _tile_loadd(6, w0 + kb * 512, 64);
+                    _tile_loadd(7, w1 + kb * 512, 64);
+                    _tile_dpbf16ps(0, 4, 6);
+                    _tile_dpbf16ps(1, 4, 7);
+                    _tile_dpbf16ps(2, 5, 6);
+                    _tile_dpbf16ps(3, 5, 7);
+                }
+                _tile_stored(0, sums, 128);
+                _tile_stored(1, sums + 16, 128);
+                _tile_stored(2, sums + 16 * 32, 128);
+                _tile_stored(3, sums + 16 * 32 + 16, 128);
+                int64_t channels = n_out - nb * 16 < 32 ? n_out - nb * 16 : 32;
+                for (int64_t i = 0; i < pixels; i++) {
+                    uint16_t *dst = out + (first + i) * n_out + nb * 16;
+                    for (int64_t j = 0; j < channels; j++) {
+                        float value = sums[i * 32 + j] + bias[nb * 16 + j];
+                        dst[j] = narrow_rounded(value < 0.0f ? 0.0f : value);
+                    }
+                }
+            }
+        }
+        free(clamped);
+        free(sums);
+        _tile_release();
+    }
+}
+#endif

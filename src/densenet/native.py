@@ -14,6 +14,14 @@ memory (see :mod:`densenet.deploy.optimize`), each slower in ATen than it needs 
 
 Each gives the same bits as the ATen operations it replaces (tests compare them).
 
+On CPUs with AMX (where the compiler targets it), one more takes a bottleneck layer's clamp
+together with its 1x1 convolution, bias and ReLU (:func:`clamp_conv1x1_relu`): each thread clamps
+32 pixels into a buffer that stays in its cache and multiplies them on the tile unit, so the
+clamped input, which oneDNN's convolution would read back from memory, is never written. It sums
+in float and rounds once, as oneDNN does (on DenseNet-121 at batch 32 the logits came out
+bit-identical to the clamp kernel followed by oneDNN), and made bf16 inference 1.10x faster at
+batch 32 (median of 9 alternating rounds, 1.08-1.16x; Xeon with AMX).
+
 Memory-efficient training in bf16 (:mod:`densenet.models.efficient`) uses two more, each computing
 in float and rounding once:
 
@@ -187,6 +195,73 @@ def clamp_avg_pool2(x: Tensor, low: Tensor, high: Tensor) -> Tensor:
         _threads(out.numel() * 4),
     )
     return out
+
+
+def amx_available() -> bool:
+    """Whether :func:`clamp_conv1x1_relu` runs here: the library was built for a CPU with AMX and
+    Linux let this process use the tile registers."""
+    return _amx_library() is not None
+
+
+def supports_clamp_conv1x1(x: Tensor) -> bool:
+    """Whether :func:`clamp_conv1x1_relu` takes ``x`` (as :func:`supports_clamp`)."""
+    return _bf16_pixels(x)
+
+
+def pack_conv1x1_weights(weight: Tensor) -> Tensor:
+    """A bf16 1x1 convolution's weights (``[out, in, 1, 1]``) in the tiles
+    :func:`clamp_conv1x1_relu` reads; needs :func:`amx_available`."""
+    library = _amx_library()
+    assert library is not None, "check amx_available() first"
+    n_out, k = weight.shape[:2]
+    packed = torch.empty(_round_up_32(n_out) * _round_up_32(k), dtype=torch.bfloat16)
+    dense = weight.detach().to(torch.bfloat16).contiguous()
+    library.pack_conv1x1_weights_amx(
+        _at(dense), ctypes.c_int64(n_out), ctypes.c_int64(k), _at(packed)
+    )
+    return packed
+
+
+def clamp_conv1x1_relu(
+    x: Tensor, low: Tensor, high: Tensor, packed: Tensor, bias: Tensor, out_channels: int
+) -> Tensor:
+    """``relu(conv1x1(torch.clamp(x, low, high)) + bias)`` in one pass on AMX, summed in float and
+    rounded once; bounds as for :func:`clamp_channels`, weights from :func:`pack_conv1x1_weights`,
+    a float32 ``bias``; a dense channels_last bf16 result."""
+    library = _amx_library()
+    assert library is not None and supports_clamp_conv1x1(x), "check amx_available() first"
+    n, channels, height, width = x.shape
+    out = _channels_last(x, n, out_channels, height, width)
+    rows = n * height * width
+    library.clamp_conv1x1_relu_amx(
+        _at(x),
+        *(ctypes.c_int64(v) for v in (x.stride(3), rows, channels)),
+        _at(low),
+        _at(high),
+        _at(packed),
+        _at(bias),
+        ctypes.c_int64(out_channels),
+        _at(out),
+        _threads(rows * channels),
+    )
+    return out
+
+
+def _round_up_32(value: int) -> int:
+    return (value + 31) // 32 * 32
+
+
+@functools.cache
+def _amx_library() -> ctypes.CDLL | None:
+    library = _library()
+    if library is None or not hasattr(library, "amx_request"):
+        return None
+    library.amx_request.restype = ctypes.c_int
+    if library.amx_request() != 0:  # a kernel without tile support, or one that refuses it
+        return None
+    for name in ("pack_conv1x1_weights_amx", "clamp_conv1x1_relu_amx"):
+        getattr(library, name).restype = None
+    return library
 
 
 def max_pool_3x3s2(x: Tensor) -> Tensor:

@@ -110,6 +110,27 @@ class NativeClampedReLU(nn.Module):
         return F.avg_pool2d(out, 2) if self.avg_pool2 else out
 
 
+class NativeClampConv1x1ReLU(nn.Module):
+    """A bottleneck's clamp and 1x1 convolution (with its ReLU) as one AMX pass through
+    :mod:`densenet.native`, which never writes the clamped input to memory; the two modules
+    themselves for inputs the kernel doesn't take."""
+
+    def __init__(self, act: NativeClampedReLU, conv: OneDNNConv2dReLU) -> None:
+        super().__init__()
+        self.act, self.conv = act, conv
+        # Plain attributes, as NativeClampedReLU's bounds: no .to() can change their dtype.
+        self.packed = native.pack_conv1x1_weights(conv.weight)
+        self.bias32 = conv.bias.float().contiguous()
+
+    def forward(self, x: Tensor) -> Tensor:
+        if native.supports_clamp_conv1x1(x):
+            out_channels = self.conv.weight.shape[0]
+            return native.clamp_conv1x1_relu(
+                x, self.act.low32, self.act.high32, self.packed, self.bias32, out_channels
+            )
+        return self.conv(self.act(x))
+
+
 class NativeMaxPool3x3s2(nn.Module):
     """``nn.MaxPool2d(3, 2, padding=1)`` through :mod:`densenet.native`'s C kernel where
     it takes the input."""
@@ -226,7 +247,8 @@ def onednn_supports(device: torch.device, dtype: torch.dtype) -> bool:
 
 def _use_onednn(network: nn.Module, dtype: torch.dtype) -> None:
     """oneDNN for the convolutions; where the C kernels build, they take the stem's max pooling
-    and, in bf16, the clamps (a transition's with its average pooling)."""
+    and, in bf16, the clamps (a transition's with its average pooling; on AMX, a bottleneck's
+    with its 1x1 convolution)."""
     for parent in list(network.modules()):
         for name, child in parent.named_children():
             if isinstance(child, Conv2dReLU):
@@ -240,6 +262,9 @@ def _use_onednn(network: nn.Module, dtype: torch.dtype) -> None:
             continue
         if isinstance(module, FastTransition):
             module.act, module.pool = NativeClampedReLU(module.act, avg_pool2=True), nn.Identity()
+        elif isinstance(module, BottleneckLayer) and native.amx_available():
+            act = NativeClampedReLU(module.act)
+            module.act, module.conv1 = nn.Identity(), NativeClampConv1x1ReLU(act, module.conv1)
         else:
             module.act = NativeClampedReLU(module.act)
 
