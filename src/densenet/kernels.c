@@ -1,5 +1,6 @@
 /* Memory-bound passes over channels_last data as plain loops: optimize_for_inference's clamps and
- * pools, and memory-efficient training's bf16 BN-ReLU and batch-norm input gradient.
+ * pools, and memory-efficient training's bf16 BN-ReLU and batch-norm input gradient; and, where
+ * the compiler targets AMX, a bottleneck's clamp fused with its 1x1 convolution (at the end).
  *
  * Pixels hold `channels` contiguous values; pixel r of an input starts at x + r * pixel_stride
  * (a channels_last slice of a wider block tensor has pixel_stride > channels); outputs are dense
