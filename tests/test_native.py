@@ -360,7 +360,7 @@ def test_the_amx_clamp_and_1x1_convolution_sum_in_float_and_round_once(
     low, high = _bounds(in_channels)
     weight = (torch.randn(out_channels, in_channels, 1, 1, generator=generator) / 8).bfloat16()
     bias = torch.randn(out_channels, generator=generator).bfloat16().float()
-    assert native.supports_clamp_conv1x1(x)
+    assert native.supports_clamp(x)
     packed = native.pack_conv1x1_weights(weight)
     actual = native.clamp_conv1x1_relu(x, low, high, packed, bias, out_channels)
     assert actual.dtype == torch.bfloat16 and actual.shape == (3, out_channels, 5, 7)

@@ -85,7 +85,8 @@ def available() -> bool:
 
 
 def supports_clamp(x: Tensor) -> bool:
-    """Whether :func:`clamp_channels` and :func:`clamp_avg_pool2` take ``x``: a CPU bf16
+    """Whether :func:`clamp_channels`, :func:`clamp_avg_pool2` and (where
+    :func:`amx_available`) :func:`clamp_conv1x1_relu` take ``x``: a CPU bf16
     channels_last 4-D tensor, or a slice of one along channels, needing no gradient."""
     return _bf16_pixels(x)
 
@@ -203,11 +204,6 @@ def amx_available() -> bool:
     return _amx_library() is not None
 
 
-def supports_clamp_conv1x1(x: Tensor) -> bool:
-    """Whether :func:`clamp_conv1x1_relu` takes ``x`` (as :func:`supports_clamp`)."""
-    return _bf16_pixels(x)
-
-
 def pack_conv1x1_weights(weight: Tensor) -> Tensor:
     """A bf16 1x1 convolution's weights (``[out, in, 1, 1]``) in the tiles
     :func:`clamp_conv1x1_relu` reads; needs :func:`amx_available`."""
@@ -229,7 +225,7 @@ def clamp_conv1x1_relu(
     rounded once; bounds as for :func:`clamp_channels`, weights from :func:`pack_conv1x1_weights`,
     a float32 ``bias``; a dense channels_last bf16 result."""
     library = _amx_library()
-    assert library is not None and supports_clamp_conv1x1(x), "check amx_available() first"
+    assert library is not None and supports_clamp(x), "check amx_available() first"
     n, channels, height, width = x.shape
     out = _channels_last(x, n, out_channels, height, width)
     rows = n * height * width

@@ -123,7 +123,7 @@ class NativeClampConv1x1ReLU(nn.Module):
         self.bias32 = conv.bias.float().contiguous()
 
     def forward(self, x: Tensor) -> Tensor:
-        if native.supports_clamp_conv1x1(x):
+        if native.supports_clamp(x):
             out_channels = self.conv.weight.shape[0]
             return native.clamp_conv1x1_relu(
                 x, self.act.low32, self.act.high32, self.packed, self.bias32, out_channels
