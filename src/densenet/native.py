@@ -37,7 +37,7 @@ in float and rounding once:
 Each kernel splits its pixels across torch's thread count with OpenMP, built with ``-fopenmp``
 against the ``libgomp.so.1`` that PyTorch's Linux wheels have already loaded: the kernels run on
 PyTorch's own OpenMP threads, which are still spinning from its last operation. Threads of the
-kernels' own (a Python thread pool, as here before) had to be woken for every call, and on a
+kernels' own (a Python thread pool, say) would have to be woken for every call, and on a
 2-vCPU VM that cost most of what the split saved: DenseNet-121 bf16 inference at batch 32 ran
 1.28x faster with OpenMP (Xeon with AMX, median of 4 alternating processes of each version).
 In a forked child they need one thread, as PyTorch's own operations do (DataLoader workers are
@@ -46,9 +46,9 @@ set to one): OpenMP's threads don't survive a fork.
 The library is built with the machine's C compiler for its own CPU (``-march=native``, or the
 level in ``$DENSENET_KERNEL_MARCH``) into the densenet cache directory, under a name that hashes
 the source, the flags, the compiler and the CPU, so a cache shared between machines never hands
-one CPU's code to another. Where it can't be built (no
-compiler, a read-only cache), :func:`available` is false after one warning, and callers use ATen:
-more slowly, and for the clamps and pools the same values.
+one CPU's code to another. Where it can't be built (no compiler, a read-only cache),
+:func:`available` is false after one warning, and callers use ATen: more slowly, and for the
+clamps and pools the same values.
 """
 
 from __future__ import annotations

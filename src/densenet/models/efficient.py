@@ -278,14 +278,15 @@ def _norm_relu(
     """relu(batch_norm(x)) with given batch statistics, in ``out``."""
     if out is None:
         out = torch.empty_like(x)
-    # With given statistics BN is x * scale + shift per channel. As one addcmul (or the C
-    # kernel, which also does the ReLU) it reads a strided slice of the block tensor as fast as a
-    # dense tensor; BN's kernel does not.
-    scale = weight * torch.rsqrt(var + eps)
-    shift = bias - mean * scale
-    if _norm_relu_runs_natively(x, out):
-        return native.norm_relu(x, scale, shift, out)
-    if x.dtype == torch.float32:
+    natively = _norm_relu_runs_natively(x, out)
+    if natively or x.dtype == torch.float32:
+        # With given statistics BN is x * scale + shift per channel. As one addcmul (or the C
+        # kernel, which also does the ReLU) it reads a strided slice of the block tensor as fast
+        # as a dense tensor; BN's kernel does not.
+        scale = weight * torch.rsqrt(var + eps)
+        shift = bias - mean * scale
+        if natively:
+            return native.norm_relu(x, scale, shift, out)
         shape = (1, -1, 1, 1)
         torch.addcmul(shift.view(shape), x, scale.view(shape), out=out)
     else:
