@@ -243,6 +243,7 @@ def test_the_bf16_network_clamps_with_the_kernel_to_the_same_logits(fresh_build)
 @needs_bf16_onednn
 def test_without_a_compiler_it_warns_once_and_clamps_with_torch(fresh_build, monkeypatch):
     monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    monkeypatch.delenv("DENSENET_KERNEL_MARCH", raising=False)
     with pytest.warns(RuntimeWarning, match="could not build its C kernels.*C compiler"):
         network, model = _tiny_bf16_networks()
     assert not any(
@@ -388,3 +389,10 @@ def _unfuse(network: torch.nn.Module) -> None:
     for layer in network.modules():
         if isinstance(layer, BottleneckLayer) and isinstance(layer.conv1, NativeClampConv1x1ReLU):
             layer.act, layer.conv1 = layer.conv1.act, layer.conv1.conv
+
+
+@needs_compiler
+def test_a_cpu_level_the_compiler_doesnt_know_is_named_in_the_warning(fresh_build, monkeypatch):
+    monkeypatch.setenv("DENSENET_KERNEL_MARCH", "no-such-cpu")
+    with pytest.warns(RuntimeWarning, match=r"no-such-cpu.*DENSENET_KERNEL_MARCH"):
+        assert not native.available()

@@ -330,10 +330,17 @@ def _library() -> ctypes.CDLL | None:
             path.unlink(missing_ok=True)
             library = ctypes.CDLL(str(_build()))
     except (OSError, subprocess.SubprocessError) as error:
+        fix = (
+            "Unset $DENSENET_KERNEL_MARCH or set it to a CPU level the compiler knows "
+            "(e.g. x86-64-v3)"
+            if isinstance(error, subprocess.CalledProcessError)
+            and "DENSENET_KERNEL_MARCH" in os.environ
+            else "Install a C compiler (gcc or clang)"
+        )
         warnings.warn(
             f"densenet: could not build its C kernels ({_reason(error)}); it uses PyTorch's "
             "operations instead, more slowly (and memory-efficient bf16 training with more "
-            "memory). Install a C compiler (gcc or clang) to build them.",
+            f"memory). {fix} to build them.",
             RuntimeWarning,
             stacklevel=3,
         )
