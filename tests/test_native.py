@@ -1,3 +1,4 @@
+import functools
 import os
 import platform
 import shutil
@@ -12,8 +13,10 @@ from torch import nn
 from conftest import randomize_batchnorm
 from densenet import DenseNet, native, optimize_for_inference
 from densenet.deploy.optimize import (
+    AMXDenseBlock,
     BottleneckLayer,
     ClampedReLU,
+    FastDenseBlock,
     NativeClampConv1x1ReLU,
     NativeClampedReLU,
     NativeMaxPool3x3s2,
@@ -362,7 +365,7 @@ def test_the_amx_clamp_and_1x1_convolution_sum_in_float_and_round_once(
     weight = (torch.randn(out_channels, in_channels, 1, 1, generator=generator) / 8).bfloat16()
     bias = torch.randn(out_channels, generator=generator).bfloat16().float()
     assert native.supports_clamp(x)
-    packed = native.pack_conv1x1_weights(weight)
+    packed = native.pack_weights(weight)
     actual = native.clamp_conv1x1_relu(x, low, high, packed, bias, out_channels)
     assert actual.dtype == torch.bfloat16 and actual.shape == (3, out_channels, 5, 7)
     assert actual.is_contiguous(memory_format=torch.channels_last)
@@ -374,21 +377,88 @@ def test_the_amx_clamp_and_1x1_convolution_sum_in_float_and_round_once(
 
 
 @needs_amx
-def test_the_bf16_network_fuses_each_bottleneck_clamp_into_its_convolution_on_amx():
+def test_the_amx_1x1_convolution_writes_inside_a_zero_border_for_the_3x3():
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 40, 5, 7, generator=generator).bfloat16()
+    x = x.contiguous(memory_format=torch.channels_last)
+    low, high = _bounds(40)
+    weight = (torch.randn(48, 40, 1, 1, generator=generator) / 8).bfloat16()
+    bias = torch.randn(48, generator=generator)
+    packed = native.pack_weights(weight)
+    dense = native.clamp_conv1x1_relu(x, low, high, packed, bias, 48)
+    bordered = native.clamp_conv1x1_relu(
+        x, low, high, packed, bias, 48, native.bordered_buffer(2, 48, 5, 7)
+    )
+    assert bordered.shape == (2 * 7 * 9 + native.AMX_PIXELS, 64)  # channels rounded up to 32
+    images = bordered[: 2 * 7 * 9].view(2, 7, 9, 64)
+    assert _same_bits(images[:, 1:-1, 1:-1, :48], dense.permute(0, 2, 3, 1))
+    inside = torch.zeros_like(images, dtype=torch.bool)
+    inside[:, 1:-1, 1:-1, :48] = True
+    assert not images[~inside].any() and not bordered[2 * 7 * 9 :].any()
+
+
+@needs_amx
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(
+    "in_channels, out_channels, height, width",
+    [(128, 32, 5, 7), (48, 12, 4, 9), (64, 48, 2, 1), (32, 32, 9, 3)],
+)
+def test_the_amx_3x3_convolution_sums_in_float_and_rounds_once_into_the_block(
+    monkeypatch, threads, in_channels, out_channels, height, width
+):
+    # DenseNet-121's shape; channels that aren't multiples of the 32-wide tiles (the input padded
+    # in the buffer, the output masked, or split over two passes); images smaller than a tile.
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    monkeypatch.setattr(native, "PARALLEL_MIN_ELEMENTS", 1)
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(3, in_channels, height, width, generator=generator).relu().bfloat16()
+    weight = (torch.randn(out_channels, in_channels, 3, 3, generator=generator) / 16).bfloat16()
+    bordered = native.bordered_buffer(3, in_channels, height, width)
+    images = bordered[: 3 * (height + 2) * (width + 2)].view(3, height + 2, width + 2, -1)
+    images[:, 1:-1, 1:-1, :in_channels] = x.permute(0, 2, 3, 1)
+    block = torch.full((3, out_channels + 24, height, width), 7.0, dtype=torch.bfloat16)
+    block = block.contiguous(memory_format=torch.channels_last)
+    new = block[:, 16 : 16 + out_channels]
+    native.conv3x3(bordered, native.pack_weights(weight), new)
+    exact = F.conv2d(x.double(), weight.double(), padding=1)
+    # One rounding to bf16 (half an ulp, 2**-9 relative) of a float sum (far below that).
+    error = (new.double() - exact).abs()
+    assert bool((error <= exact.abs() * 2**-8 + 1e-6).all()), error.max()
+    untouched = torch.cat([block[:, :16], block[:, 16 + out_channels :]], dim=1)
+    assert bool((untouched == 7.0).all())
+
+
+@needs_amx
+def test_the_bf16_network_runs_each_bottleneck_on_amx():
     network, _ = _tiny_bf16_networks()
     fused = [m for m in network.modules() if isinstance(m, NativeClampConv1x1ReLU)]
     assert len(fused) == 5  # every bottleneck layer
+    assert sum(isinstance(m, AMXDenseBlock) for m in network.modules()) == 2
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         fast = network(x)
-        _unfuse(network)  # the clamp kernel, then oneDNN's convolution
+        _unfuse(network)  # the clamp kernel, then oneDNN's convolutions
         torch.testing.assert_close(fast, network(x), rtol=2e-2, atol=2e-2)
 
 
+@needs_amx
+def test_an_amx_block_runs_layers_with_more_channels_than_its_kernels_take_unfused(monkeypatch):
+    network, _ = _tiny_bf16_networks()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        fast = network(x)
+        monkeypatch.setattr(native, "AMX_MAX_CHANNELS", 12)  # the later layers of each block
+        assert torch.equal(fast, network(x))
+
+
 def _unfuse(network: torch.nn.Module) -> None:
-    for layer in network.modules():
-        if isinstance(layer, BottleneckLayer) and isinstance(layer.conv1, NativeClampConv1x1ReLU):
-            layer.act, layer.conv1 = layer.conv1.act, layer.conv1.conv
+    for module in network.modules():
+        if isinstance(module, AMXDenseBlock):
+            module.forward = functools.partial(FastDenseBlock.forward, module)
+        elif isinstance(module, BottleneckLayer) and isinstance(
+            module.conv1, NativeClampConv1x1ReLU
+        ):
+            module.act, module.conv1 = module.conv1.act, module.conv1.conv
 
 
 @needs_compiler

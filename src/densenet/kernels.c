@@ -1,6 +1,7 @@
 /* Memory-bound passes over channels_last data as plain loops: optimize_for_inference's clamps and
  * pools, and memory-efficient training's bf16 BN-ReLU and batch-norm input gradient; and, where
- * the compiler targets AMX, a bottleneck's clamp fused with its 1x1 convolution (at the end).
+ * the compiler targets AMX, a bottleneck layer's two convolutions, the first fused with its clamp
+ * (at the end).
  *
  * Pixels hold `channels` contiguous values; pixel r of an input starts at x + r * pixel_stride
  * (a channels_last slice of a wider block tensor has pixel_stride > channels); outputs are dense
@@ -164,11 +165,14 @@ void norm_input_gradient_bf16(uint16_t *target, int64_t target_stride, const uin
     }
 }
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-/* On CPUs with AMX: relu(clamp(x, low, high) @ W^T + bias), a dense layer's clamp and bottleneck
- * 1x1 convolution in one pass. Each thread clamps 32 pixels at a time into a small buffer that
- * stays in its cache and multiplies it with the packed weights on the tile unit, in float, rounding
- * once; the clamped input never goes to memory. Built only where the compiler targets AMX. */
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+/* On CPUs with AMX, a bottleneck layer on the tile unit, in float, rounding once:
+ * - relu(clamp(x, low, high) @ W^T + bias), the layer's clamp and 1x1 convolution in one pass.
+ *   Each thread clamps 32 pixels at a time into a small buffer that stays in its cache; the
+ *   clamped input never goes to memory.
+ * - its 3x3 convolution, reading the 1x1's output from a buffer with a zero border and writing
+ *   straight into the block tensor's channels.
+ * Built only where the compiler targets AMX (CPUs with it also have AVX512_BF16). */
 #include <immintrin.h>
 #include <stdlib.h>
 #include <sys/syscall.h>
@@ -183,8 +187,9 @@ int amx_request(void) {
 }
 
 /* w: [n_out][k] bf16 -> tiles of 16 output channels x 32 inputs, in the pairs tdpbf16ps reads
- * (row r holds inputs 2r and 2r+1 of each channel); both sizes zero-padded to multiples of 32. */
-void pack_conv1x1_weights_amx(const uint16_t *w, int64_t n_out, int64_t k, uint16_t *packed) {
+ * (row r holds inputs 2r and 2r+1 of each channel); both sizes zero-padded to multiples of 32.
+ * A 3x3 convolution's weights are the same with k = 9 taps x channels, tap-major. */
+void pack_weights_amx(const uint16_t *w, int64_t n_out, int64_t k, uint16_t *packed) {
     int64_t k_blocks = ROUND_UP_32(k) / 32;
     for (int64_t nb = 0; nb < ROUND_UP_32(n_out) / 16; nb++)
         for (int64_t kb = 0; kb < k_blocks; kb++) {
@@ -204,65 +209,163 @@ typedef struct {
     uint8_t rows[16];
 } tile_config;
 
-void clamp_conv1x1_relu_amx(const uint16_t *x, int64_t pixel_stride, int64_t rows, int64_t k,
-                            const float *low, const float *high, const uint16_t *packed,
-                            const float *bias, int64_t n_out, uint16_t *out, int threads) {
-    int64_t k_padded = ROUND_UP_32(k), k_blocks = k_padded / 32;
+/* Every tile 16 rows of 64 bytes: tiles 0-3 hold 32 pixels x 32 output channels of float sums,
+ * 4-5 the input's 32 pixels, 6-7 the weights of 32 output channels. */
+static void configure_tiles(void) {
+    tile_config config = {.palette_id = 1};
+    for (int t = 0; t < 8; t++) {
+        config.rows[t] = 16;
+        config.bytes_per_row[t] = 64;
+    }
+    _tile_loadconfig(&config);
+}
+
+/* Tiles 0-3 += input (32 pixels, rows a_stride bytes apart) x weights, for k_blocks steps of 32
+ * input channels; the two weight tiles of a step are w_stride elements apart. */
+static inline void multiply_tiles(const uint16_t *a, int64_t a_stride, const uint16_t *w,
+                                  int64_t w_stride, int64_t k_blocks) {
+    for (int64_t kb = 0; kb < k_blocks; kb++) {
+        _tile_loadd(4, a + kb * 32, a_stride);
+        _tile_loadd(5, (const char *)(a + kb * 32) + 16 * a_stride, a_stride);
+        _tile_loadd(6, w + kb * 512, 64);
+        _tile_loadd(7, w + w_stride + kb * 512, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+    }
+}
+
+static inline void zero_sums(void) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+}
+
+/* sums: 32 pixels x 32 channels of float, row by row. */
+static inline void store_sums(float *sums) {
+    _tile_stored(0, sums, 128);
+    _tile_stored(1, sums + 16, 128);
+    _tile_stored(2, sums + 16 * 32, 128);
+    _tile_stored(3, sums + 16 * 32 + 16, 128);
+}
+
+/* The first `channels` of 32 float sums (+ bias, then ReLU if `relu`) rounded to bf16 into dst.
+ * max(0, v) keeps a NaN v, as v < 0 ? 0 : v does; the conversion rounds to nearest even and
+ * quiets NaN, as PyTorch's does (it reads float denormals as zero, as oneDNN's does). */
+static inline void store_row(const float *sums, __m512 bias_low, __m512 bias_high, int relu,
+                             __mmask32 channels, uint16_t *dst) {
+    __m512 low = _mm512_add_ps(_mm512_load_ps(sums), bias_low);
+    __m512 high = _mm512_add_ps(_mm512_load_ps(sums + 16), bias_high);
+    if (relu) {
+        low = _mm512_max_ps(_mm512_setzero_ps(), low);
+        high = _mm512_max_ps(_mm512_setzero_ps(), high);
+    }
+    _mm512_mask_storeu_epi16(dst, channels, (__m512i)_mm512_cvtne2ps_pbh(high, low));
+}
+
+static inline __mmask32 first_channels(int64_t channels) {
+    return channels >= 32 ? 0xFFFFFFFFu : (__mmask32)((1u << channels) - 1);
+}
+
+/* clamp(in[c], low[c], high[c]) for c < k. max(low, v) is v < low ? low : v and min(high, v) is
+ * v > high ? high : v, NaN included: the same as clamp() above. */
+static inline void clamp_row(const uint16_t *in, uint16_t *dst, int64_t k, const float *low,
+                             const float *high) {
+    for (int64_t c = 0; c < k; c += 16) {
+        __mmask16 mask = k - c >= 16 ? 0xFFFF : (__mmask16)((1u << (k - c)) - 1);
+        __m512i bits = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, in + c));
+        __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));
+        v = _mm512_max_ps(_mm512_maskz_loadu_ps(mask, low + c), v);
+        v = _mm512_min_ps(_mm512_maskz_loadu_ps(mask, high + c), v);
+        __m256i narrowed = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v), 16));
+        _mm256_mask_storeu_epi16(dst + c, mask, narrowed);
+    }
+}
+
+/* x: n images of height x width pixels, k channels each. out: pixel (image, y, x) at
+ * out + ((image * (height + 2b) + y + b) * (width + 2b) + x + b) * out_stride with b = border,
+ * so that border 1 writes the inside of a zero-bordered buffer for conv3x3_amx. */
+void clamp_conv1x1_relu_amx(const uint16_t *x, int64_t pixel_stride, int64_t n, int64_t height,
+                            int64_t width, int64_t k, const float *low, const float *high,
+                            const uint16_t *packed, const float *bias, int64_t n_out,
+                            uint16_t *out, int64_t out_stride, int64_t border, int threads) {
+    int64_t rows = n * height * width, k_padded = ROUND_UP_32(k), k_blocks = k_padded / 32;
+    int64_t out_width = width + 2 * border, out_height = height + 2 * border;
     PARALLEL_REGION
     {
-        tile_config config = {.palette_id = 1};
-        for (int t = 0; t < 8; t++) {
-            config.rows[t] = 16;
-            config.bytes_per_row[t] = 64;
-        }
-        _tile_loadconfig(&config);
-        /* tiles 0-3: 32 pixels x 32 output channels of float sums; 4-5: clamped input; 6-7: weights */
-        uint16_t *clamped = aligned_alloc(64, AMX_PIXELS * k_padded * sizeof(uint16_t));
-        float *sums = aligned_alloc(64, AMX_PIXELS * 32 * sizeof(float));
-        memset(clamped, 0, AMX_PIXELS * k_padded * sizeof(uint16_t));
+        configure_tiles();
+        uint16_t clamped[AMX_PIXELS * k_padded] __attribute__((aligned(64)));
+        float sums[AMX_PIXELS * 32] __attribute__((aligned(64)));
+        memset(clamped, 0, sizeof clamped);
         PARALLEL_FOR
         for (int64_t first = 0; first < rows; first += AMX_PIXELS) {
             int64_t pixels = rows - first < AMX_PIXELS ? rows - first : AMX_PIXELS;
-            for (int64_t i = 0; i < pixels; i++) {
-                const uint16_t *in = x + (first + i) * pixel_stride;
-                uint16_t *dst = clamped + i * k_padded;
-                for (int64_t c = 0; c < k; c++)
-                    dst[c] = narrow_exact(clamp(widen(in[c]), low[c], high[c]));
-            }
+            for (int64_t i = 0; i < pixels; i++)
+                clamp_row(x + (first + i) * pixel_stride, clamped + i * k_padded, k, low, high);
             for (int64_t i = pixels; i < AMX_PIXELS; i++)
                 memset(clamped + i * k_padded, 0, k * sizeof(uint16_t));
             for (int64_t nb = 0; nb < ROUND_UP_32(n_out) / 16; nb += 2) {
-                const uint16_t *w0 = packed + nb * k_blocks * 512, *w1 = w0 + k_blocks * 512;
-                _tile_zero(0);
-                _tile_zero(1);
-                _tile_zero(2);
-                _tile_zero(3);
-                for (int64_t kb = 0; kb < k_blocks; kb++) {
-                    _tile_loadd(4, clamped + kb * 32, k_padded * sizeof(uint16_t));
-                    _tile_loadd(5, clamped + 16 * k_padded + kb * 32, k_padded * sizeof(uint16_t));
-                    _tile_loadd(6, w0 + kb * 512, 64);
-                    _tile_loadd(7, w1 + kb * 512, 64);
-                    _tile_dpbf16ps(0, 4, 6);
-                    _tile_dpbf16ps(1, 4, 7);
-                    _tile_dpbf16ps(2, 5, 6);
-                    _tile_dpbf16ps(3, 5, 7);
-                }
-                _tile_stored(0, sums, 128);
-                _tile_stored(1, sums + 16, 128);
-                _tile_stored(2, sums + 16 * 32, 128);
-                _tile_stored(3, sums + 16 * 32 + 16, 128);
-                int64_t channels = n_out - nb * 16 < 32 ? n_out - nb * 16 : 32;
+                zero_sums();
+                multiply_tiles(clamped, k_padded * sizeof(uint16_t), packed + nb * k_blocks * 512,
+                               k_blocks * 512, k_blocks);
+                store_sums(sums);
+                __mmask32 channels = first_channels(n_out - nb * 16);
+                __m512 bias_low = _mm512_maskz_loadu_ps((__mmask16)channels, bias + nb * 16);
+                __m512 bias_high =
+                    _mm512_maskz_loadu_ps((__mmask16)(channels >> 16), bias + nb * 16 + 16);
                 for (int64_t i = 0; i < pixels; i++) {
-                    uint16_t *dst = out + (first + i) * n_out + nb * 16;
-                    for (int64_t j = 0; j < channels; j++) {
-                        float value = sums[i * 32 + j] + bias[nb * 16 + j];
-                        dst[j] = narrow_rounded(value < 0.0f ? 0.0f : value);
-                    }
+                    int64_t r = first + i, image = r / (height * width);
+                    int64_t y = r / width % height, x_in = r % width;
+                    int64_t at = (image * out_height + y + border) * out_width + x_in + border;
+                    store_row(sums + i * 32, bias_low, bias_high, 1, channels,
+                              out + at * out_stride + nb * 16);
                 }
             }
         }
-        free(clamped);
-        free(sums);
+        _tile_release();
+    }
+}
+
+/* conv2d(x, w, stride 1, padding 1) for x held with a zero border: `bordered` is
+ * [n][height + 2][width + 2][k] (k a multiple of 32), followed by AMX_PIXELS spare zero pixels.
+ * out's pixel (image, y, x) is at out + ((image * height + y) * width + x) * out_stride.
+ * Tap (dy, dx) of consecutive pixels of an image reads consecutive bordered pixels, so each tile
+ * loads straight from the buffer: 32 bordered positions at a time, of which those on the
+ * border are computed and dropped. */
+void conv3x3_amx(const uint16_t *bordered, int64_t n, int64_t height, int64_t width, int64_t k,
+                 const uint16_t *packed, int64_t n_out, uint16_t *out, int64_t out_stride,
+                 int threads) {
+    int64_t row = width + 2, image_pixels = (height + 2) * row;
+    int64_t first = row + 1, last = height * row + width; /* the first and last inside pixel */
+    int64_t tiles = (last - first) / AMX_PIXELS + 1, k_blocks = 9 * k / 32;
+    PARALLEL_REGION
+    {
+        configure_tiles();
+        float sums[AMX_PIXELS * 32] __attribute__((aligned(64)));
+        PARALLEL_FOR
+        for (int64_t item = 0; item < n * tiles; item++) {
+            int64_t image = item / tiles, start = first + item % tiles * AMX_PIXELS;
+            const uint16_t *centre = bordered + (image * image_pixels + start) * k;
+            for (int64_t nb = 0; nb < ROUND_UP_32(n_out) / 16; nb += 2) {
+                const uint16_t *w = packed + nb * k_blocks * 512;
+                zero_sums();
+                for (int tap = 0; tap < 9; tap++)
+                    multiply_tiles(centre + ((tap / 3 - 1) * row + tap % 3 - 1) * k,
+                                   k * sizeof(uint16_t), w + tap * (k / 32) * 512,
+                                   k_blocks * 512, k / 32);
+                store_sums(sums);
+                __mmask32 channels = first_channels(n_out - nb * 16);
+                for (int64_t i = 0; i < AMX_PIXELS && start + i <= last; i++) {
+                    int64_t y = (start + i) / row - 1, x = (start + i) % row - 1;
+                    if (x < 0 || x >= width) continue;
+                    uint16_t *dst = out + ((image * height + y) * width + x) * out_stride;
+                    store_row(sums + i * 32, _mm512_setzero_ps(), _mm512_setzero_ps(), 0,
+                              channels, dst + nb * 16);
+                }
+            }
+        }
         _tile_release();
     }
 }

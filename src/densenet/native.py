@@ -14,13 +14,19 @@ memory (see :mod:`densenet.deploy.optimize`), each slower in ATen than it needs 
 
 Each gives the same bits as the ATen operations it replaces (tests compare them).
 
-On CPUs with AMX (where the compiler targets it), one more takes a bottleneck layer's clamp
-together with its 1x1 convolution, bias and ReLU (:func:`clamp_conv1x1_relu`): each thread clamps
-32 pixels into a buffer that stays in its cache and multiplies them on the tile unit, so the
-clamped input, which oneDNN's convolution would read back from memory, is never written. It sums
-in float and rounds once, as oneDNN does (on DenseNet-121 at batch 32 the logits came out
-bit-identical to the clamp kernel followed by oneDNN), and made bf16 inference 1.10x faster at
-batch 32 (median of 9 alternating rounds, 1.08-1.16x; Xeon with AMX).
+On CPUs with AMX (where the compiler targets it), two more run a bottleneck layer's convolutions
+on the tile unit, summing in float and rounding once, as oneDNN does:
+
+- :func:`clamp_conv1x1_relu`, the layer's clamp together with its 1x1 convolution, bias and ReLU:
+  each thread clamps 32 pixels into a buffer that stays in its cache and multiplies them there, so
+  the clamped input, which oneDNN's convolution would read back from memory, is never written
+  (bf16 inference 1.10x faster at batch 32, median of 9 alternating rounds; Xeon with AMX);
+- :func:`conv3x3`, the layer's 3x3 convolution, which reads the 1x1's output from a buffer with
+  a zero border (:func:`bordered_buffer`), so that every tile loads straight from it with no
+  padding to handle, and writes its result straight into the block tensor's channels, where
+  oneDNN's result had to be copied there. With both, DenseNet-121's bf16 logits came out
+  bit-identical to oneDNN's, and bf16 inference ran 1.24x faster at batch 32 and 1.60x at
+  batch 1 (medians of 7 and 9 alternating rounds; Xeon with AMX).
 
 Memory-efficient training in bf16 (:mod:`densenet.models.efficient`) uses two more, each computing
 in float and rounding once:
@@ -77,6 +83,10 @@ COMPILE_TIMEOUT_S = 120
 # starting OpenMP's threads on it costs about as much as they save.
 PARALLEL_MIN_ELEMENTS = 1 << 14
 POOL_DTYPES = {torch.bfloat16: "bf16", torch.float32: "float"}
+# The AMX kernels' tiles of pixels (AMX_PIXELS in kernels.c), and the most input channels of
+# clamp_conv1x1_relu, whose 32-pixel buffer lives on each OpenMP thread's stack (256 KiB at most).
+AMX_PIXELS = 32
+AMX_MAX_CHANNELS = 4096
 
 
 def available() -> bool:
@@ -204,41 +214,94 @@ def amx_available() -> bool:
     return _amx_library() is not None
 
 
-def pack_conv1x1_weights(weight: Tensor) -> Tensor:
-    """A bf16 1x1 convolution's weights (``[out, in, 1, 1]``) in the tiles
-    :func:`clamp_conv1x1_relu` reads; needs :func:`amx_available`."""
+def pack_weights(weight: Tensor) -> Tensor:
+    """A bf16 1x1 or 3x3 convolution's weights (``[out, in, k, k]``) in the tiles
+    :func:`clamp_conv1x1_relu` and :func:`conv3x3` read; needs :func:`amx_available`.
+    A 3x3 convolution's input channels are padded to those of :func:`bordered_buffer`."""
     library = _amx_library()
     assert library is not None, "check amx_available() first"
-    n_out, k = weight.shape[:2]
-    packed = torch.empty(_round_up_32(n_out) * _round_up_32(k), dtype=torch.bfloat16)
-    dense = weight.detach().to(torch.bfloat16).contiguous()
-    library.pack_conv1x1_weights_amx(
-        _at(dense), ctypes.c_int64(n_out), ctypes.c_int64(k), _at(packed)
+    n_out, channels, kernel, _ = weight.shape
+    dense = weight.detach().to(torch.bfloat16).permute(0, 2, 3, 1)  # tap-major, as the taps run
+    if kernel > 1:
+        dense = torch.nn.functional.pad(dense, (0, _round_up_32(channels) - channels))
+    dense = dense.reshape(n_out, -1).contiguous()
+    packed = torch.empty(_round_up_32(n_out) * _round_up_32(dense.shape[1]), dtype=torch.bfloat16)
+    library.pack_weights_amx(
+        _at(dense), ctypes.c_int64(n_out), ctypes.c_int64(dense.shape[1]), _at(packed)
     )
     return packed
 
 
+def supports_amx_layer(x: Tensor) -> bool:
+    """Whether :func:`clamp_conv1x1_relu` takes ``x`` (where :func:`amx_available`): as
+    :func:`supports_clamp`, with at most ``AMX_MAX_CHANNELS`` channels."""
+    return supports_clamp(x) and x.shape[1] <= AMX_MAX_CHANNELS
+
+
 def clamp_conv1x1_relu(
-    x: Tensor, low: Tensor, high: Tensor, packed: Tensor, bias: Tensor, out_channels: int
+    x: Tensor,
+    low: Tensor,
+    high: Tensor,
+    packed: Tensor,
+    bias: Tensor,
+    out_channels: int,
+    bordered: Tensor | None = None,
 ) -> Tensor:
     """``relu(conv1x1(torch.clamp(x, low, high)) + bias)`` in one pass on AMX, summed in float and
-    rounded once; bounds as for :func:`clamp_channels`, weights from :func:`pack_conv1x1_weights`,
-    a float32 ``bias``; a dense channels_last bf16 result."""
+    rounded once; bounds as for :func:`clamp_channels`, weights from :func:`pack_weights`, a
+    float32 ``bias``. Returns a dense channels_last bf16 result, or writes it inside ``bordered``
+    (from :func:`bordered_buffer`, for :func:`conv3x3`) and returns that."""
     library = _amx_library()
-    assert library is not None and supports_clamp(x), "check amx_available() first"
+    assert library is not None and supports_amx_layer(x), "check amx_available() first"
     n, channels, height, width = x.shape
-    out = _channels_last(x, n, out_channels, height, width)
-    rows = n * height * width
+    if bordered is None:
+        out, out_stride, border = _channels_last(x, n, out_channels, height, width), out_channels, 0
+    else:
+        assert bordered.shape == _bordered_shape(n, out_channels, height, width)
+        out, out_stride, border = bordered, bordered.shape[1], 1
     library.clamp_conv1x1_relu_amx(
         _at(x),
-        *(ctypes.c_int64(v) for v in (x.stride(3), rows, channels)),
+        *(ctypes.c_int64(v) for v in (x.stride(3), n, height, width, channels)),
         _at(low),
         _at(high),
         _at(packed),
         _at(bias),
         ctypes.c_int64(out_channels),
         _at(out),
-        _threads(rows * channels),
+        ctypes.c_int64(out_stride),
+        ctypes.c_int64(border),
+        _threads(x.numel()),
+    )
+    return out
+
+
+def bordered_buffer(n: int, channels: int, height: int, width: int) -> Tensor:
+    """Zeros to hold :func:`conv3x3`'s input: ``n`` images of ``height`` x ``width`` pixels inside
+    a border of one pixel, ``channels`` rounded up to 32, and the spare pixels the kernel's last
+    tiles read past the end."""
+    return torch.zeros(_bordered_shape(n, channels, height, width), dtype=torch.bfloat16)
+
+
+def _bordered_shape(n: int, channels: int, height: int, width: int) -> tuple[int, int]:
+    return n * (height + 2) * (width + 2) + AMX_PIXELS, _round_up_32(channels)
+
+
+def conv3x3(bordered: Tensor, packed: Tensor, out: Tensor) -> Tensor:
+    """``out[:] = conv2d(x, weight, padding=1)`` on AMX, summed in float and rounded once, for
+    ``x`` held inside ``bordered`` (see :func:`clamp_conv1x1_relu`) and weights from
+    :func:`pack_weights`; ``out`` a :func:`supports_clamp` tensor, e.g. a block tensor's slice."""
+    library = _amx_library()
+    assert library is not None and supports_clamp(out), "check amx_available() first"
+    n, out_channels, height, width = out.shape
+    assert bordered.shape[0] == _bordered_shape(n, 1, height, width)[0]
+    library.conv3x3_amx(
+        _at(bordered),
+        *(ctypes.c_int64(v) for v in (n, height, width, bordered.shape[1])),
+        _at(packed),
+        ctypes.c_int64(out_channels),
+        _at(out),
+        ctypes.c_int64(out.stride(3)),
+        _threads(bordered.numel()),
     )
     return out
 
@@ -255,7 +318,7 @@ def _amx_library() -> ctypes.CDLL | None:
     library.amx_request.restype = ctypes.c_int
     if library.amx_request() != 0:  # a kernel without tile support, or one that refuses it
         return None
-    for name in ("pack_conv1x1_weights_amx", "clamp_conv1x1_relu_amx"):
+    for name in ("pack_weights_amx", "clamp_conv1x1_relu_amx", "conv3x3_amx"):
         getattr(library, name).restype = None
     return library
 

@@ -119,16 +119,22 @@ class NativeClampConv1x1ReLU(nn.Module):
         super().__init__()
         self.act, self.conv = act, conv
         # Plain attributes, as NativeClampedReLU's bounds: no .to() can change their dtype.
-        self.packed = native.pack_conv1x1_weights(conv.weight)
+        self.packed = native.pack_weights(conv.weight)
         self.bias32 = conv.bias.float().contiguous()
+        self.out_channels = conv.weight.shape[0]
 
     def forward(self, x: Tensor) -> Tensor:
-        if native.supports_clamp(x):
-            out_channels = self.conv.weight.shape[0]
-            return native.clamp_conv1x1_relu(
-                x, self.act.low32, self.act.high32, self.packed, self.bias32, out_channels
-            )
+        if native.supports_amx_layer(x):
+            return self.write(x)
         return self.conv(self.act(x))
+
+    def write(self, x: Tensor, bordered: Tensor | None = None) -> Tensor:
+        """The kernel's result, written inside ``bordered`` if given (see
+        :func:`densenet.native.clamp_conv1x1_relu`); needs ``native.supports_amx_layer(x)``."""
+        act = self.act
+        return native.clamp_conv1x1_relu(
+            x, act.low32, act.high32, self.packed, self.bias32, self.out_channels, bordered
+        )
 
 
 class NativeMaxPool3x3s2(nn.Module):
@@ -248,7 +254,7 @@ def onednn_supports(device: torch.device, dtype: torch.dtype) -> bool:
 def _use_onednn(network: nn.Module, dtype: torch.dtype) -> None:
     """oneDNN for the convolutions; where the C kernels build, they take the stem's max pooling
     and, in bf16, the clamps (a transition's with its average pooling; on AMX, a bottleneck's
-    with its 1x1 convolution)."""
+    with its 1x1 convolution, and the 3x3 convolution after it)."""
     for parent in list(network.modules()):
         for name, child in parent.named_children():
             if isinstance(child, Conv2dReLU):
@@ -267,6 +273,10 @@ def _use_onednn(network: nn.Module, dtype: torch.dtype) -> None:
             module.act, module.conv1 = nn.Identity(), NativeClampConv1x1ReLU(act, module.conv1)
         else:
             module.act = NativeClampedReLU(module.act)
+    for parent in list(network.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, FastDenseBlock) and AMXDenseBlock.takes(child):
+                setattr(parent, name, AMXDenseBlock(child))
 
 
 def _is_3x3s2_max_pool(pool: nn.MaxPool2d) -> bool:
@@ -382,6 +392,15 @@ class FastDenseBlock(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
+        out = self._block_tensor(x)
+        channels = self.in_channels
+        for layer in self.layers:
+            out[:, channels : channels + self.growth_rate] = layer(out[:, :channels])
+            channels += self.growth_rate
+        return out
+
+    def _block_tensor(self, x: Tensor) -> Tensor:
+        """The block's output, with ``x`` in its first channels."""
         n, _, h, w = x.shape
         out = torch.empty(
             (n, self.out_channels, h, w),
@@ -389,10 +408,46 @@ class FastDenseBlock(nn.Module):
             device=x.device,
             memory_format=torch.channels_last,
         )
+        out[:, : self.in_channels] = x
+        return out
+
+
+class AMXDenseBlock(FastDenseBlock):
+    """A bf16 block of bottleneck layers on AMX through :mod:`densenet.native`: each layer's
+    clamp and 1x1 convolution write inside a buffer with a zero border, from which its 3x3
+    convolution reads its padding for free and writes straight into the block tensor (no copy).
+    The layers themselves (clamp kernel, oneDNN) for inputs the kernels don't take."""
+
+    def __init__(self, block: FastDenseBlock) -> None:
+        nn.Module.__init__(self)
+        self.in_channels, self.out_channels = block.in_channels, block.out_channels
+        self.growth_rate, self.layers = block.growth_rate, block.layers
+        self.bottleneck_channels = self.layers[0].conv1.out_channels
+        self.packed_3x3 = [native.pack_weights(layer.conv2.weight) for layer in self.layers]
+
+    @staticmethod
+    def takes(block: FastDenseBlock) -> bool:
+        """Whether every layer is a bottleneck whose clamp and 1x1 convolution run fused."""
+        return all(
+            isinstance(layer, BottleneckLayer)
+            and isinstance(layer.conv1, NativeClampConv1x1ReLU)
+            and layer.conv2.bias is None
+            for layer in block.layers
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not native.supports_amx_layer(x):
+            return super().forward(x)
+        out = self._block_tensor(x)
+        n, _, h, w = x.shape
+        bordered = native.bordered_buffer(n, self.bottleneck_channels, h, w)
         channels = self.in_channels
-        out[:, :channels] = x
-        for layer in self.layers:
-            out[:, channels : channels + self.growth_rate] = layer(out[:, :channels])
+        for layer, packed_3x3 in zip(self.layers, self.packed_3x3, strict=True):
+            inputs, new = out[:, :channels], out[:, channels : channels + self.growth_rate]
+            if native.supports_amx_layer(inputs):
+                native.conv3x3(layer.conv1.write(inputs, bordered), packed_3x3, new)
+            else:
+                new.copy_(layer(inputs))
             channels += self.growth_rate
         return out
 
