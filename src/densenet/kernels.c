@@ -306,6 +306,16 @@ void clamp_conv1x1_relu_amx(const uint16_t *x, int64_t pixel_stride, int64_t n, 
                 clamp_row(x + (first + i) * pixel_stride, clamped + i * k_padded, k, low, high);
             for (int64_t i = pixels; i < AMX_PIXELS; i++)
                 memset(clamped + i * k_padded, 0, k * sizeof(uint16_t));
+            /* Where each pixel goes, found once (divisions cost more than a pass's multiplies). */
+            int64_t at[AMX_PIXELS];
+            int64_t image = first / (height * width), y = first / width % height, x_in = first % width;
+            for (int64_t i = 0; i < pixels; i++) {
+                at[i] = ((image * out_height + y + border) * out_width + x_in + border) * out_stride;
+                if (++x_in == width) {
+                    x_in = 0;
+                    if (++y == height) y = 0, image++;
+                }
+            }
             for (int64_t nb = 0; nb < ROUND_UP_32(n_out) / 16; nb += 2) {
                 zero_sums();
                 multiply_tiles(clamped, k_padded * sizeof(uint16_t), packed + nb * k_blocks * 512,
@@ -315,13 +325,8 @@ void clamp_conv1x1_relu_amx(const uint16_t *x, int64_t pixel_stride, int64_t n, 
                 __m512 bias_low = _mm512_maskz_loadu_ps((__mmask16)channels, bias + nb * 16);
                 __m512 bias_high =
                     _mm512_maskz_loadu_ps((__mmask16)(channels >> 16), bias + nb * 16 + 16);
-                for (int64_t i = 0; i < pixels; i++) {
-                    int64_t r = first + i, image = r / (height * width);
-                    int64_t y = r / width % height, x_in = r % width;
-                    int64_t at = (image * out_height + y + border) * out_width + x_in + border;
-                    store_row(sums + i * 32, bias_low, bias_high, 1, channels,
-                              out + at * out_stride + nb * 16);
-                }
+                for (int64_t i = 0; i < pixels; i++)
+                    store_row(sums + i * 32, bias_low, bias_high, 1, channels, out + at[i] + nb * 16);
             }
         }
         _tile_release();
@@ -348,6 +353,13 @@ void conv3x3_amx(const uint16_t *bordered, int64_t n, int64_t height, int64_t wi
         for (int64_t item = 0; item < n * tiles; item++) {
             int64_t image = item / tiles, start = first + item % tiles * AMX_PIXELS;
             const uint16_t *centre = bordered + (image * image_pixels + start) * k;
+            /* Where each inside position goes (-1: on the border), found once. */
+            int64_t at[AMX_PIXELS], y = start / row - 1, x = start % row - 1;
+            for (int64_t i = 0; i < AMX_PIXELS; i++) {
+                int inside = start + i <= last && x >= 0 && x < width;
+                at[i] = inside ? ((image * height + y) * width + x) * out_stride : -1;
+                if (++x == width + 1) x = -1, y++;
+            }
             for (int64_t nb = 0; nb < ROUND_UP_32(n_out) / 16; nb += 2) {
                 const uint16_t *w = packed + nb * k_blocks * 512;
                 zero_sums();
@@ -357,13 +369,10 @@ void conv3x3_amx(const uint16_t *bordered, int64_t n, int64_t height, int64_t wi
                                    k_blocks * 512, k / 32);
                 store_sums(sums);
                 __mmask32 channels = first_channels(n_out - nb * 16);
-                for (int64_t i = 0; i < AMX_PIXELS && start + i <= last; i++) {
-                    int64_t y = (start + i) / row - 1, x = (start + i) % row - 1;
-                    if (x < 0 || x >= width) continue;
-                    uint16_t *dst = out + ((image * height + y) * width + x) * out_stride;
-                    store_row(sums + i * 32, _mm512_setzero_ps(), _mm512_setzero_ps(), 0,
-                              channels, dst + nb * 16);
-                }
+                for (int64_t i = 0; i < AMX_PIXELS; i++)
+                    if (at[i] >= 0)
+                        store_row(sums + i * 32, _mm512_setzero_ps(), _mm512_setzero_ps(), 0,
+                                  channels, out + at[i] + nb * 16);
             }
         }
         _tile_release();
