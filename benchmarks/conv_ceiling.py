@@ -3,8 +3,9 @@
 Collects every convolution of our inference network (after the exact rewrites) with its input
 shape, times each alone through oneDNN (weights reordered once, channels_last), and reports:
 
-- the ceiling: the best throughput oneDNN reaches on any of DenseNet-121's own convolutions;
-  no exact implementation can run the network's FLOPs faster than that;
+- the ceiling: the best throughput oneDNN reaches on any of DenseNet-121's own convolutions,
+  timed again in turn with the network; the network reaches that rate only if nothing but its
+  convolutions costs time and every one runs as fast as the best;
 - the convolutions' own time: the sum over the network's convolutions, each timed alone at the
   whole batch; what the network would take if everything that is not a convolution cost nothing
   (the network itself runs each dense block on chunks of the batch, see ``CHUNK_BYTES`` in
@@ -121,11 +122,21 @@ def main(argv: list[str]) -> int:
 
     ceilings, conv_seconds, network_seconds = [], [], []
     with torch.inference_mode():
+        network(x)  # warm-up: oneDNN builds its kernels and reorders weights on the first call
         for _ in range(args.rounds):
             alone = {shape: _median_seconds(run, args.repeats) for shape, run in convs.items()}
-            ceilings.append(max(_conv_flops(shape) / alone[shape] for shape in shapes))
             conv_seconds.append(sum(count * alone[shape] for shape, count in shapes.items()))
-            network_seconds.append(_median_seconds(lambda: network(x), args.repeats))
+            # This machine's speed can change within seconds: the ceiling's convolution and the
+            # network are timed in turn, call by call, so that each share compares the two under
+            # the same conditions (and the best shape is timed afresh: the highest of 65 noisy
+            # figures would overstate it).
+            best = max(shapes, key=lambda shape: _conv_flops(shape) / alone[shape])
+            best_calls, network_calls = [], []
+            for _ in range(args.repeats):
+                best_calls.append(_median_seconds(convs[best], 1))
+                network_calls.append(_median_seconds(lambda: network(x), 1))
+            ceilings.append(_conv_flops(best) / statistics.median(best_calls))
+            network_seconds.append(statistics.median(network_calls))
 
     rates = [flops / seconds for seconds in network_seconds]
     shares = [rate / ceiling for rate, ceiling in zip(rates, ceilings, strict=True)]
