@@ -13,12 +13,12 @@ from torch import nn
 from conftest import randomize_batchnorm
 from densenet import DenseNet, native, optimize_for_inference
 from densenet.deploy.optimize import (
-    AMXDenseBlock,
     BottleneckLayer,
     ClampedReLU,
     FastDenseBlock,
     NativeClampConv1x1ReLU,
     NativeClampedReLU,
+    NativeDenseBlock,
     NativeMaxPool3x3s2,
     onednn_supports,
 )
@@ -34,7 +34,7 @@ needs_bf16_onednn = pytest.mark.skipif(
 
 def _forget_the_library() -> None:
     native._library.cache_clear()
-    native._amx_library.cache_clear()
+    native._layer_library.cache_clear()
 
 
 @pytest.fixture
@@ -345,51 +345,72 @@ def test_the_kernels_build_for_another_cpu_when_asked(fresh_build, monkeypatch):
     assert _same_bits(native.clamp_channels(x, low, high), _torch_clamp(x, low, high))
 
 
-needs_amx = pytest.mark.skipif(not native.amx_available(), reason="no AMX kernels on this CPU")
+LAYER_DTYPES = [
+    pytest.param(
+        torch.bfloat16,
+        marks=pytest.mark.skipif(
+            not native.layer_kernels_available(torch.bfloat16), reason="no AMX kernels on this CPU"
+        ),
+    ),
+    pytest.param(
+        torch.float32,
+        marks=pytest.mark.skipif(
+            not native.layer_kernels_available(torch.float32),
+            reason="no AVX-512 kernels on this CPU",
+        ),
+    ),
+]
 
 
-@needs_amx
+def _close_to_exact(actual: torch.Tensor, exact: torch.Tensor) -> bool:
+    """bf16: one rounding (half an ulp, 2**-9 relative) of a float sum (far below that).
+    float32: sums of up to 1,152 float32 products (about 1e-6 relative here)."""
+    relative = 2**-8 if actual.dtype == torch.bfloat16 else 1e-5
+    error = (actual.double() - exact).abs()
+    return bool((error <= exact.abs() * relative + 1e-5).all())
+
+
+@pytest.mark.parametrize("dtype", LAYER_DTYPES)
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("in_channels, out_channels", [(64, 128), (40, 48)])
-def test_the_amx_clamp_and_1x1_convolution_sum_in_float_and_round_once(
-    monkeypatch, threads, in_channels, out_channels
+def test_the_clamp_and_1x1_convolution_kernel_matches_float64(
+    monkeypatch, dtype, threads, in_channels, out_channels
 ):
     # Channel counts that are and aren't multiples of the 32-wide tiles, and 105 pixels: three
-    # full tiles of 32 and a partial one; the input a slice of a wider block tensor.
+    # full tiles of 32 (nine of 12) and a partial one; the input a slice of a wider block tensor.
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     monkeypatch.setattr(native, "PARALLEL_MIN_ELEMENTS", 1)
     generator = torch.Generator().manual_seed(7)
-    block = torch.randn(3, in_channels + 8, 5, 7, generator=generator).to(torch.bfloat16)
+    block = torch.randn(3, in_channels + 8, 5, 7, generator=generator).to(dtype)
     x = block.contiguous(memory_format=torch.channels_last)[:, :in_channels]
     low, high = _bounds(in_channels)
-    weight = (torch.randn(out_channels, in_channels, 1, 1, generator=generator) / 8).bfloat16()
-    bias = torch.randn(out_channels, generator=generator).bfloat16().float()
-    assert native.supports_clamp(x)
+    weight = (torch.randn(out_channels, in_channels, 1, 1, generator=generator) / 8).to(dtype)
+    bias = torch.randn(out_channels, generator=generator)
+    assert native.supports_layer(x)
     packed = native.pack_weights(weight)
     actual = native.clamp_conv1x1_relu(x, low, high, packed, bias, out_channels)
-    assert actual.dtype == torch.bfloat16 and actual.shape == (3, out_channels, 5, 7)
+    assert actual.dtype == dtype and actual.shape == (3, out_channels, 5, 7)
     assert actual.is_contiguous(memory_format=torch.channels_last)
     clamped = _torch_clamp(x, low, high).double()
     exact = F.relu(F.conv2d(clamped, weight.double(), bias.double()))
-    # One rounding to bf16 (half an ulp, 2**-9 relative) of a float sum (far below that).
-    error = (actual.double() - exact).abs()
-    assert bool((error <= exact.abs() * 2**-8 + 1e-6).all()), error.max()
+    assert _close_to_exact(actual, exact)
 
 
-@needs_amx
-def test_the_amx_1x1_convolution_writes_inside_a_zero_border_for_the_3x3():
+@pytest.mark.parametrize("dtype", LAYER_DTYPES)
+def test_the_1x1_convolution_kernel_writes_inside_a_zero_border_for_the_3x3(dtype):
     generator = torch.Generator().manual_seed(3)
-    x = torch.randn(2, 40, 5, 7, generator=generator).bfloat16()
+    x = torch.randn(2, 40, 5, 7, generator=generator).to(dtype)
     x = x.contiguous(memory_format=torch.channels_last)
     low, high = _bounds(40)
-    weight = (torch.randn(48, 40, 1, 1, generator=generator) / 8).bfloat16()
+    weight = (torch.randn(48, 40, 1, 1, generator=generator) / 8).to(dtype)
     bias = torch.randn(48, generator=generator)
     packed = native.pack_weights(weight)
     dense = native.clamp_conv1x1_relu(x, low, high, packed, bias, 48)
     bordered = native.clamp_conv1x1_relu(
-        x, low, high, packed, bias, 48, native.bordered_buffer(2, 48, 5, 7)
+        x, low, high, packed, bias, 48, native.bordered_buffer(2, 48, 5, 7, dtype)
     )
-    assert bordered.shape == (2 * 7 * 9 + native.AMX_PIXELS, 64)  # channels rounded up to 32
+    # Channels rounded up to 32, and spare pixels for the 3x3 kernel's last tiles.
+    assert bordered.shape == (2 * 7 * 9 + native.BORDERED_SPARE_PIXELS, 64)
     images = bordered[: 2 * 7 * 9].view(2, 7, 9, 64)
     assert _same_bits(images[:, 1:-1, 1:-1, :48], dense.permute(0, 2, 3, 1))
     inside = torch.zeros_like(images, dtype=torch.bool)
@@ -397,63 +418,70 @@ def test_the_amx_1x1_convolution_writes_inside_a_zero_border_for_the_3x3():
     assert not images[~inside].any() and not bordered[2 * 7 * 9 :].any()
 
 
-@needs_amx
+@pytest.mark.parametrize("dtype", LAYER_DTYPES)
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize(
     "in_channels, out_channels, height, width",
     [(128, 32, 5, 7), (48, 12, 4, 9), (64, 48, 2, 1), (32, 32, 9, 3)],
 )
-def test_the_amx_3x3_convolution_sums_in_float_and_rounds_once_into_the_block(
-    monkeypatch, threads, in_channels, out_channels, height, width
+def test_the_3x3_convolution_kernel_matches_float64_written_into_the_block(
+    monkeypatch, dtype, threads, in_channels, out_channels, height, width
 ):
     # DenseNet-121's shape; channels that aren't multiples of the 32-wide tiles (the input padded
     # in the buffer, the output masked, or split over two passes); images smaller than a tile.
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     monkeypatch.setattr(native, "PARALLEL_MIN_ELEMENTS", 1)
     generator = torch.Generator().manual_seed(5)
-    x = torch.randn(3, in_channels, height, width, generator=generator).relu().bfloat16()
-    weight = (torch.randn(out_channels, in_channels, 3, 3, generator=generator) / 16).bfloat16()
-    bordered = native.bordered_buffer(3, in_channels, height, width)
+    x = torch.randn(3, in_channels, height, width, generator=generator).relu().to(dtype)
+    weight = (torch.randn(out_channels, in_channels, 3, 3, generator=generator) / 16).to(dtype)
+    bordered = native.bordered_buffer(3, in_channels, height, width, dtype)
     images = bordered[: 3 * (height + 2) * (width + 2)].view(3, height + 2, width + 2, -1)
     images[:, 1:-1, 1:-1, :in_channels] = x.permute(0, 2, 3, 1)
-    block = torch.full((3, out_channels + 24, height, width), 7.0, dtype=torch.bfloat16)
+    block = torch.full((3, out_channels + 24, height, width), 7.0, dtype=dtype)
     block = block.contiguous(memory_format=torch.channels_last)
     new = block[:, 16 : 16 + out_channels]
     native.conv3x3(bordered, native.pack_weights(weight), new)
-    exact = F.conv2d(x.double(), weight.double(), padding=1)
-    # One rounding to bf16 (half an ulp, 2**-9 relative) of a float sum (far below that).
-    error = (new.double() - exact).abs()
-    assert bool((error <= exact.abs() * 2**-8 + 1e-6).all()), error.max()
+    assert _close_to_exact(new, F.conv2d(x.double(), weight.double(), padding=1))
     untouched = torch.cat([block[:, :16], block[:, 16 + out_channels :]], dim=1)
     assert bool((untouched == 7.0).all())
 
 
-@needs_amx
-def test_the_bf16_network_runs_each_bottleneck_on_amx():
-    network, _ = _tiny_bf16_networks()
+def _tiny_network(dtype: torch.dtype) -> torch.nn.Module:
+    model = randomize_batchnorm(
+        DenseNet(growth_rate=4, block_config=(2, 3), num_init_features=8, num_classes=5)
+    ).eval()
+    return optimize_for_inference(model, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", LAYER_DTYPES)
+def test_the_network_runs_each_bottleneck_through_the_layer_kernels(dtype):
+    network = _tiny_network(dtype)
     fused = [m for m in network.modules() if isinstance(m, NativeClampConv1x1ReLU)]
     assert len(fused) == 5  # every bottleneck layer
-    assert sum(isinstance(m, AMXDenseBlock) for m in network.modules()) == 2
+    assert sum(isinstance(m, NativeDenseBlock) for m in network.modules()) == 2
+    x = torch.randn(2, 3, 64, 64)
+    tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    with torch.no_grad():
+        fast = network(x)
+        _unfuse(network)  # oneDNN's convolutions (after the clamp kernel in bf16)
+        torch.testing.assert_close(fast, network(x), rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", LAYER_DTYPES)
+def test_a_block_runs_layers_with_more_channels_than_its_kernels_take_unfused(monkeypatch, dtype):
+    network = _tiny_network(dtype)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         fast = network(x)
-        _unfuse(network)  # the clamp kernel, then oneDNN's convolutions
-        torch.testing.assert_close(fast, network(x), rtol=2e-2, atol=2e-2)
-
-
-@needs_amx
-def test_an_amx_block_runs_layers_with_more_channels_than_its_kernels_take_unfused(monkeypatch):
-    network, _ = _tiny_bf16_networks()
-    x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        fast = network(x)
-        monkeypatch.setattr(native, "AMX_MAX_CHANNELS", 12)  # the later layers of each block
-        assert torch.equal(fast, network(x))
+        monkeypatch.setattr(native, "LAYER_MAX_CHANNELS", 12)  # the later layers of each block
+        unfused_late = network(x)
+    tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(fast, unfused_late, rtol=tolerance, atol=tolerance)
 
 
 def _unfuse(network: torch.nn.Module) -> None:
     for module in network.modules():
-        if isinstance(module, AMXDenseBlock):
+        if isinstance(module, NativeDenseBlock):
             module.forward = functools.partial(FastDenseBlock.forward, module)
         elif isinstance(module, BottleneckLayer) and isinstance(
             module.conv1, NativeClampConv1x1ReLU

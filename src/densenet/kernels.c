@@ -165,6 +165,126 @@ void norm_input_gradient_bf16(uint16_t *target, int64_t target_stride, const uin
     }
 }
 
+#if defined(__AVX512F__)
+/* On CPUs with AVX-512, a float32 bottleneck layer in two passes, as the AMX kernels below do it
+ * in bf16 (see there): its clamp, 1x1 convolution, bias and ReLU, written inside a zero-bordered
+ * buffer, and its 3x3 convolution read from that buffer and written into the block tensor. Each
+ * computes 12 pixels x 32 output channels at a time in 24 vector registers, every input value
+ * broadcast once against two vectors of weights: two fused multiply-adds per load. Sums run
+ * in float32 over the input channels in order, tap by tap. */
+#include <immintrin.h>
+
+#define FLOAT_PIXELS 12
+
+static inline __mmask16 first_lanes(int64_t lanes) {
+    return lanes >= 16 ? 0xFFFF : lanes <= 0 ? 0 : (__mmask16)((1u << lanes) - 1);
+}
+
+/* acc[p] (two vectors: 32 output channels) += sum over c < k of a[p * a_stride + c] * w[c][0:32],
+ * w's rows w_stride floats apart. */
+static inline void multiply_add_pixels(__m512 acc0[FLOAT_PIXELS], __m512 acc1[FLOAT_PIXELS],
+                                       const float *a, int64_t a_stride, const float *w,
+                                       int64_t w_stride, int64_t k) {
+    for (int64_t c = 0; c < k; c++) {
+        __m512 w0 = _mm512_loadu_ps(w + c * w_stride), w1 = _mm512_loadu_ps(w + c * w_stride + 16);
+        for (int p = 0; p < FLOAT_PIXELS; p++) {
+            __m512 v = _mm512_set1_ps(a[p * a_stride + c]);
+            acc0[p] = _mm512_fmadd_ps(v, w0, acc0[p]);
+            acc1[p] = _mm512_fmadd_ps(v, w1, acc1[p]);
+        }
+    }
+}
+
+/* relu(clamp(x, low, high) @ W^T + bias) for n images of height x width pixels, k channels each,
+ * with x's pixels pixel_stride apart; packed: W^T as [k][n_out rounded up to 32]. out as for
+ * clamp_conv1x1_relu_amx (border 1: inside a buffer for conv3x3_float). */
+void clamp_conv1x1_relu_float(const float *x, int64_t pixel_stride, int64_t n, int64_t height,
+                              int64_t width, int64_t k, const float *low, const float *high,
+                              const float *packed, const float *bias, int64_t n_out, float *out,
+                              int64_t out_stride, int64_t border, int threads) {
+    int64_t rows = n * height * width, n_padded = (n_out + 31) / 32 * 32;
+    int64_t out_width = width + 2 * border, out_height = height + 2 * border;
+    PARALLEL_REGION
+    {
+        float clamped[FLOAT_PIXELS * k] __attribute__((aligned(64)));
+        memset(clamped, 0, sizeof clamped);
+        PARALLEL_FOR
+        for (int64_t first = 0; first < rows; first += FLOAT_PIXELS) {
+            int64_t pixels = rows - first < FLOAT_PIXELS ? rows - first : FLOAT_PIXELS;
+            /* max(low, v) and min(high, v): the same as clamp() above, NaN included. */
+            for (int64_t i = 0; i < pixels; i++)
+                for (int64_t c = 0; c < k; c += 16) {
+                    __mmask16 mask = first_lanes(k - c);
+                    __m512 v = _mm512_maskz_loadu_ps(mask, x + (first + i) * pixel_stride + c);
+                    v = _mm512_max_ps(_mm512_maskz_loadu_ps(mask, low + c), v);
+                    v = _mm512_min_ps(_mm512_maskz_loadu_ps(mask, high + c), v);
+                    _mm512_mask_storeu_ps(clamped + i * k + c, mask, v);
+                }
+            int64_t at[FLOAT_PIXELS];
+            int64_t image = first / (height * width), y = first / width % height, x_in = first % width;
+            for (int64_t i = 0; i < pixels; i++) {
+                at[i] = ((image * out_height + y + border) * out_width + x_in + border) * out_stride;
+                if (++x_in == width) {
+                    x_in = 0;
+                    if (++y == height) y = 0, image++;
+                }
+            }
+            for (int64_t nb = 0; nb < n_padded; nb += 32) {
+                __m512 acc0[FLOAT_PIXELS], acc1[FLOAT_PIXELS];
+                for (int p = 0; p < FLOAT_PIXELS; p++) acc0[p] = acc1[p] = _mm512_setzero_ps();
+                multiply_add_pixels(acc0, acc1, clamped, k, packed + nb, n_padded, k);
+                __mmask16 m0 = first_lanes(n_out - nb), m1 = first_lanes(n_out - nb - 16);
+                __m512 b0 = _mm512_maskz_loadu_ps(m0, bias + nb);
+                __m512 b1 = _mm512_maskz_loadu_ps(m1, bias + nb + 16);
+                /* max(0, v) keeps a NaN v, as v < 0 ? 0 : v does. */
+                for (int64_t p = 0; p < pixels; p++) {
+                    float *dst = out + at[p] + nb;
+                    _mm512_mask_storeu_ps(dst, m0, _mm512_max_ps(_mm512_setzero_ps(), _mm512_add_ps(acc0[p], b0)));
+                    _mm512_mask_storeu_ps(dst + 16, m1, _mm512_max_ps(_mm512_setzero_ps(), _mm512_add_ps(acc1[p], b1)));
+                }
+            }
+        }
+    }
+}
+
+/* conv2d(x, w, stride 1, padding 1) for x held inside a zero border, as for conv3x3_amx;
+ * packed: w as [9 taps][k][n_out rounded up to 32]. */
+void conv3x3_float(const float *bordered, int64_t n, int64_t height, int64_t width, int64_t k,
+                   const float *packed, int64_t n_out, float *out, int64_t out_stride,
+                   int threads) {
+    int64_t row = width + 2, image_pixels = (height + 2) * row, n_padded = (n_out + 31) / 32 * 32;
+    int64_t first = row + 1, last = height * row + width; /* the first and last inside pixel */
+    int64_t tiles = (last - first) / FLOAT_PIXELS + 1;
+    PARALLEL_REGION
+    {
+        PARALLEL_FOR
+        for (int64_t item = 0; item < n * tiles; item++) {
+            int64_t image = item / tiles, start = first + item % tiles * FLOAT_PIXELS;
+            const float *centre = bordered + (image * image_pixels + start) * k;
+            int64_t at[FLOAT_PIXELS], y = start / row - 1, x = start % row - 1;
+            for (int64_t i = 0; i < FLOAT_PIXELS; i++) {
+                int inside = start + i <= last && x >= 0 && x < width;
+                at[i] = inside ? ((image * height + y) * width + x) * out_stride : -1;
+                if (++x == width + 1) x = -1, y++;
+            }
+            for (int64_t nb = 0; nb < n_padded; nb += 32) {
+                __m512 acc0[FLOAT_PIXELS], acc1[FLOAT_PIXELS];
+                for (int p = 0; p < FLOAT_PIXELS; p++) acc0[p] = acc1[p] = _mm512_setzero_ps();
+                for (int tap = 0; tap < 9; tap++)
+                    multiply_add_pixels(acc0, acc1, centre + ((tap / 3 - 1) * row + tap % 3 - 1) * k,
+                                        k, packed + tap * k * n_padded + nb, n_padded, k);
+                __mmask16 m0 = first_lanes(n_out - nb), m1 = first_lanes(n_out - nb - 16);
+                for (int p = 0; p < FLOAT_PIXELS; p++)
+                    if (at[p] >= 0) {
+                        _mm512_mask_storeu_ps(out + at[p] + nb, m0, acc0[p]);
+                        _mm512_mask_storeu_ps(out + at[p] + nb + 16, m1, acc1[p]);
+                    }
+            }
+        }
+    }
+}
+#endif
+
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
 /* On CPUs with AMX, a bottleneck layer on the tile unit, in float, rounding once:
  * - relu(clamp(x, low, high) @ W^T + bias), the layer's clamp and 1x1 convolution in one pass.

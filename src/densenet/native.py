@@ -83,10 +83,13 @@ COMPILE_TIMEOUT_S = 120
 # starting OpenMP's threads on it costs about as much as they save.
 PARALLEL_MIN_ELEMENTS = 1 << 14
 POOL_DTYPES = {torch.bfloat16: "bf16", torch.float32: "float"}
-# The AMX kernels' tiles of pixels (AMX_PIXELS in kernels.c), and the most input channels of
-# clamp_conv1x1_relu, whose 32-pixel buffer lives on each OpenMP thread's stack (256 KiB at most).
-AMX_PIXELS = 32
-AMX_MAX_CHANNELS = 4096
+# The kernels that run a bottleneck layer's convolutions, by dtype: their names' endings in
+# kernels.c. The most input channels clamp_conv1x1_relu takes: its buffer of clamped pixels lives
+# on each OpenMP thread's stack (256 KiB at most). And the most pixels past the end of a bordered
+# buffer that the kernels' last tiles read (AMX_PIXELS, the larger tile, in kernels.c).
+LAYER_KERNELS = {torch.bfloat16: "amx", torch.float32: "float"}
+LAYER_MAX_CHANNELS = 4096
+BORDERED_SPARE_PIXELS = 32
 
 
 def available() -> bool:
@@ -95,8 +98,7 @@ def available() -> bool:
 
 
 def supports_clamp(x: Tensor) -> bool:
-    """Whether :func:`clamp_channels`, :func:`clamp_avg_pool2` and (where
-    :func:`amx_available`) :func:`clamp_conv1x1_relu` take ``x``: a CPU bf16
+    """Whether :func:`clamp_channels` and :func:`clamp_avg_pool2` take ``x``: a CPU bf16
     channels_last 4-D tensor, or a slice of one along channels, needing no gradient."""
     return _bf16_pixels(x)
 
@@ -208,34 +210,44 @@ def clamp_avg_pool2(x: Tensor, low: Tensor, high: Tensor) -> Tensor:
     return out
 
 
-def amx_available() -> bool:
-    """Whether :func:`clamp_conv1x1_relu` runs here: the library was built for a CPU with AMX and
-    Linux let this process use the tile registers."""
-    return _amx_library() is not None
+def layer_kernels_available(dtype: torch.dtype) -> bool:
+    """Whether :func:`clamp_conv1x1_relu` and :func:`conv3x3` run here in ``dtype``: bf16 where
+    the library was built for a CPU with AMX and Linux let this process use the tile registers,
+    float32 where it was built for a CPU with AVX-512."""
+    return dtype in LAYER_KERNELS and _layer_library(dtype) is not None
+
+
+def supports_layer(x: Tensor) -> bool:
+    """Whether :func:`clamp_conv1x1_relu` takes ``x``: a CPU bf16 or float32 channels_last 4-D
+    tensor, or a slice of one along channels, needing no gradient, with at most
+    ``LAYER_MAX_CHANNELS`` channels, where :func:`layer_kernels_available` for its dtype."""
+    return (
+        layer_kernels_available(x.dtype)
+        and _plain_cpu_4d(x)
+        and _evenly_spaced_pixels(x)
+        and x.shape[1] <= LAYER_MAX_CHANNELS
+    )
 
 
 def pack_weights(weight: Tensor) -> Tensor:
-    """A bf16 1x1 or 3x3 convolution's weights (``[out, in, k, k]``) in the tiles
-    :func:`clamp_conv1x1_relu` and :func:`conv3x3` read; needs :func:`amx_available`.
-    A 3x3 convolution's input channels are padded to those of :func:`bordered_buffer`."""
-    library = _amx_library()
-    assert library is not None, "check amx_available() first"
+    """A 1x1 or 3x3 convolution's weights (``[out, in, k, k]``, bf16 or float32) in the layout
+    :func:`clamp_conv1x1_relu` and :func:`conv3x3` read in that dtype; a 3x3 convolution's input
+    channels padded to those of :func:`bordered_buffer`."""
+    library = _layer_library(weight.dtype)
+    assert library is not None, "check layer_kernels_available() first"
     n_out, channels, kernel, _ = weight.shape
-    dense = weight.detach().to(torch.bfloat16).permute(0, 2, 3, 1)  # tap-major, as the taps run
+    dense = weight.detach().permute(0, 2, 3, 1)  # [out, taps, in]: tap by tap, as the kernels run
     if kernel > 1:
         dense = torch.nn.functional.pad(dense, (0, _round_up_32(channels) - channels))
-    dense = dense.reshape(n_out, -1).contiguous()
+    dense = dense.reshape(n_out, -1)
+    if weight.dtype == torch.float32:  # rows of inputs, each with every output's weight
+        return torch.nn.functional.pad(dense.t(), (0, _round_up_32(n_out) - n_out)).contiguous()
+    dense = dense.contiguous()
     packed = torch.empty(_round_up_32(n_out) * _round_up_32(dense.shape[1]), dtype=torch.bfloat16)
     library.pack_weights_amx(
         _at(dense), ctypes.c_int64(n_out), ctypes.c_int64(dense.shape[1]), _at(packed)
     )
     return packed
-
-
-def supports_amx_layer(x: Tensor) -> bool:
-    """Whether :func:`clamp_conv1x1_relu` takes ``x`` (where :func:`amx_available`): as
-    :func:`supports_clamp`, with at most ``AMX_MAX_CHANNELS`` channels."""
-    return supports_clamp(x) and x.shape[1] <= AMX_MAX_CHANNELS
 
 
 def clamp_conv1x1_relu(
@@ -247,19 +259,20 @@ def clamp_conv1x1_relu(
     out_channels: int,
     bordered: Tensor | None = None,
 ) -> Tensor:
-    """``relu(conv1x1(torch.clamp(x, low, high)) + bias)`` in one pass on AMX, summed in float and
-    rounded once; bounds as for :func:`clamp_channels`, weights from :func:`pack_weights`, a
-    float32 ``bias``. Returns a dense channels_last bf16 result, or writes it inside ``bordered``
-    (from :func:`bordered_buffer`, for :func:`conv3x3`) and returns that."""
-    library = _amx_library()
-    assert library is not None and supports_amx_layer(x), "check amx_available() first"
+    """``relu(conv1x1(torch.clamp(x, low, high)) + bias)`` in one pass, summed in float32 (in
+    bf16, rounded once); float32 bounds as for :func:`clamp_channels`, weights from
+    :func:`pack_weights`, a float32 ``bias``. Returns a dense channels_last result, or writes it
+    inside ``bordered`` (from :func:`bordered_buffer`, for :func:`conv3x3`) and returns that."""
+    assert supports_layer(x), "check supports_layer(x) first"
     n, channels, height, width = x.shape
     if bordered is None:
         out, out_stride, border = _channels_last(x, n, out_channels, height, width), out_channels, 0
     else:
         assert bordered.shape == _bordered_shape(n, out_channels, height, width)
+        assert bordered.dtype == x.dtype
         out, out_stride, border = bordered, bordered.shape[1], 1
-    library.clamp_conv1x1_relu_amx(
+    kernel = f"clamp_conv1x1_relu_{LAYER_KERNELS[x.dtype]}"
+    getattr(_layer_library(x.dtype), kernel)(
         _at(x),
         *(ctypes.c_int64(v) for v in (x.stride(3), n, height, width, channels)),
         _at(low),
@@ -275,26 +288,27 @@ def clamp_conv1x1_relu(
     return out
 
 
-def bordered_buffer(n: int, channels: int, height: int, width: int) -> Tensor:
+def bordered_buffer(
+    n: int, channels: int, height: int, width: int, dtype: torch.dtype = torch.bfloat16
+) -> Tensor:
     """Zeros to hold :func:`conv3x3`'s input: ``n`` images of ``height`` x ``width`` pixels inside
-    a border of one pixel, ``channels`` rounded up to 32, and the spare pixels the kernel's last
+    a border of one pixel, ``channels`` rounded up to 32, and the spare pixels the kernels' last
     tiles read past the end."""
-    return torch.zeros(_bordered_shape(n, channels, height, width), dtype=torch.bfloat16)
+    return torch.zeros(_bordered_shape(n, channels, height, width), dtype=dtype)
 
 
 def _bordered_shape(n: int, channels: int, height: int, width: int) -> tuple[int, int]:
-    return n * (height + 2) * (width + 2) + AMX_PIXELS, _round_up_32(channels)
+    return n * (height + 2) * (width + 2) + BORDERED_SPARE_PIXELS, _round_up_32(channels)
 
 
 def conv3x3(bordered: Tensor, packed: Tensor, out: Tensor) -> Tensor:
-    """``out[:] = conv2d(x, weight, padding=1)`` on AMX, summed in float and rounded once, for
+    """``out[:] = conv2d(x, weight, padding=1)``, summed in float32 (in bf16, rounded once), for
     ``x`` held inside ``bordered`` (see :func:`clamp_conv1x1_relu`) and weights from
-    :func:`pack_weights`; ``out`` a :func:`supports_clamp` tensor, e.g. a block tensor's slice."""
-    library = _amx_library()
-    assert library is not None and supports_clamp(out), "check amx_available() first"
+    :func:`pack_weights`; ``out`` a :func:`supports_layer` tensor, e.g. a block tensor's slice."""
+    assert supports_layer(out) and bordered.dtype == out.dtype, "check supports_layer() first"
     n, out_channels, height, width = out.shape
     assert bordered.shape[0] == _bordered_shape(n, 1, height, width)[0]
-    library.conv3x3_amx(
+    getattr(_layer_library(out.dtype), f"conv3x3_{LAYER_KERNELS[out.dtype]}")(
         _at(bordered),
         *(ctypes.c_int64(v) for v in (n, height, width, bordered.shape[1])),
         _at(packed),
@@ -311,14 +325,17 @@ def _round_up_32(value: int) -> int:
 
 
 @functools.cache
-def _amx_library() -> ctypes.CDLL | None:
+def _layer_library(dtype: torch.dtype) -> ctypes.CDLL | None:
     library = _library()
-    if library is None or not hasattr(library, "amx_request"):
-        return None
-    library.amx_request.restype = ctypes.c_int
-    if library.amx_request() != 0:  # a kernel without tile support, or one that refuses it
-        return None
-    for name in ("pack_weights_amx", "clamp_conv1x1_relu_amx", "conv3x3_amx"):
+    kernels = LAYER_KERNELS[dtype]
+    if library is None or not hasattr(library, f"conv3x3_{kernels}"):
+        return None  # built for a CPU without the instructions
+    if kernels == "amx":
+        library.amx_request.restype = ctypes.c_int
+        if library.amx_request() != 0:  # a Linux without tile support, or one that refuses it
+            return None
+        library.pack_weights_amx.restype = None
+    for name in (f"clamp_conv1x1_relu_{kernels}", f"conv3x3_{kernels}"):
         getattr(library, name).restype = None
     return library
 

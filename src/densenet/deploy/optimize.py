@@ -111,29 +111,30 @@ class NativeClampedReLU(nn.Module):
 
 
 class NativeClampConv1x1ReLU(nn.Module):
-    """A bottleneck's clamp and 1x1 convolution (with its ReLU) as one AMX pass through
-    :mod:`densenet.native`, which never writes the clamped input to memory; the two modules
-    themselves for inputs the kernel doesn't take."""
+    """A bottleneck's clamp and 1x1 convolution (with its ReLU) as one pass through
+    :mod:`densenet.native` (bf16 on AMX, float32 on AVX-512), which never writes the clamped input
+    to memory; the two modules themselves for inputs the kernel doesn't take."""
 
-    def __init__(self, act: NativeClampedReLU, conv: OneDNNConv2dReLU) -> None:
+    def __init__(self, act: ClampedReLU | NativeClampedReLU, conv: OneDNNConv2dReLU) -> None:
         super().__init__()
         self.act, self.conv = act, conv
         # Plain attributes, as NativeClampedReLU's bounds: no .to() can change their dtype.
+        self.low32 = act.low.float().flatten().contiguous()
+        self.high32 = act.high.float().flatten().contiguous()
         self.packed = native.pack_weights(conv.weight)
         self.bias32 = conv.bias.float().contiguous()
         self.out_channels = conv.weight.shape[0]
 
     def forward(self, x: Tensor) -> Tensor:
-        if native.supports_amx_layer(x):
+        if native.supports_layer(x) and x.dtype == self.packed.dtype:
             return self.write(x)
         return self.conv(self.act(x))
 
     def write(self, x: Tensor, bordered: Tensor | None = None) -> Tensor:
         """The kernel's result, written inside ``bordered`` if given (see
-        :func:`densenet.native.clamp_conv1x1_relu`); needs ``native.supports_amx_layer(x)``."""
-        act = self.act
+        :func:`densenet.native.clamp_conv1x1_relu`); needs ``native.supports_layer(x)``."""
         return native.clamp_conv1x1_relu(
-            x, act.low32, act.high32, self.packed, self.bias32, self.out_channels, bordered
+            x, self.low32, self.high32, self.packed, self.bias32, self.out_channels, bordered
         )
 
 
@@ -252,31 +253,32 @@ def onednn_supports(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def _use_onednn(network: nn.Module, dtype: torch.dtype) -> None:
-    """oneDNN for the convolutions; where the C kernels build, they take the stem's max pooling
-    and, in bf16, the clamps (a transition's with its average pooling; on AMX, a bottleneck's
-    with its 1x1 convolution, and the 3x3 convolution after it)."""
+    """oneDNN for the convolutions; where the C kernels build, they take the stem's max pooling,
+    in bf16 the clamps (a transition's with its average pooling), and on AMX (bf16) or AVX-512
+    (float32) each bottleneck layer: its clamp with its 1x1 convolution, then its 3x3."""
     for parent in list(network.modules()):
         for name, child in parent.named_children():
             if isinstance(child, Conv2dReLU):
                 setattr(parent, name, OneDNNConv2dReLU(child))
     if not native.available():
         return
+    bf16 = dtype == torch.bfloat16
     for module in list(network.modules()):
         if isinstance(module, ImageNetStem) and _is_3x3s2_max_pool(module.pool):
             module.pool = NativeMaxPool3x3s2()
-        if dtype != torch.bfloat16 or not isinstance(getattr(module, "act", None), ClampedReLU):
+        if not isinstance(getattr(module, "act", None), ClampedReLU):
             continue
-        if isinstance(module, FastTransition):
-            module.act, module.pool = NativeClampedReLU(module.act, avg_pool2=True), nn.Identity()
-        elif isinstance(module, BottleneckLayer) and native.amx_available():
-            act = NativeClampedReLU(module.act)
+        if isinstance(module, BottleneckLayer) and native.layer_kernels_available(dtype):
+            act = NativeClampedReLU(module.act) if bf16 else module.act
             module.act, module.conv1 = nn.Identity(), NativeClampConv1x1ReLU(act, module.conv1)
-        else:
+        elif bf16 and isinstance(module, FastTransition):
+            module.act, module.pool = NativeClampedReLU(module.act, avg_pool2=True), nn.Identity()
+        elif bf16:
             module.act = NativeClampedReLU(module.act)
     for parent in list(network.modules()):
         for name, child in parent.named_children():
-            if isinstance(child, FastDenseBlock) and AMXDenseBlock.takes(child):
-                setattr(parent, name, AMXDenseBlock(child))
+            if isinstance(child, FastDenseBlock) and NativeDenseBlock.takes(child):
+                setattr(parent, name, NativeDenseBlock(child))
 
 
 def _is_3x3s2_max_pool(pool: nn.MaxPool2d) -> bool:
@@ -412,11 +414,11 @@ class FastDenseBlock(nn.Module):
         return out
 
 
-class AMXDenseBlock(FastDenseBlock):
-    """A bf16 block of bottleneck layers on AMX through :mod:`densenet.native`: each layer's
-    clamp and 1x1 convolution write inside a buffer with a zero border, from which its 3x3
-    convolution reads its padding for free and writes straight into the block tensor (no copy).
-    The layers themselves (clamp kernel, oneDNN) for inputs the kernels don't take."""
+class NativeDenseBlock(FastDenseBlock):
+    """A block of bottleneck layers through :mod:`densenet.native` (bf16 on AMX, float32 on
+    AVX-512): each layer's clamp and 1x1 convolution write inside a buffer with a zero border,
+    from which its 3x3 convolution reads its padding for free and writes straight into the block
+    tensor (no copy). The layers themselves (oneDNN) for inputs the kernels don't take."""
 
     def __init__(self, block: FastDenseBlock) -> None:
         nn.Module.__init__(self)
@@ -436,15 +438,15 @@ class AMXDenseBlock(FastDenseBlock):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        if not native.supports_amx_layer(x):
+        if not native.supports_layer(x) or x.dtype != self.packed_3x3[0].dtype:
             return super().forward(x)
         out = self._block_tensor(x)
         n, _, h, w = x.shape
-        bordered = native.bordered_buffer(n, self.bottleneck_channels, h, w)
+        bordered = native.bordered_buffer(n, self.bottleneck_channels, h, w, x.dtype)
         channels = self.in_channels
         for layer, packed_3x3 in zip(self.layers, self.packed_3x3, strict=True):
             inputs, new = out[:, :channels], out[:, channels : channels + self.growth_rate]
-            if native.supports_amx_layer(inputs):
+            if native.supports_layer(inputs):
                 native.conv3x3(layer.conv1.write(inputs, bordered), packed_3x3, new)
             else:
                 new.copy_(layer(inputs))
