@@ -196,7 +196,8 @@ static inline void multiply_add_pixels(__m512 acc0[FLOAT_PIXELS], __m512 acc1[FL
 }
 
 /* relu(clamp(x, low, high) @ W^T + bias) for n images of height x width pixels, k channels each,
- * with x's pixels pixel_stride apart; packed: W^T as [k][n_out rounded up to 32]. out as for
+ * with x's pixels pixel_stride apart; packed: W^T in panels of 32 output channels,
+ * [n_out rounded up to 32 / 32][k][32], each pass's weights one contiguous stream. out as for
  * clamp_conv1x1_relu_amx (border 1: inside a buffer for conv3x3_float). */
 void clamp_conv1x1_relu_float(const float *x, int64_t pixel_stride, int64_t n, int64_t height,
                               int64_t width, int64_t k, const float *low, const float *high,
@@ -232,7 +233,7 @@ void clamp_conv1x1_relu_float(const float *x, int64_t pixel_stride, int64_t n, i
             for (int64_t nb = 0; nb < n_padded; nb += 32) {
                 __m512 acc0[FLOAT_PIXELS], acc1[FLOAT_PIXELS];
                 for (int p = 0; p < FLOAT_PIXELS; p++) acc0[p] = acc1[p] = _mm512_setzero_ps();
-                multiply_add_pixels(acc0, acc1, clamped, k, packed + nb, n_padded, k);
+                multiply_add_pixels(acc0, acc1, clamped, k, packed + nb * k, 32, k);
                 __mmask16 m0 = first_lanes(n_out - nb), m1 = first_lanes(n_out - nb - 16);
                 __m512 b0 = _mm512_maskz_loadu_ps(m0, bias + nb);
                 __m512 b1 = _mm512_maskz_loadu_ps(m1, bias + nb + 16);
@@ -248,7 +249,7 @@ void clamp_conv1x1_relu_float(const float *x, int64_t pixel_stride, int64_t n, i
 }
 
 /* conv2d(x, w, stride 1, padding 1) for x held inside a zero border, as for conv3x3_amx;
- * packed: w as [9 taps][k][n_out rounded up to 32]. */
+ * packed: w in panels of 32 output channels, [n_out rounded up to 32 / 32][9 taps][k][32]. */
 void conv3x3_float(const float *bordered, int64_t n, int64_t height, int64_t width, int64_t k,
                    const float *packed, int64_t n_out, float *out, int64_t out_stride,
                    int threads) {
@@ -272,7 +273,7 @@ void conv3x3_float(const float *bordered, int64_t n, int64_t height, int64_t wid
                 for (int p = 0; p < FLOAT_PIXELS; p++) acc0[p] = acc1[p] = _mm512_setzero_ps();
                 for (int tap = 0; tap < 9; tap++)
                     multiply_add_pixels(acc0, acc1, centre + ((tap / 3 - 1) * row + tap % 3 - 1) * k,
-                                        k, packed + tap * k * n_padded + nb, n_padded, k);
+                                        k, packed + (nb * 9 + tap * 32) * k, 32, k);
                 __mmask16 m0 = first_lanes(n_out - nb), m1 = first_lanes(n_out - nb - 16);
                 for (int p = 0; p < FLOAT_PIXELS; p++)
                     if (at[p] >= 0) {

@@ -240,8 +240,9 @@ def pack_weights(weight: Tensor) -> Tensor:
     if kernel > 1:
         dense = torch.nn.functional.pad(dense, (0, _round_up_32(channels) - channels))
     dense = dense.reshape(n_out, -1)
-    if weight.dtype == torch.float32:  # rows of inputs, each with every output's weight
-        return torch.nn.functional.pad(dense.t(), (0, _round_up_32(n_out) - n_out)).contiguous()
+    if weight.dtype == torch.float32:  # panels of 32 outputs: [outputs / 32][inputs][32]
+        padded = torch.nn.functional.pad(dense.t(), (0, _round_up_32(n_out) - n_out))
+        return padded.view(dense.shape[1], -1, 32).transpose(0, 1).contiguous()
     dense = dense.contiguous()
     packed = torch.empty(_round_up_32(n_out) * _round_up_32(dense.shape[1]), dtype=torch.bfloat16)
     library.pack_weights_amx(
