@@ -1,5 +1,7 @@
+import copy
 import functools
 import os
+import pickle
 import platform
 import shutil
 import signal
@@ -494,3 +496,20 @@ def test_a_cpu_level_the_compiler_doesnt_know_is_named_in_the_warning(fresh_buil
     monkeypatch.setenv("DENSENET_KERNEL_MARCH", "no-such-cpu")
     with pytest.warns(RuntimeWarning, match=r"no-such-cpu.*DENSENET_KERNEL_MARCH"):
         assert not native.available()
+
+
+@pytest.mark.parametrize("dtype", LAYER_DTYPES)
+def test_a_copied_network_runs_its_blocks_on_its_own_weights(dtype):
+    # A block hands its weights' addresses to C: a copy must take its own, not the original's.
+    network = _tiny_network(dtype)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = network(x)
+        clones = [copy.deepcopy(network), pickle.loads(pickle.dumps(network))]
+        for module in network.modules():
+            if isinstance(module, NativeDenseBlock):
+                for weights in module.weights:
+                    weights.packed_3x3.zero_()  # the original's weights, not the copies'
+        assert not torch.equal(network(x), expected)
+        for clone in clones:
+            assert torch.equal(clone(x), expected)

@@ -165,6 +165,26 @@ void norm_input_gradient_bf16(uint16_t *target, int64_t target_stride, const uin
     }
 }
 
+/* A dense block's first `layers` bottleneck layers, in place: layer l reads the block's first
+ * in_channels + l * growth channels (block's pixels are block_channels apart) and writes the
+ * next `growth`, through the zero-bordered buffer of `bottleneck` channels (rounded up to 32). One
+ * call for the whole block: Python's overhead per kernel call is larger than a small layer. */
+#define DENSE_BLOCK(NAME, T, W, ONE_BY_ONE, THREE_BY_THREE)                                      \
+    void NAME(T *block, int64_t n, int64_t height, int64_t width, int64_t block_channels,       \
+              int64_t in_channels, int64_t growth, int64_t layers, const float *const *low,     \
+              const float *const *high, const W *const *packed_1x1, const float *const *bias,   \
+              int64_t bottleneck, const W *const *packed_3x3, T *bordered, int threads) {       \
+        int64_t bordered_channels = (bottleneck + 31) / 32 * 32;                                \
+        for (int64_t l = 0; l < layers; l++) {                                                  \
+            int64_t k = in_channels + l * growth;                                               \
+            ONE_BY_ONE(block, block_channels, n, height, width, k, low[l], high[l],             \
+                       packed_1x1[l], bias[l], bottleneck, bordered, bordered_channels, 1,      \
+                       threads);                                                                \
+            THREE_BY_THREE(bordered, n, height, width, bordered_channels, packed_3x3[l],        \
+                           growth, block + k, block_channels, threads);                         \
+        }                                                                                       \
+    }
+
 #if defined(__AVX512F__)
 /* On CPUs with AVX-512, a float32 bottleneck layer in two passes, as the AMX kernels below do it
  * in bf16 (see there): its clamp, 1x1 convolution, bias and ReLU, written inside a zero-bordered
@@ -284,6 +304,7 @@ void conv3x3_float(const float *bordered, int64_t n, int64_t height, int64_t wid
         }
     }
 }
+DENSE_BLOCK(dense_block_float, float, float, clamp_conv1x1_relu_float, conv3x3_float)
 #endif
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
@@ -499,4 +520,5 @@ void conv3x3_amx(const uint16_t *bordered, int64_t n, int64_t height, int64_t wi
         _tile_release();
     }
 }
+DENSE_BLOCK(dense_block_amx, uint16_t, uint16_t, clamp_conv1x1_relu_amx, conv3x3_amx)
 #endif

@@ -67,6 +67,7 @@ import shlex
 import shutil
 import subprocess
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -321,6 +322,63 @@ def conv3x3(bordered: Tensor, packed: Tensor, out: Tensor) -> Tensor:
     return out
 
 
+@dataclass(frozen=True)
+class LayerWeights:
+    """A bottleneck layer's weights for :func:`dense_block`: its clamp bounds and 1x1
+    convolution's bias in float32, and both convolutions' weights from :func:`pack_weights`."""
+
+    low: Tensor
+    high: Tensor
+    packed_1x1: Tensor
+    bias: Tensor
+    packed_3x3: Tensor
+
+
+def dense_block_pointers(layers: list[LayerWeights]) -> tuple[ctypes.Array, ...]:
+    """The layers' weights as the arrays of addresses :func:`dense_block` takes, valid while the
+    tensors live."""
+    fields = ("low", "high", "packed_1x1", "bias", "packed_3x3")
+    return tuple(
+        (ctypes.c_void_p * len(layers))(*(getattr(layer, field).data_ptr() for layer in layers))
+        for field in fields
+    )
+
+
+def dense_block(
+    block: Tensor,
+    in_channels: int,
+    growth: int,
+    bottleneck: int,
+    pointers: tuple[ctypes.Array, ...],
+    layers: int,
+    bordered: Tensor,
+) -> None:
+    """The first ``layers`` bottleneck layers of a dense block, in place, in one call: layer
+    ``l`` reads ``block``'s first ``in_channels + l * growth`` channels and writes the next
+    ``growth``, as :func:`clamp_conv1x1_relu` (``bottleneck`` channels, inside ``bordered``) then
+    :func:`conv3x3` would; weights from :func:`dense_block_pointers`."""
+    dense = _plain_cpu_4d(block) and block.is_contiguous(memory_format=torch.channels_last)
+    assert dense and layer_kernels_available(block.dtype), "check supports_layer() first"
+    n, channels, height, width = block.shape
+    assert in_channels + layers * growth <= channels and layers <= len(pointers[0])
+    assert in_channels + (layers - 1) * growth <= LAYER_MAX_CHANNELS
+    assert bordered.dtype == block.dtype
+    assert bordered.shape == _bordered_shape(n, bottleneck, height, width)
+    low, high, packed_1x1, bias, packed_3x3 = pointers
+    getattr(_layer_library(block.dtype), f"dense_block_{LAYER_KERNELS[block.dtype]}")(
+        _at(block),
+        *(ctypes.c_int64(v) for v in (n, height, width, channels, in_channels, growth, layers)),
+        low,
+        high,
+        packed_1x1,
+        bias,
+        ctypes.c_int64(bottleneck),
+        packed_3x3,
+        _at(bordered),
+        _threads(n * height * width * in_channels),
+    )
+
+
 def _round_up_32(value: int) -> int:
     return (value + 31) // 32 * 32
 
@@ -336,7 +394,7 @@ def _layer_library(dtype: torch.dtype) -> ctypes.CDLL | None:
         if library.amx_request() != 0:  # a Linux without tile support, or one that refuses it
             return None
         library.pack_weights_amx.restype = None
-    for name in (f"clamp_conv1x1_relu_{kernels}", f"conv3x3_{kernels}"):
+    for name in (f"clamp_conv1x1_relu_{kernels}", f"conv3x3_{kernels}", f"dense_block_{kernels}"):
         getattr(library, name).restype = None
     return library
 

@@ -425,7 +425,18 @@ class NativeDenseBlock(FastDenseBlock):
         self.in_channels, self.out_channels = block.in_channels, block.out_channels
         self.growth_rate, self.layers = block.growth_rate, block.layers
         self.bottleneck_channels = self.layers[0].conv1.out_channels
-        self.packed_3x3 = [native.pack_weights(layer.conv2.weight) for layer in self.layers]
+        # Plain attributes, as NativeClampConv1x1ReLU's: no .to() can change their dtype.
+        self.weights = [
+            native.LayerWeights(
+                layer.conv1.low32,
+                layer.conv1.high32,
+                layer.conv1.packed,
+                layer.conv1.bias32,
+                native.pack_weights(layer.conv2.weight),
+            )
+            for layer in self.layers
+        ]
+        self._pointers: tuple | None = None  # the weights' addresses, for one C call per block
 
     @staticmethod
     def takes(block: FastDenseBlock) -> bool:
@@ -437,19 +448,34 @@ class NativeDenseBlock(FastDenseBlock):
             for layer in block.layers
         )
 
+    def __getstate__(self) -> dict[str, object]:
+        return {**self.__dict__, "_pointers": None}  # a copy's weights live at other addresses
+
     def forward(self, x: Tensor) -> Tensor:
-        if not native.supports_layer(x) or x.dtype != self.packed_3x3[0].dtype:
+        if not native.supports_layer(x) or x.dtype != self.weights[0].packed_3x3.dtype:
             return super().forward(x)
         out = self._block_tensor(x)
         n, _, h, w = x.shape
+        if self._pointers is None:
+            self._pointers = native.dense_block_pointers(self.weights)
+        fused = sum(
+            self.in_channels + i * self.growth_rate <= native.LAYER_MAX_CHANNELS
+            for i in range(len(self.layers))
+        )
         bordered = native.bordered_buffer(n, self.bottleneck_channels, h, w, x.dtype)
-        channels = self.in_channels
-        for layer, packed_3x3 in zip(self.layers, self.packed_3x3, strict=True):
-            inputs, new = out[:, :channels], out[:, channels : channels + self.growth_rate]
-            if native.supports_layer(inputs):
-                native.conv3x3(layer.conv1.write(inputs, bordered), packed_3x3, new)
-            else:
-                new.copy_(layer(inputs))
+        if fused:
+            native.dense_block(
+                out,
+                self.in_channels,
+                self.growth_rate,
+                self.bottleneck_channels,
+                self._pointers,
+                fused,
+                bordered,
+            )
+        channels = self.in_channels + fused * self.growth_rate
+        for layer in self.layers[fused:]:  # inputs wider than the kernels take
+            out[:, channels : channels + self.growth_rate] = layer(out[:, :channels])
             channels += self.growth_rate
         return out
 
