@@ -18,7 +18,8 @@ from densenet.deploy.optimize import (
     BottleneckLayer,
     ClampedReLU,
     FastDenseBlock,
-    NativeClampConv1x1ReLU,
+    FastTransition,
+    NativeClampConv1x1,
     NativeClampedReLU,
     NativeDenseBlock,
     NativeMaxPool3x3s2,
@@ -390,11 +391,34 @@ def test_the_clamp_and_1x1_convolution_kernel_matches_float64(
     bias = torch.randn(out_channels, generator=generator)
     assert native.supports_layer(x)
     packed = native.pack_weights(weight)
-    actual = native.clamp_conv1x1_relu(x, low, high, packed, bias, out_channels)
+    actual = native.clamp_conv1x1(x, low, high, packed, bias, out_channels)
     assert actual.dtype == dtype and actual.shape == (3, out_channels, 5, 7)
     assert actual.is_contiguous(memory_format=torch.channels_last)
     clamped = _torch_clamp(x, low, high).double()
     exact = F.relu(F.conv2d(clamped, weight.double(), bias.double()))
+    assert _close_to_exact(actual, exact)
+
+
+@pytest.mark.parametrize("dtype", LAYER_DTYPES)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_transition_kernel_clamps_pools_and_convolves_in_one_pass(monkeypatch, dtype, threads):
+    # Odd height and width (the last row and column dropped, as avg_pool2d does), no ReLU, and
+    # the input a slice of a wider block tensor.
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    monkeypatch.setattr(native, "PARALLEL_MIN_ELEMENTS", 1)
+    generator = torch.Generator().manual_seed(11)
+    block = torch.randn(3, 72, 9, 7, generator=generator).to(dtype)
+    x = block.contiguous(memory_format=torch.channels_last)[:, :64]
+    low, high = _bounds(64)
+    weight = (torch.randn(40, 64, 1, 1, generator=generator) / 8).to(dtype)
+    bias = torch.randn(40, generator=generator)
+    packed = native.pack_weights(weight)
+    actual = native.clamp_conv1x1(x, low, high, packed, bias, 40, relu=False, avg_pool2=True)
+    assert actual.dtype == dtype and actual.shape == (3, 40, 4, 3)
+    # The pooled input as ATen makes it: in bf16 the pooling's output is rounded to bf16.
+    pooled = F.avg_pool2d(_torch_clamp(x, low, high), 2).double()
+    exact = F.conv2d(pooled, weight.double(), bias.double())
+    assert bool((exact < 0).any())  # no ReLU
     assert _close_to_exact(actual, exact)
 
 
@@ -407,9 +431,9 @@ def test_the_1x1_convolution_kernel_writes_inside_a_zero_border_for_the_3x3(dtyp
     weight = (torch.randn(48, 40, 1, 1, generator=generator) / 8).to(dtype)
     bias = torch.randn(48, generator=generator)
     packed = native.pack_weights(weight)
-    dense = native.clamp_conv1x1_relu(x, low, high, packed, bias, 48)
-    bordered = native.clamp_conv1x1_relu(
-        x, low, high, packed, bias, 48, native.bordered_buffer(2, 48, 5, 7, dtype)
+    dense = native.clamp_conv1x1(x, low, high, packed, bias, 48)
+    bordered = native.clamp_conv1x1(
+        x, low, high, packed, bias, 48, bordered=native.bordered_buffer(2, 48, 5, 7, dtype)
     )
     # Channels rounded up to 32, and spare pixels for the 3x3 kernel's last tiles.
     assert bordered.shape == (2 * 7 * 9 + native.BORDERED_SPARE_PIXELS, 64)
@@ -456,10 +480,10 @@ def _tiny_network(dtype: torch.dtype) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("dtype", LAYER_DTYPES)
-def test_the_network_runs_each_bottleneck_through_the_layer_kernels(dtype):
+def test_the_network_runs_its_bottlenecks_and_transitions_through_the_layer_kernels(dtype):
     network = _tiny_network(dtype)
-    fused = [m for m in network.modules() if isinstance(m, NativeClampConv1x1ReLU)]
-    assert len(fused) == 5  # every bottleneck layer
+    fused = [m for m in network.modules() if isinstance(m, NativeClampConv1x1)]
+    assert len(fused) == 5 + 1  # every bottleneck layer and the transition
     assert sum(isinstance(m, NativeDenseBlock) for m in network.modules()) == 2
     x = torch.randn(2, 3, 64, 64)
     tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-5
@@ -485,10 +509,10 @@ def _unfuse(network: torch.nn.Module) -> None:
     for module in network.modules():
         if isinstance(module, NativeDenseBlock):
             module.forward = functools.partial(FastDenseBlock.forward, module)
-        elif isinstance(module, BottleneckLayer) and isinstance(
-            module.conv1, NativeClampConv1x1ReLU
-        ):
-            module.act, module.conv1 = module.conv1.act, module.conv1.conv
+        elif isinstance(module, BottleneckLayer) and isinstance(module.conv1, NativeClampConv1x1):
+            module.act, module.conv1 = module.conv1.unfused, module.conv1.conv
+        elif isinstance(module, FastTransition) and isinstance(module.conv, NativeClampConv1x1):
+            module.act, module.conv = module.conv.unfused, module.conv.conv
 
 
 @needs_compiler

@@ -165,6 +165,29 @@ void norm_input_gradient_bf16(uint16_t *target, int64_t target_stride, const uin
     }
 }
 
+/* For the `pixels` output pixels of a 1x1 convolution from pixel `first` on: where each one's input
+ * starts (src, in elements from x) and where its output goes (at). The input is n images of
+ * height x width pixels, pixel_stride apart; with `pool`, each output pixel averages a 2x2 window
+ * of them (an odd last row or column dropped, as PyTorch does). Outputs go to pixel (image, y, x)
+ * of images with a border of `border` pixels around them, out_stride apart. Found once per tile:
+ * divisions cost more than a pass's multiplies. */
+static inline void locate_pixels(int64_t first, int64_t pixels, int64_t height, int64_t width,
+                                 int64_t pixel_stride, int64_t pool, int64_t border,
+                                 int64_t out_stride, int64_t *src, int64_t *at) {
+    int64_t out_height = pool ? height / 2 : height, out_width = pool ? width / 2 : width;
+    int64_t image = first / (out_height * out_width);
+    int64_t y = first / out_width % out_height, x = first % out_width;
+    for (int64_t i = 0; i < pixels; i++) {
+        src[i] = ((image * height + (y << pool)) * width + (x << pool)) * pixel_stride;
+        at[i] = ((image * (out_height + 2 * border) + y + border) * (out_width + 2 * border) + x +
+                 border) * out_stride;
+        if (++x == out_width) {
+            x = 0;
+            if (++y == out_height) y = 0, image++;
+        }
+    }
+}
+
 /* A dense block's first `layers` bottleneck layers, in place: layer l reads the block's first
  * in_channels + l * growth channels (block's pixels are block_channels apart) and writes the
  * next `growth`, through the zero-bordered buffer of `bottleneck` channels (rounded up to 32). One
@@ -178,7 +201,7 @@ void norm_input_gradient_bf16(uint16_t *target, int64_t target_stride, const uin
         for (int64_t l = 0; l < layers; l++) {                                                  \
             int64_t k = in_channels + l * growth;                                               \
             ONE_BY_ONE(block, block_channels, n, height, width, k, low[l], high[l],             \
-                       packed_1x1[l], bias[l], bottleneck, bordered, bordered_channels, 1,      \
+                       packed_1x1[l], bias[l], bottleneck, bordered, bordered_channels, 1, 0, 1, \
                        threads);                                                                \
             THREE_BY_THREE(bordered, n, height, width, bordered_channels, packed_3x3[l],        \
                            growth, block + k, block_channels, threads);                         \
@@ -215,16 +238,38 @@ static inline void multiply_add_pixels(__m512 acc0[FLOAT_PIXELS], __m512 acc1[FL
     }
 }
 
-/* relu(clamp(x, low, high) @ W^T + bias) for n images of height x width pixels, k channels each,
- * with x's pixels pixel_stride apart; packed: W^T in panels of 32 output channels,
- * [n_out rounded up to 32 / 32][k][32], each pass's weights one contiguous stream. out as for
- * clamp_conv1x1_relu_amx (border 1: inside a buffer for conv3x3_float). */
-void clamp_conv1x1_relu_float(const float *x, int64_t pixel_stride, int64_t n, int64_t height,
-                              int64_t width, int64_t k, const float *low, const float *high,
-                              const float *packed, const float *bias, int64_t n_out, float *out,
-                              int64_t out_stride, int64_t border, int threads) {
-    int64_t rows = n * height * width, n_padded = (n_out + 31) / 32 * 32;
-    int64_t out_width = width + 2 * border, out_height = height + 2 * border;
+/* clamp(x, low, high) per channel, or with `pool` its 2x2 average (summed row by row, then divided
+ * by 4, as PyTorch's avg_pool2d does), for k channels from in; the window's rows row_stride apart.
+ * max(low, v) and min(high, v): the same as clamp() above, NaN included. */
+static inline void clamp_pixel_float(const float *in, int64_t pool, int64_t pixel_stride,
+                                     int64_t row_stride, float *dst, int64_t k, const float *low,
+                                     const float *high) {
+    for (int64_t c = 0; c < k; c += 16) {
+        __mmask16 mask = first_lanes(k - c);
+        __m512 lo = _mm512_maskz_loadu_ps(mask, low + c), hi = _mm512_maskz_loadu_ps(mask, high + c);
+        __m512 v = _mm512_min_ps(hi, _mm512_max_ps(lo, _mm512_maskz_loadu_ps(mask, in + c)));
+        if (pool) {
+            const float *next[3] = {in + pixel_stride, in + row_stride, in + row_stride + pixel_stride};
+            for (int w = 0; w < 3; w++)
+                v = _mm512_add_ps(v, _mm512_min_ps(hi, _mm512_max_ps(lo, _mm512_maskz_loadu_ps(mask, next[w] + c))));
+            v = _mm512_div_ps(v, _mm512_set1_ps(4.0f));
+        }
+        _mm512_mask_storeu_ps(dst + c, mask, v);
+    }
+}
+
+/* clamp(x, low, high) @ W^T + bias, then ReLU if `relu`, for n images of height x width pixels, k
+ * channels each, x's pixels pixel_stride apart; with `pool`, avg_pool2d(clamp(x), 2) instead of
+ * clamp(x) (a transition). packed: W^T in panels of 32 output channels,
+ * [n_out rounded up to 32 / 32][k][32], each pass's weights one contiguous stream. Outputs as
+ * locate_pixels says: border 1 writes the inside of a zero-bordered buffer for conv3x3_float. */
+void clamp_conv1x1_float(const float *x, int64_t pixel_stride, int64_t n, int64_t height,
+                         int64_t width, int64_t k, const float *low, const float *high,
+                         const float *packed, const float *bias, int64_t n_out, float *out,
+                         int64_t out_stride, int64_t border, int64_t pool, int64_t relu,
+                         int threads) {
+    int64_t rows = n * (pool ? height / 2 * (width / 2) : height * width);
+    int64_t n_padded = (n_out + 31) / 32 * 32;
     PARALLEL_REGION
     {
         float clamped[FLOAT_PIXELS * k] __attribute__((aligned(64)));
@@ -232,24 +277,11 @@ void clamp_conv1x1_relu_float(const float *x, int64_t pixel_stride, int64_t n, i
         PARALLEL_FOR
         for (int64_t first = 0; first < rows; first += FLOAT_PIXELS) {
             int64_t pixels = rows - first < FLOAT_PIXELS ? rows - first : FLOAT_PIXELS;
-            /* max(low, v) and min(high, v): the same as clamp() above, NaN included. */
+            int64_t src[FLOAT_PIXELS], at[FLOAT_PIXELS];
+            locate_pixels(first, pixels, height, width, pixel_stride, pool, border, out_stride, src, at);
             for (int64_t i = 0; i < pixels; i++)
-                for (int64_t c = 0; c < k; c += 16) {
-                    __mmask16 mask = first_lanes(k - c);
-                    __m512 v = _mm512_maskz_loadu_ps(mask, x + (first + i) * pixel_stride + c);
-                    v = _mm512_max_ps(_mm512_maskz_loadu_ps(mask, low + c), v);
-                    v = _mm512_min_ps(_mm512_maskz_loadu_ps(mask, high + c), v);
-                    _mm512_mask_storeu_ps(clamped + i * k + c, mask, v);
-                }
-            int64_t at[FLOAT_PIXELS];
-            int64_t image = first / (height * width), y = first / width % height, x_in = first % width;
-            for (int64_t i = 0; i < pixels; i++) {
-                at[i] = ((image * out_height + y + border) * out_width + x_in + border) * out_stride;
-                if (++x_in == width) {
-                    x_in = 0;
-                    if (++y == height) y = 0, image++;
-                }
-            }
+                clamp_pixel_float(x + src[i], pool, pixel_stride, width * pixel_stride,
+                                  clamped + i * k, k, low, high);
             for (int64_t nb = 0; nb < n_padded; nb += 32) {
                 __m512 acc0[FLOAT_PIXELS], acc1[FLOAT_PIXELS];
                 for (int p = 0; p < FLOAT_PIXELS; p++) acc0[p] = acc1[p] = _mm512_setzero_ps();
@@ -258,10 +290,11 @@ void clamp_conv1x1_relu_float(const float *x, int64_t pixel_stride, int64_t n, i
                 __m512 b0 = _mm512_maskz_loadu_ps(m0, bias + nb);
                 __m512 b1 = _mm512_maskz_loadu_ps(m1, bias + nb + 16);
                 /* max(0, v) keeps a NaN v, as v < 0 ? 0 : v does. */
+                __m512 floor = relu ? _mm512_setzero_ps() : _mm512_set1_ps(-INFINITY);
                 for (int64_t p = 0; p < pixels; p++) {
                     float *dst = out + at[p] + nb;
-                    _mm512_mask_storeu_ps(dst, m0, _mm512_max_ps(_mm512_setzero_ps(), _mm512_add_ps(acc0[p], b0)));
-                    _mm512_mask_storeu_ps(dst + 16, m1, _mm512_max_ps(_mm512_setzero_ps(), _mm512_add_ps(acc1[p], b1)));
+                    _mm512_mask_storeu_ps(dst, m0, _mm512_max_ps(floor, _mm512_add_ps(acc0[p], b0)));
+                    _mm512_mask_storeu_ps(dst + 16, m1, _mm512_max_ps(floor, _mm512_add_ps(acc1[p], b1)));
                 }
             }
         }
@@ -304,7 +337,7 @@ void conv3x3_float(const float *bordered, int64_t n, int64_t height, int64_t wid
         }
     }
 }
-DENSE_BLOCK(dense_block_float, float, float, clamp_conv1x1_relu_float, conv3x3_float)
+DENSE_BLOCK(dense_block_float, float, float, clamp_conv1x1_float, conv3x3_float)
 #endif
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
@@ -411,30 +444,44 @@ static inline __mmask32 first_channels(int64_t channels) {
     return channels >= 32 ? 0xFFFFFFFFu : (__mmask32)((1u << channels) - 1);
 }
 
-/* clamp(in[c], low[c], high[c]) for c < k. max(low, v) is v < low ? low : v and min(high, v) is
- * v > high ? high : v, NaN included: the same as clamp() above. */
-static inline void clamp_row(const uint16_t *in, uint16_t *dst, int64_t k, const float *low,
-                             const float *high) {
+static inline __m512 widen_16(const uint16_t *in, __mmask16 mask) {
+    __m512i bits = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, in));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));
+}
+
+/* clamp(x, low, high) per channel, or with `pool` its 2x2 average rounded to bf16, for k
+ * channels from in, as clamp_pixel_float. The clamp itself is exact: its bits are narrowed back
+ * by a shift. */
+static inline void clamp_pixel_bf16(const uint16_t *in, int64_t pool, int64_t pixel_stride,
+                                    int64_t row_stride, uint16_t *dst, int64_t k,
+                                    const float *low, const float *high) {
     for (int64_t c = 0; c < k; c += 16) {
         __mmask16 mask = k - c >= 16 ? 0xFFFF : (__mmask16)((1u << (k - c)) - 1);
-        __m512i bits = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, in + c));
-        __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));
-        v = _mm512_max_ps(_mm512_maskz_loadu_ps(mask, low + c), v);
-        v = _mm512_min_ps(_mm512_maskz_loadu_ps(mask, high + c), v);
-        __m256i narrowed = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v), 16));
-        _mm256_mask_storeu_epi16(dst + c, mask, narrowed);
+        __m512 lo = _mm512_maskz_loadu_ps(mask, low + c), hi = _mm512_maskz_loadu_ps(mask, high + c);
+        __m512 v = _mm512_min_ps(hi, _mm512_max_ps(lo, widen_16(in + c, mask)));
+        if (pool) {
+            const uint16_t *next[3] = {in + pixel_stride, in + row_stride, in + row_stride + pixel_stride};
+            for (int w = 0; w < 3; w++)
+                v = _mm512_add_ps(v, _mm512_min_ps(hi, _mm512_max_ps(lo, widen_16(next[w] + c, mask))));
+            __m256bh rounded = _mm512_cvtneps_pbh(_mm512_div_ps(v, _mm512_set1_ps(4.0f)));
+            _mm256_mask_storeu_epi16(dst + c, mask, (__m256i)rounded);
+        } else {
+            __m256i narrowed = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v), 16));
+            _mm256_mask_storeu_epi16(dst + c, mask, narrowed);
+        }
     }
 }
 
-/* x: n images of height x width pixels, k channels each. out: pixel (image, y, x) at
- * out + ((image * (height + 2b) + y + b) * (width + 2b) + x + b) * out_stride with b = border,
- * so that border 1 writes the inside of a zero-bordered buffer for conv3x3_amx. */
-void clamp_conv1x1_relu_amx(const uint16_t *x, int64_t pixel_stride, int64_t n, int64_t height,
-                            int64_t width, int64_t k, const float *low, const float *high,
-                            const uint16_t *packed, const float *bias, int64_t n_out,
-                            uint16_t *out, int64_t out_stride, int64_t border, int threads) {
-    int64_t rows = n * height * width, k_padded = ROUND_UP_32(k), k_blocks = k_padded / 32;
-    int64_t out_width = width + 2 * border, out_height = height + 2 * border;
+/* As clamp_conv1x1_float, in bf16 on the tile unit: 32 pixels at a time are clamped (and pooled)
+ * into a buffer that stays in the thread's cache. Outputs go inside a zero-bordered buffer for
+ * conv3x3_amx with border 1. */
+void clamp_conv1x1_amx(const uint16_t *x, int64_t pixel_stride, int64_t n, int64_t height,
+                       int64_t width, int64_t k, const float *low, const float *high,
+                       const uint16_t *packed, const float *bias, int64_t n_out, uint16_t *out,
+                       int64_t out_stride, int64_t border, int64_t pool, int64_t relu,
+                       int threads) {
+    int64_t rows = n * (pool ? height / 2 * (width / 2) : height * width);
+    int64_t k_padded = ROUND_UP_32(k), k_blocks = k_padded / 32;
     PARALLEL_REGION
     {
         configure_tiles();
@@ -444,20 +491,13 @@ void clamp_conv1x1_relu_amx(const uint16_t *x, int64_t pixel_stride, int64_t n, 
         PARALLEL_FOR
         for (int64_t first = 0; first < rows; first += AMX_PIXELS) {
             int64_t pixels = rows - first < AMX_PIXELS ? rows - first : AMX_PIXELS;
+            int64_t src[AMX_PIXELS], at[AMX_PIXELS];
+            locate_pixels(first, pixels, height, width, pixel_stride, pool, border, out_stride, src, at);
             for (int64_t i = 0; i < pixels; i++)
-                clamp_row(x + (first + i) * pixel_stride, clamped + i * k_padded, k, low, high);
+                clamp_pixel_bf16(x + src[i], pool, pixel_stride, width * pixel_stride,
+                                 clamped + i * k_padded, k, low, high);
             for (int64_t i = pixels; i < AMX_PIXELS; i++)
                 memset(clamped + i * k_padded, 0, k * sizeof(uint16_t));
-            /* Where each pixel goes, found once (divisions cost more than a pass's multiplies). */
-            int64_t at[AMX_PIXELS];
-            int64_t image = first / (height * width), y = first / width % height, x_in = first % width;
-            for (int64_t i = 0; i < pixels; i++) {
-                at[i] = ((image * out_height + y + border) * out_width + x_in + border) * out_stride;
-                if (++x_in == width) {
-                    x_in = 0;
-                    if (++y == height) y = 0, image++;
-                }
-            }
             for (int64_t nb = 0; nb < ROUND_UP_32(n_out) / 16; nb += 2) {
                 zero_sums();
                 multiply_tiles(clamped, k_padded * sizeof(uint16_t), packed + nb * k_blocks * 512,
@@ -468,7 +508,8 @@ void clamp_conv1x1_relu_amx(const uint16_t *x, int64_t pixel_stride, int64_t n, 
                 __m512 bias_high =
                     _mm512_maskz_loadu_ps((__mmask16)(channels >> 16), bias + nb * 16 + 16);
                 for (int64_t i = 0; i < pixels; i++)
-                    store_row(sums + i * 32, bias_low, bias_high, 1, channels, out + at[i] + nb * 16);
+                    store_row(sums + i * 32, bias_low, bias_high, (int)relu, channels,
+                              out + at[i] + nb * 16);
             }
         }
         _tile_release();
@@ -520,5 +561,5 @@ void conv3x3_amx(const uint16_t *bordered, int64_t n, int64_t height, int64_t wi
         _tile_release();
     }
 }
-DENSE_BLOCK(dense_block_amx, uint16_t, uint16_t, clamp_conv1x1_relu_amx, conv3x3_amx)
+DENSE_BLOCK(dense_block_amx, uint16_t, uint16_t, clamp_conv1x1_amx, conv3x3_amx)
 #endif

@@ -17,7 +17,7 @@ Each gives the same bits as the ATen operations it replaces (tests compare them)
 On CPUs with AMX (where the compiler targets it), two more run a bottleneck layer's convolutions
 on the tile unit, summing in float and rounding once, as oneDNN does:
 
-- :func:`clamp_conv1x1_relu`, the layer's clamp together with its 1x1 convolution, bias and ReLU:
+- :func:`clamp_conv1x1`, the layer's clamp together with its 1x1 convolution, bias and ReLU:
   each thread clamps 32 pixels into a buffer that stays in its cache and multiplies them there, so
   the clamped input, which oneDNN's convolution would read back from memory, is never written
   (bf16 inference 1.10x faster at batch 32, median of 9 alternating rounds; Xeon with AMX);
@@ -85,7 +85,7 @@ COMPILE_TIMEOUT_S = 120
 PARALLEL_MIN_ELEMENTS = 1 << 14
 POOL_DTYPES = {torch.bfloat16: "bf16", torch.float32: "float"}
 # The kernels that run a bottleneck layer's convolutions, by dtype: their names' endings in
-# kernels.c. The most input channels clamp_conv1x1_relu takes: its buffer of clamped pixels lives
+# kernels.c. The most input channels clamp_conv1x1 takes: its buffer of clamped pixels lives
 # on each OpenMP thread's stack (256 KiB at most). And the most pixels past the end of a bordered
 # buffer that the kernels' last tiles read (AMX_PIXELS, the larger tile, in kernels.c).
 LAYER_KERNELS = {torch.bfloat16: "amx", torch.float32: "float"}
@@ -212,14 +212,14 @@ def clamp_avg_pool2(x: Tensor, low: Tensor, high: Tensor) -> Tensor:
 
 
 def layer_kernels_available(dtype: torch.dtype) -> bool:
-    """Whether :func:`clamp_conv1x1_relu` and :func:`conv3x3` run here in ``dtype``: bf16 where
+    """Whether :func:`clamp_conv1x1` and :func:`conv3x3` run here in ``dtype``: bf16 where
     the library was built for a CPU with AMX and Linux let this process use the tile registers,
     float32 where it was built for a CPU with AVX-512."""
     return dtype in LAYER_KERNELS and _layer_library(dtype) is not None
 
 
 def supports_layer(x: Tensor) -> bool:
-    """Whether :func:`clamp_conv1x1_relu` takes ``x``: a CPU bf16 or float32 channels_last 4-D
+    """Whether :func:`clamp_conv1x1` takes ``x``: a CPU bf16 or float32 channels_last 4-D
     tensor, or a slice of one along channels, needing no gradient, with at most
     ``LAYER_MAX_CHANNELS`` channels, where :func:`layer_kernels_available` for its dtype."""
     return (
@@ -232,7 +232,7 @@ def supports_layer(x: Tensor) -> bool:
 
 def pack_weights(weight: Tensor) -> Tensor:
     """A 1x1 or 3x3 convolution's weights (``[out, in, k, k]``, bf16 or float32) in the layout
-    :func:`clamp_conv1x1_relu` and :func:`conv3x3` read in that dtype; a 3x3 convolution's input
+    :func:`clamp_conv1x1` and :func:`conv3x3` read in that dtype; a 3x3 convolution's input
     channels padded to those of :func:`bordered_buffer`."""
     library = _layer_library(weight.dtype)
     assert library is not None, "check layer_kernels_available() first"
@@ -252,29 +252,35 @@ def pack_weights(weight: Tensor) -> Tensor:
     return packed
 
 
-def clamp_conv1x1_relu(
+def clamp_conv1x1(
     x: Tensor,
     low: Tensor,
     high: Tensor,
     packed: Tensor,
     bias: Tensor,
     out_channels: int,
+    *,
+    relu: bool = True,
+    avg_pool2: bool = False,
     bordered: Tensor | None = None,
 ) -> Tensor:
-    """``relu(conv1x1(torch.clamp(x, low, high)) + bias)`` in one pass, summed in float32 (in
-    bf16, rounded once); float32 bounds as for :func:`clamp_channels`, weights from
-    :func:`pack_weights`, a float32 ``bias``. Returns a dense channels_last result, or writes it
-    inside ``bordered`` (from :func:`bordered_buffer`, for :func:`conv3x3`) and returns that."""
+    """``conv1x1(torch.clamp(x, low, high)) + bias``, then ReLU if ``relu``, in one pass summed in
+    float32 (in bf16, rounded once); with ``avg_pool2`` the convolution reads
+    ``avg_pool2d(clamp(x), 2)`` (rounded to bf16 in bf16, as that op's output is). Float32 bounds
+    as for :func:`clamp_channels`, weights from :func:`pack_weights`, a float32 ``bias``. Returns a
+    dense channels_last result, or writes it inside ``bordered`` (from :func:`bordered_buffer`,
+    for :func:`conv3x3`) and returns that."""
     assert supports_layer(x), "check supports_layer(x) first"
     n, channels, height, width = x.shape
+    out_height, out_width = (height // 2, width // 2) if avg_pool2 else (height, width)
     if bordered is None:
-        out, out_stride, border = _channels_last(x, n, out_channels, height, width), out_channels, 0
+        out = _channels_last(x, n, out_channels, out_height, out_width)
+        out_stride, border = out_channels, 0
     else:
-        assert bordered.shape == _bordered_shape(n, out_channels, height, width)
+        assert bordered.shape == _bordered_shape(n, out_channels, out_height, out_width)
         assert bordered.dtype == x.dtype
         out, out_stride, border = bordered, bordered.shape[1], 1
-    kernel = f"clamp_conv1x1_relu_{LAYER_KERNELS[x.dtype]}"
-    getattr(_layer_library(x.dtype), kernel)(
+    getattr(_layer_library(x.dtype), f"clamp_conv1x1_{LAYER_KERNELS[x.dtype]}")(
         _at(x),
         *(ctypes.c_int64(v) for v in (x.stride(3), n, height, width, channels)),
         _at(low),
@@ -283,8 +289,7 @@ def clamp_conv1x1_relu(
         _at(bias),
         ctypes.c_int64(out_channels),
         _at(out),
-        ctypes.c_int64(out_stride),
-        ctypes.c_int64(border),
+        *(ctypes.c_int64(v) for v in (out_stride, border, avg_pool2, relu)),
         _threads(x.numel()),
     )
     return out
@@ -305,7 +310,7 @@ def _bordered_shape(n: int, channels: int, height: int, width: int) -> tuple[int
 
 def conv3x3(bordered: Tensor, packed: Tensor, out: Tensor) -> Tensor:
     """``out[:] = conv2d(x, weight, padding=1)``, summed in float32 (in bf16, rounded once), for
-    ``x`` held inside ``bordered`` (see :func:`clamp_conv1x1_relu`) and weights from
+    ``x`` held inside ``bordered`` (see :func:`clamp_conv1x1`) and weights from
     :func:`pack_weights`; ``out`` a :func:`supports_layer` tensor, e.g. a block tensor's slice."""
     assert supports_layer(out) and bordered.dtype == out.dtype, "check supports_layer() first"
     n, out_channels, height, width = out.shape
@@ -355,7 +360,7 @@ def dense_block(
 ) -> None:
     """The first ``layers`` bottleneck layers of a dense block, in place, in one call: layer
     ``l`` reads ``block``'s first ``in_channels + l * growth`` channels and writes the next
-    ``growth``, as :func:`clamp_conv1x1_relu` (``bottleneck`` channels, inside ``bordered``) then
+    ``growth``, as :func:`clamp_conv1x1` (``bottleneck`` channels, inside ``bordered``) then
     :func:`conv3x3` would; weights from :func:`dense_block_pointers`."""
     dense = _plain_cpu_4d(block) and block.is_contiguous(memory_format=torch.channels_last)
     assert dense and layer_kernels_available(block.dtype), "check supports_layer() first"
@@ -394,7 +399,7 @@ def _layer_library(dtype: torch.dtype) -> ctypes.CDLL | None:
         if library.amx_request() != 0:  # a Linux without tile support, or one that refuses it
             return None
         library.pack_weights_amx.restype = None
-    for name in (f"clamp_conv1x1_relu_{kernels}", f"conv3x3_{kernels}", f"dense_block_{kernels}"):
+    for name in (f"clamp_conv1x1_{kernels}", f"conv3x3_{kernels}", f"dense_block_{kernels}"):
         getattr(library, name).restype = None
     return library
 

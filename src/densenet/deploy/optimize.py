@@ -110,17 +110,24 @@ class NativeClampedReLU(nn.Module):
         return F.avg_pool2d(out, 2) if self.avg_pool2 else out
 
 
-class NativeClampConv1x1ReLU(nn.Module):
-    """A bottleneck's clamp and 1x1 convolution (with its ReLU) as one pass through
-    :mod:`densenet.native` (bf16 on AMX, float32 on AVX-512), which never writes the clamped input
-    to memory; the two modules themselves for inputs the kernel doesn't take."""
+class NativeClampConv1x1(nn.Module):
+    """A clamp (with 2x2 average pooling after it in a transition) and the 1x1 convolution that
+    reads it, as one pass through :mod:`densenet.native` (bf16 on AMX, float32 on AVX-512) that
+    never writes the clamped input to memory; ``unfused`` (the clamp, and pooling) and ``conv``
+    for inputs the kernel doesn't take."""
 
-    def __init__(self, act: ClampedReLU | NativeClampedReLU, conv: OneDNNConv2dReLU) -> None:
+    def __init__(
+        self,
+        unfused: nn.Module,
+        conv: OneDNNConv2dReLU,
+        clamp: ClampedReLU,
+        avg_pool2: bool = False,
+    ) -> None:
         super().__init__()
-        self.act, self.conv = act, conv
+        self.unfused, self.conv, self.avg_pool2 = unfused, conv, avg_pool2
         # Plain attributes, as NativeClampedReLU's bounds: no .to() can change their dtype.
-        self.low32 = act.low.float().flatten().contiguous()
-        self.high32 = act.high.float().flatten().contiguous()
+        self.low32 = clamp.low.float().flatten().contiguous()
+        self.high32 = clamp.high.float().flatten().contiguous()
         self.packed = native.pack_weights(conv.weight)
         self.bias32 = conv.bias.float().contiguous()
         self.out_channels = conv.weight.shape[0]
@@ -128,13 +135,21 @@ class NativeClampConv1x1ReLU(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if native.supports_layer(x) and x.dtype == self.packed.dtype:
             return self.write(x)
-        return self.conv(self.act(x))
+        return self.conv(self.unfused(x))
 
     def write(self, x: Tensor, bordered: Tensor | None = None) -> Tensor:
         """The kernel's result, written inside ``bordered`` if given (see
-        :func:`densenet.native.clamp_conv1x1_relu`); needs ``native.supports_layer(x)``."""
-        return native.clamp_conv1x1_relu(
-            x, self.low32, self.high32, self.packed, self.bias32, self.out_channels, bordered
+        :func:`densenet.native.clamp_conv1x1`); needs ``native.supports_layer(x)``."""
+        return native.clamp_conv1x1(
+            x,
+            self.low32,
+            self.high32,
+            self.packed,
+            self.bias32,
+            self.out_channels,
+            relu=self.conv.relu,
+            avg_pool2=self.avg_pool2,
+            bordered=bordered,
         )
 
 
@@ -255,7 +270,8 @@ def onednn_supports(device: torch.device, dtype: torch.dtype) -> bool:
 def _use_onednn(network: nn.Module, dtype: torch.dtype) -> None:
     """oneDNN for the convolutions; where the C kernels build, they take the stem's max pooling,
     in bf16 the clamps (a transition's with its average pooling), and on AMX (bf16) or AVX-512
-    (float32) each bottleneck layer: its clamp with its 1x1 convolution, then its 3x3."""
+    (float32) each bottleneck layer (its clamp with its 1x1 convolution, then its 3x3) and each
+    transition (its clamp, pooling and convolution in one pass)."""
     for parent in list(network.modules()):
         for name, child in parent.named_children():
             if isinstance(child, Conv2dReLU):
@@ -268,13 +284,25 @@ def _use_onednn(network: nn.Module, dtype: torch.dtype) -> None:
             module.pool = NativeMaxPool3x3s2()
         if not isinstance(getattr(module, "act", None), ClampedReLU):
             continue
-        if isinstance(module, BottleneckLayer) and native.layer_kernels_available(dtype):
-            act = NativeClampedReLU(module.act) if bf16 else module.act
-            module.act, module.conv1 = nn.Identity(), NativeClampConv1x1ReLU(act, module.conv1)
+        clamp, fused = module.act, native.layer_kernels_available(dtype)
+        if isinstance(module, BottleneckLayer) and fused:
+            unfused = NativeClampedReLU(clamp) if bf16 else clamp
+            module.act, module.conv1 = (
+                nn.Identity(),
+                NativeClampConv1x1(unfused, module.conv1, clamp),
+            )
+        elif isinstance(module, FastTransition) and fused:
+            unfused = (
+                NativeClampedReLU(clamp, avg_pool2=True)
+                if bf16
+                else nn.Sequential(clamp, module.pool)
+            )
+            module.conv = NativeClampConv1x1(unfused, module.conv, clamp, avg_pool2=True)
+            module.act, module.pool = nn.Identity(), nn.Identity()
         elif bf16 and isinstance(module, FastTransition):
-            module.act, module.pool = NativeClampedReLU(module.act, avg_pool2=True), nn.Identity()
+            module.act, module.pool = NativeClampedReLU(clamp, avg_pool2=True), nn.Identity()
         elif bf16:
-            module.act = NativeClampedReLU(module.act)
+            module.act = NativeClampedReLU(clamp)
     for parent in list(network.modules()):
         for name, child in parent.named_children():
             if isinstance(child, FastDenseBlock) and NativeDenseBlock.takes(child):
@@ -425,7 +453,7 @@ class NativeDenseBlock(FastDenseBlock):
         self.in_channels, self.out_channels = block.in_channels, block.out_channels
         self.growth_rate, self.layers = block.growth_rate, block.layers
         self.bottleneck_channels = self.layers[0].conv1.out_channels
-        # Plain attributes, as NativeClampConv1x1ReLU's: no .to() can change their dtype.
+        # Plain attributes, as NativeClampConv1x1's: no .to() can change their dtype.
         self.weights = [
             native.LayerWeights(
                 layer.conv1.low32,
@@ -443,7 +471,7 @@ class NativeDenseBlock(FastDenseBlock):
         """Whether every layer is a bottleneck whose clamp and 1x1 convolution run fused."""
         return all(
             isinstance(layer, BottleneckLayer)
-            and isinstance(layer.conv1, NativeClampConv1x1ReLU)
+            and isinstance(layer.conv1, NativeClampConv1x1)
             and layer.conv2.bias is None
             for layer in block.layers
         )
