@@ -20,6 +20,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#define ROUND_UP_32(v) (((v) + 31) / 32 * 32)
+
 #define PARALLEL_ROWS _Pragma("omp parallel for num_threads(threads) if (threads > 1) schedule(static)")
 #define PARALLEL_REGION _Pragma("omp parallel num_threads(threads) if (threads > 1)")
 #define PARALLEL_FOR _Pragma("omp for schedule(static)")
@@ -191,20 +193,25 @@ static inline void locate_pixels(int64_t first, int64_t pixels, int64_t height, 
 /* A dense block's first `layers` bottleneck layers, in place: layer l reads the block's first
  * in_channels + l * growth channels (block's pixels are block_channels apart) and writes the
  * next `growth`, through the zero-bordered buffer of `bottleneck` channels (rounded up to 32). One
- * call for the whole block: Python's overhead per kernel call is larger than a small layer. */
+ * call for the whole block: Python's overhead per kernel call is larger than a small layer. Each
+ * kernel reads the next one's weights ahead into the cache while it computes. */
 #define DENSE_BLOCK(NAME, T, W, ONE_BY_ONE, THREE_BY_THREE)                                      \
     void NAME(T *block, int64_t n, int64_t height, int64_t width, int64_t block_channels,       \
               int64_t in_channels, int64_t growth, int64_t layers, const float *const *low,     \
               const float *const *high, const W *const *packed_1x1, const float *const *bias,   \
               int64_t bottleneck, const W *const *packed_3x3, T *bordered, int threads) {       \
-        int64_t bordered_channels = (bottleneck + 31) / 32 * 32;                                \
+        int64_t bordered_channels = ROUND_UP_32(bottleneck);                                    \
+        int64_t bytes_3x3 = ROUND_UP_32(growth) * 9 * bordered_channels * (int64_t)sizeof(W);   \
         for (int64_t l = 0; l < layers; l++) {                                                  \
             int64_t k = in_channels + l * growth;                                               \
+            const W *next = l + 1 < layers ? packed_1x1[l + 1] : NULL;                          \
+            int64_t bytes_next = ROUND_UP_32(bottleneck) * ROUND_UP_32(k + growth) * sizeof(W); \
             ONE_BY_ONE(block, block_channels, n, height, width, k, low[l], high[l],             \
                        packed_1x1[l], bias[l], bottleneck, bordered, bordered_channels, 1, 0, 1, \
-                       threads);                                                                \
+                       packed_3x3[l], bytes_3x3, threads);                                      \
             THREE_BY_THREE(bordered, n, height, width, bordered_channels, packed_3x3[l],        \
-                           growth, block + k, block_channels, threads);                         \
+                           growth, block + k, block_channels, next, next ? bytes_next : 0,      \
+                           threads);                                                            \
         }                                                                                       \
     }
 
@@ -218,6 +225,16 @@ static inline void locate_pixels(int64_t first, int64_t pixels, int64_t height, 
 #include <immintrin.h>
 
 #define FLOAT_PIXELS 12
+
+/* Part `part` of `parts` of the `bytes` at `next` (the next kernel's weights), asked into L2 while
+ * this kernel computes: at small batches a layer's weights come from memory, and DenseNet-121's
+ * are 8 million numbers. Spread over the tiles, the requests don't queue up at once. */
+static inline void prefetch_part(const void *next, int64_t bytes, int64_t part, int64_t parts) {
+    int64_t lines = (bytes + 63) / 64, per_part = (lines + parts - 1) / parts;
+    int64_t end = (part + 1) * per_part < lines ? (part + 1) * per_part : lines;
+    for (int64_t line = part * per_part; line < end; line++)
+        _mm_prefetch((const char *)next + line * 64, _MM_HINT_T1);
+}
 
 static inline __mmask16 first_lanes(int64_t lanes) {
     return lanes >= 16 ? 0xFFFF : lanes <= 0 ? 0 : (__mmask16)((1u << lanes) - 1);
@@ -246,12 +263,16 @@ static inline void clamp_pixel_float(const float *in, int64_t pool, int64_t pixe
                                      const float *high) {
     for (int64_t c = 0; c < k; c += 16) {
         __mmask16 mask = first_lanes(k - c);
-        __m512 lo = _mm512_maskz_loadu_ps(mask, low + c), hi = _mm512_maskz_loadu_ps(mask, high + c);
+        __m512 lo = _mm512_maskz_loadu_ps(mask, low + c);
+        __m512 hi = _mm512_maskz_loadu_ps(mask, high + c);
         __m512 v = _mm512_min_ps(hi, _mm512_max_ps(lo, _mm512_maskz_loadu_ps(mask, in + c)));
         if (pool) {
-            const float *next[3] = {in + pixel_stride, in + row_stride, in + row_stride + pixel_stride};
-            for (int w = 0; w < 3; w++)
-                v = _mm512_add_ps(v, _mm512_min_ps(hi, _mm512_max_ps(lo, _mm512_maskz_loadu_ps(mask, next[w] + c))));
+            const float *next[3] = {in + pixel_stride, in + row_stride,
+                                    in + row_stride + pixel_stride};
+            for (int w = 0; w < 3; w++) {
+                __m512 u = _mm512_maskz_loadu_ps(mask, next[w] + c);
+                v = _mm512_add_ps(v, _mm512_min_ps(hi, _mm512_max_ps(lo, u)));
+            }
             v = _mm512_div_ps(v, _mm512_set1_ps(4.0f));
         }
         _mm512_mask_storeu_ps(dst + c, mask, v);
@@ -267,7 +288,7 @@ void clamp_conv1x1_float(const float *x, int64_t pixel_stride, int64_t n, int64_
                          int64_t width, int64_t k, const float *low, const float *high,
                          const float *packed, const float *bias, int64_t n_out, float *out,
                          int64_t out_stride, int64_t border, int64_t pool, int64_t relu,
-                         int threads) {
+                         const void *prefetch, int64_t prefetch_bytes, int threads) {
     int64_t rows = n * (pool ? height / 2 * (width / 2) : height * width);
     int64_t n_padded = (n_out + 31) / 32 * 32;
     PARALLEL_REGION
@@ -277,8 +298,11 @@ void clamp_conv1x1_float(const float *x, int64_t pixel_stride, int64_t n, int64_
         PARALLEL_FOR
         for (int64_t first = 0; first < rows; first += FLOAT_PIXELS) {
             int64_t pixels = rows - first < FLOAT_PIXELS ? rows - first : FLOAT_PIXELS;
+            prefetch_part(prefetch, prefetch_bytes, first / FLOAT_PIXELS,
+                          (rows + FLOAT_PIXELS - 1) / FLOAT_PIXELS);
             int64_t src[FLOAT_PIXELS], at[FLOAT_PIXELS];
-            locate_pixels(first, pixels, height, width, pixel_stride, pool, border, out_stride, src, at);
+            locate_pixels(first, pixels, height, width, pixel_stride, pool, border, out_stride,
+                          src, at);
             for (int64_t i = 0; i < pixels; i++)
                 clamp_pixel_float(x + src[i], pool, pixel_stride, width * pixel_stride,
                                   clamped + i * k, k, low, high);
@@ -293,8 +317,10 @@ void clamp_conv1x1_float(const float *x, int64_t pixel_stride, int64_t n, int64_
                 __m512 floor = relu ? _mm512_setzero_ps() : _mm512_set1_ps(-INFINITY);
                 for (int64_t p = 0; p < pixels; p++) {
                     float *dst = out + at[p] + nb;
-                    _mm512_mask_storeu_ps(dst, m0, _mm512_max_ps(floor, _mm512_add_ps(acc0[p], b0)));
-                    _mm512_mask_storeu_ps(dst + 16, m1, _mm512_max_ps(floor, _mm512_add_ps(acc1[p], b1)));
+                    __m512 low_half = _mm512_max_ps(floor, _mm512_add_ps(acc0[p], b0));
+                    __m512 high_half = _mm512_max_ps(floor, _mm512_add_ps(acc1[p], b1));
+                    _mm512_mask_storeu_ps(dst, m0, low_half);
+                    _mm512_mask_storeu_ps(dst + 16, m1, high_half);
                 }
             }
         }
@@ -305,7 +331,7 @@ void clamp_conv1x1_float(const float *x, int64_t pixel_stride, int64_t n, int64_
  * packed: w in panels of 32 output channels, [n_out rounded up to 32 / 32][9 taps][k][32]. */
 void conv3x3_float(const float *bordered, int64_t n, int64_t height, int64_t width, int64_t k,
                    const float *packed, int64_t n_out, float *out, int64_t out_stride,
-                   int threads) {
+                   const void *prefetch, int64_t prefetch_bytes, int threads) {
     int64_t row = width + 2, image_pixels = (height + 2) * row, n_padded = (n_out + 31) / 32 * 32;
     int64_t first = row + 1, last = height * row + width; /* the first and last inside pixel */
     int64_t tiles = (last - first) / FLOAT_PIXELS + 1;
@@ -313,6 +339,7 @@ void conv3x3_float(const float *bordered, int64_t n, int64_t height, int64_t wid
     {
         PARALLEL_FOR
         for (int64_t item = 0; item < n * tiles; item++) {
+            prefetch_part(prefetch, prefetch_bytes, item, n * tiles);
             int64_t image = item / tiles, start = first + item % tiles * FLOAT_PIXELS;
             const float *centre = bordered + (image * image_pixels + start) * k;
             int64_t at[FLOAT_PIXELS], y = start / row - 1, x = start % row - 1;
@@ -325,8 +352,9 @@ void conv3x3_float(const float *bordered, int64_t n, int64_t height, int64_t wid
                 __m512 acc0[FLOAT_PIXELS], acc1[FLOAT_PIXELS];
                 for (int p = 0; p < FLOAT_PIXELS; p++) acc0[p] = acc1[p] = _mm512_setzero_ps();
                 for (int tap = 0; tap < 9; tap++)
-                    multiply_add_pixels(acc0, acc1, centre + ((tap / 3 - 1) * row + tap % 3 - 1) * k,
-                                        k, packed + (nb * 9 + tap * 32) * k, 32, k);
+                    multiply_add_pixels(acc0, acc1,
+                                        centre + ((tap / 3 - 1) * row + tap % 3 - 1) * k, k,
+                                        packed + (nb * 9 + tap * 32) * k, 32, k);
                 __mmask16 m0 = first_lanes(n_out - nb), m1 = first_lanes(n_out - nb - 16);
                 for (int p = 0; p < FLOAT_PIXELS; p++)
                     if (at[p] >= 0) {
@@ -354,7 +382,6 @@ DENSE_BLOCK(dense_block_float, float, float, clamp_conv1x1_float, conv3x3_float)
 #include <unistd.h>
 
 #define AMX_PIXELS 32
-#define ROUND_UP_32(v) (((v) + 31) / 32 * 32)
 
 /* Linux hands out the tile registers' state only to processes that ask for it. */
 int amx_request(void) {
@@ -457,12 +484,16 @@ static inline void clamp_pixel_bf16(const uint16_t *in, int64_t pool, int64_t pi
                                     const float *low, const float *high) {
     for (int64_t c = 0; c < k; c += 16) {
         __mmask16 mask = k - c >= 16 ? 0xFFFF : (__mmask16)((1u << (k - c)) - 1);
-        __m512 lo = _mm512_maskz_loadu_ps(mask, low + c), hi = _mm512_maskz_loadu_ps(mask, high + c);
+        __m512 lo = _mm512_maskz_loadu_ps(mask, low + c);
+        __m512 hi = _mm512_maskz_loadu_ps(mask, high + c);
         __m512 v = _mm512_min_ps(hi, _mm512_max_ps(lo, widen_16(in + c, mask)));
         if (pool) {
-            const uint16_t *next[3] = {in + pixel_stride, in + row_stride, in + row_stride + pixel_stride};
-            for (int w = 0; w < 3; w++)
-                v = _mm512_add_ps(v, _mm512_min_ps(hi, _mm512_max_ps(lo, widen_16(next[w] + c, mask))));
+            const uint16_t *next[3] = {in + pixel_stride, in + row_stride,
+                                       in + row_stride + pixel_stride};
+            for (int w = 0; w < 3; w++) {
+                __m512 u = widen_16(next[w] + c, mask);
+                v = _mm512_add_ps(v, _mm512_min_ps(hi, _mm512_max_ps(lo, u)));
+            }
             __m256bh rounded = _mm512_cvtneps_pbh(_mm512_div_ps(v, _mm512_set1_ps(4.0f)));
             _mm256_mask_storeu_epi16(dst + c, mask, (__m256i)rounded);
         } else {
@@ -479,7 +510,7 @@ void clamp_conv1x1_amx(const uint16_t *x, int64_t pixel_stride, int64_t n, int64
                        int64_t width, int64_t k, const float *low, const float *high,
                        const uint16_t *packed, const float *bias, int64_t n_out, uint16_t *out,
                        int64_t out_stride, int64_t border, int64_t pool, int64_t relu,
-                       int threads) {
+                       const void *prefetch, int64_t prefetch_bytes, int threads) {
     int64_t rows = n * (pool ? height / 2 * (width / 2) : height * width);
     int64_t k_padded = ROUND_UP_32(k), k_blocks = k_padded / 32;
     PARALLEL_REGION
@@ -491,8 +522,11 @@ void clamp_conv1x1_amx(const uint16_t *x, int64_t pixel_stride, int64_t n, int64
         PARALLEL_FOR
         for (int64_t first = 0; first < rows; first += AMX_PIXELS) {
             int64_t pixels = rows - first < AMX_PIXELS ? rows - first : AMX_PIXELS;
+            prefetch_part(prefetch, prefetch_bytes, first / AMX_PIXELS,
+                          (rows + AMX_PIXELS - 1) / AMX_PIXELS);
             int64_t src[AMX_PIXELS], at[AMX_PIXELS];
-            locate_pixels(first, pixels, height, width, pixel_stride, pool, border, out_stride, src, at);
+            locate_pixels(first, pixels, height, width, pixel_stride, pool, border, out_stride,
+                          src, at);
             for (int64_t i = 0; i < pixels; i++)
                 clamp_pixel_bf16(x + src[i], pool, pixel_stride, width * pixel_stride,
                                  clamped + i * k_padded, k, low, high);
@@ -524,7 +558,7 @@ void clamp_conv1x1_amx(const uint16_t *x, int64_t pixel_stride, int64_t n, int64
  * border are computed and dropped. */
 void conv3x3_amx(const uint16_t *bordered, int64_t n, int64_t height, int64_t width, int64_t k,
                  const uint16_t *packed, int64_t n_out, uint16_t *out, int64_t out_stride,
-                 int threads) {
+                 const void *prefetch, int64_t prefetch_bytes, int threads) {
     int64_t row = width + 2, image_pixels = (height + 2) * row;
     int64_t first = row + 1, last = height * row + width; /* the first and last inside pixel */
     int64_t tiles = (last - first) / AMX_PIXELS + 1, k_blocks = 9 * k / 32;
@@ -534,6 +568,7 @@ void conv3x3_amx(const uint16_t *bordered, int64_t n, int64_t height, int64_t wi
         float sums[AMX_PIXELS * 32] __attribute__((aligned(64)));
         PARALLEL_FOR
         for (int64_t item = 0; item < n * tiles; item++) {
+            prefetch_part(prefetch, prefetch_bytes, item, n * tiles);
             int64_t image = item / tiles, start = first + item % tiles * AMX_PIXELS;
             const uint16_t *centre = bordered + (image * image_pixels + start) * k;
             /* Where each inside position goes (-1: on the border), found once. */

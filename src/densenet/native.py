@@ -91,6 +91,9 @@ POOL_DTYPES = {torch.bfloat16: "bf16", torch.float32: "float"}
 LAYER_KERNELS = {torch.bfloat16: "amx", torch.float32: "float"}
 LAYER_MAX_CHANNELS = 4096
 BORDERED_SPARE_PIXELS = 32
+# The layer kernels' last arguments but one: weights to read ahead while they compute (dense_block
+# passes the next kernel's), none when called alone.
+_NO_PREFETCH = (None, ctypes.c_int64(0))
 
 
 def available() -> bool:
@@ -290,6 +293,7 @@ def clamp_conv1x1(
         ctypes.c_int64(out_channels),
         _at(out),
         *(ctypes.c_int64(v) for v in (out_stride, border, avg_pool2, relu)),
+        *_NO_PREFETCH,
         _threads(x.numel()),
     )
     return out
@@ -322,6 +326,7 @@ def conv3x3(bordered: Tensor, packed: Tensor, out: Tensor) -> Tensor:
         ctypes.c_int64(out_channels),
         _at(out),
         ctypes.c_int64(out.stride(3)),
+        *_NO_PREFETCH,
         _threads(bordered.numel()),
     )
     return out
