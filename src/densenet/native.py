@@ -14,19 +14,27 @@ memory (see :mod:`densenet.deploy.optimize`), each slower in ATen than it needs 
 
 Each gives the same bits as the ATen operations it replaces (tests compare them).
 
-On CPUs with AMX (where the compiler targets it), two more run a bottleneck layer's convolutions
-on the tile unit, summing in float and rounding once, as oneDNN does:
+Where the compiler targets AVX-512 (float32) or AMX (bf16), three more run the dense layers'
+and transitions' convolutions themselves, summing in float32 (bf16: rounding once, as oneDNN
+does):
 
-- :func:`clamp_conv1x1`, the layer's clamp together with its 1x1 convolution, bias and ReLU:
-  each thread clamps 32 pixels into a buffer that stays in its cache and multiplies them there, so
-  the clamped input, which oneDNN's convolution would read back from memory, is never written
-  (bf16 inference 1.10x faster at batch 32, median of 9 alternating rounds; Xeon with AMX);
-- :func:`conv3x3`, the layer's 3x3 convolution, which reads the 1x1's output from a buffer with
-  a zero border (:func:`bordered_buffer`), so that every tile loads straight from it with no
-  padding to handle, and writes its result straight into the block tensor's channels, where
-  oneDNN's result had to be copied there. With both, DenseNet-121's bf16 logits came out
-  bit-identical to oneDNN's, and bf16 inference ran 1.24x faster at batch 32 and 1.60x at
-  batch 1 (medians of 7 and 9 alternating rounds; Xeon with AMX).
+- :func:`clamp_conv1x1`, a bottleneck's clamp together with its 1x1 convolution, bias and ReLU,
+  or a transition's clamp, 2x2 average pooling and 1x1 convolution: each thread clamps a few
+  pixels (12 in float32, 32 on AMX) into a buffer that stays in its cache and multiplies them
+  there, so the clamped input, which oneDNN's convolution would read back from memory, is never
+  written;
+- :func:`conv3x3`, a layer's 3x3 convolution, which reads the 1x1's output from a buffer with a
+  zero border (:func:`bordered_buffer`): each of the nine taps of consecutive positions is then
+  consecutive pixels of the buffer, with no padding to handle, and the result goes straight into
+  the block tensor's channels instead of being copied there;
+- :func:`dense_block`, a block's layers one after the other in one call: a layer on a 7x7 image
+  takes less time than Python's two calls into C did, and each kernel reads the next one's
+  weights ahead into the cache while it computes.
+
+On the 2-vCPU Xeon with AMX, DenseNet-121's logits came out bit-identical to oneDNN's in bf16 and
+within float32 rounding of them (the same error against float64), and the network ran 2.2x
+faster in bf16 and 1.7x in float32 at batch 1 than with oneDNN's convolutions (alternating
+in-process rounds; see docs/inference.md).
 
 Memory-efficient training in bf16 (:mod:`densenet.models.efficient`) uses two more, each computing
 in float and rounding once:

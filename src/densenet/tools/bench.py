@@ -20,6 +20,7 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
+from densenet import native
 from densenet.deploy.optimize import onednn_supports, optimize_for_inference
 from densenet.hardware import (
     DTYPES,
@@ -131,8 +132,10 @@ def candidates(
             found += _stock_pair(model, twin, device, precision, True, compiled=True)
         dtype = DTYPES[precision]
         if onednn_supports(device, dtype):
-            # Both convolution backends, to show what oneDNN's reordered weights give on top.
-            for backend, label in (("aten", "aten convs"), ("onednn", "oneDNN convs")):
+            # Both convolution backends, to show what oneDNN's reordered weights (and where they
+            # build, our C kernels for the dense layers) give on top.
+            fast = "C kernels + oneDNN" if native.layer_kernels_available(dtype) else "oneDNN convs"
+            for backend, label in (("aten", "aten convs"), ("onednn", fast)):
                 found.append(
                     Candidate(
                         f"ours, optimize_for_inference ({label})",
