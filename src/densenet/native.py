@@ -32,9 +32,9 @@ does):
   weights ahead into the cache while it computes.
 
 On the 2-vCPU Xeon with AMX, DenseNet-121's logits came out bit-identical to oneDNN's in bf16 and
-within float32 rounding of them (the same error against float64), and the network ran 2.2x
-faster in bf16 and 1.7x in float32 at batch 1 than with oneDNN's convolutions (alternating
-in-process rounds; see docs/inference.md).
+within float32 rounding of them (the same error against float64), and the network ran 2.8x
+faster in bf16 and 1.45x in float32 at batch 1 than with oneDNN's convolutions (medians of 15
+alternating in-process rounds; see docs/inference.md).
 
 Memory-efficient training in bf16 (:mod:`densenet.models.efficient`) uses two more, each computing
 in float and rounding once:
