@@ -383,6 +383,7 @@ def test_the_clamp_and_1x1_convolution_kernel_matches_float64(
     # full tiles of 32 (nine of 12) and a partial one; the input a slice of a wider block tensor.
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     monkeypatch.setattr(native, "PARALLEL_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(native, "PARALLEL_MIN_MULTIPLY_ADDS", 1)
     generator = torch.Generator().manual_seed(7)
     block = torch.randn(3, in_channels + 8, 5, 7, generator=generator).to(dtype)
     x = block.contiguous(memory_format=torch.channels_last)[:, :in_channels]
@@ -406,6 +407,7 @@ def test_the_transition_kernel_clamps_pools_and_convolves_in_one_pass(monkeypatc
     # the input a slice of a wider block tensor.
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     monkeypatch.setattr(native, "PARALLEL_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(native, "PARALLEL_MIN_MULTIPLY_ADDS", 1)
     generator = torch.Generator().manual_seed(11)
     block = torch.randn(3, 72, 9, 7, generator=generator).to(dtype)
     x = block.contiguous(memory_format=torch.channels_last)[:, :64]
@@ -457,6 +459,7 @@ def test_the_3x3_convolution_kernel_matches_float64_written_into_the_block(
     # in the buffer, the output masked, or split over two passes); images smaller than a tile.
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     monkeypatch.setattr(native, "PARALLEL_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(native, "PARALLEL_MIN_MULTIPLY_ADDS", 1)
     generator = torch.Generator().manual_seed(5)
     x = torch.randn(3, in_channels, height, width, generator=generator).relu().to(dtype)
     weight = (torch.randn(out_channels, in_channels, 3, 3, generator=generator) / 16).to(dtype)
@@ -480,7 +483,12 @@ def _tiny_network(dtype: torch.dtype) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("dtype", LAYER_DTYPES)
-def test_the_network_runs_its_bottlenecks_and_transitions_through_the_layer_kernels(dtype):
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_network_runs_its_bottlenecks_and_transitions_through_the_layer_kernels(
+    monkeypatch, dtype, threads
+):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    monkeypatch.setattr(native, "PARALLEL_MIN_MULTIPLY_ADDS", 1)
     network = _tiny_network(dtype)
     fused = [m for m in network.modules() if isinstance(m, NativeClampConv1x1)]
     assert len(fused) == 5 + 1  # every bottleneck layer and the transition

@@ -91,6 +91,8 @@ COMPILE_TIMEOUT_S = 120
 # Each thread takes at least this many elements: below it a pass takes a few microseconds, and
 # starting OpenMP's threads on it costs about as much as they save.
 PARALLEL_MIN_ELEMENTS = 1 << 14
+# The same for the convolution kernels, in multiply-adds: about 10 us of one core's work.
+PARALLEL_MIN_MULTIPLY_ADDS = 1 << 20
 POOL_DTYPES = {torch.bfloat16: "bf16", torch.float32: "float"}
 # The kernels that run a bottleneck layer's convolutions, by dtype: their names' endings in
 # kernels.c. The most input channels clamp_conv1x1 takes: its buffer of clamped pixels lives
@@ -302,7 +304,7 @@ def clamp_conv1x1(
         _at(out),
         *(ctypes.c_int64(v) for v in (out_stride, border, avg_pool2, relu)),
         *_NO_PREFETCH,
-        _threads(x.numel()),
+        _threads(x.numel() * out_channels, PARALLEL_MIN_MULTIPLY_ADDS),
     )
     return out
 
@@ -335,7 +337,7 @@ def conv3x3(bordered: Tensor, packed: Tensor, out: Tensor) -> Tensor:
         _at(out),
         ctypes.c_int64(out.stride(3)),
         *_NO_PREFETCH,
-        _threads(bordered.numel()),
+        _threads(bordered.numel() * 9 * out_channels, PARALLEL_MIN_MULTIPLY_ADDS),
     )
     return out
 
@@ -393,7 +395,7 @@ def dense_block(
         ctypes.c_int64(bottleneck),
         packed_3x3,
         _at(bordered),
-        _threads(n * height * width * in_channels),
+        _threads(n * height * width * in_channels * bottleneck, PARALLEL_MIN_MULTIPLY_ADDS),
     )
 
 
@@ -471,10 +473,12 @@ def _at(tensor: Tensor) -> ctypes.c_void_p:
     return ctypes.c_void_p(tensor.data_ptr())
 
 
-def _threads(work: int) -> ctypes.c_int:
-    """The OpenMP threads for a pass over ``work`` elements: torch's thread count, or one where
-    splitting would cost more than it saves."""
-    return ctypes.c_int(max(1, min(torch.get_num_threads(), work // PARALLEL_MIN_ELEMENTS)))
+def _threads(work: int, per_thread: int | None = None) -> ctypes.c_int:
+    """The OpenMP threads for a pass over ``work`` elements (or for ``work`` of another kind, at
+    least ``per_thread`` of it each): torch's thread count, or fewer where splitting would cost
+    more than it saves."""
+    minimum = PARALLEL_MIN_ELEMENTS if per_thread is None else per_thread
+    return ctypes.c_int(max(1, min(torch.get_num_threads(), work // minimum)))
 
 
 @functools.cache

@@ -23,8 +23,11 @@ into the blocked layout its kernels read, and with the ReLU that follows it fuse
 call (``conv_backend="onednn"``, chosen by default where it is supported). ``F.conv2d`` instead
 reorders the weights on every call and, at batch 1, sends small 3x3 convolutions to PyTorch's slow
 native kernels (torch.compile of this network, which does its own oneDNN lowering, was slower at
-batch 1 and 32 on a 2-core AVX2 CPU). ``conv_backend="aten"`` keeps plain ``nn.Conv2d`` modules,
-which export to ONNX/TorchScript and move between devices.
+batch 1 and 32 on a 2-core AVX2 CPU). Where :mod:`densenet.native`'s C kernels build for a CPU
+with AVX-512 (float32) or AMX (bf16), they take over the dense layers' and transitions'
+convolutions from oneDNN, each fused with the clamp before it, and run a whole block in one call
+(:class:`NativeDenseBlock`). ``conv_backend="aten"`` keeps plain ``nn.Conv2d`` modules, which
+export to ONNX/TorchScript and move between devices.
 """
 
 from __future__ import annotations
@@ -133,13 +136,8 @@ class NativeClampConv1x1(nn.Module):
         self.out_channels = conv.weight.shape[0]
 
     def forward(self, x: Tensor) -> Tensor:
-        if native.supports_layer(x) and x.dtype == self.packed.dtype:
-            return self.write(x)
-        return self.conv(self.unfused(x))
-
-    def write(self, x: Tensor, bordered: Tensor | None = None) -> Tensor:
-        """The kernel's result, written inside ``bordered`` if given (see
-        :func:`densenet.native.clamp_conv1x1`); needs ``native.supports_layer(x)``."""
+        if not native.supports_layer(x) or x.dtype != self.packed.dtype:
+            return self.conv(self.unfused(x))
         return native.clamp_conv1x1(
             x,
             self.low32,
@@ -149,7 +147,6 @@ class NativeClampConv1x1(nn.Module):
             self.out_channels,
             relu=self.conv.relu,
             avg_pool2=self.avg_pool2,
-            bordered=bordered,
         )
 
 
