@@ -192,15 +192,16 @@ static inline void locate_pixels(int64_t first, int64_t pixels, int64_t height, 
 
 /* A dense block's first `layers` bottleneck layers, in place: layer l reads the block's first
  * in_channels + l * growth channels (block's pixels are block_channels apart) and writes the
- * next `growth`, through the zero-bordered buffer of `bottleneck` channels (rounded up to 32). One
- * call for the whole block: Python's overhead per kernel call is larger than a small layer. Each
- * kernel reads the next one's weights ahead into the cache while it computes. */
-#define DENSE_BLOCK(NAME, T, W, ONE_BY_ONE, THREE_BY_THREE)                                      \
+ * next `growth`, through the zero-bordered buffer of `bottleneck` channels (on AMX rounded up to
+ * 32, the tiles' width). One call for the whole block: Python's overhead per kernel call is
+ * larger than a small layer. Each kernel reads the next one's weights ahead into the cache while
+ * it computes. */
+#define DENSE_BLOCK(NAME, T, W, ONE_BY_ONE, THREE_BY_THREE, BORDERED_CHANNELS)                   \
     void NAME(T *block, int64_t n, int64_t height, int64_t width, int64_t block_channels,       \
               int64_t in_channels, int64_t growth, int64_t layers, const float *const *low,     \
               const float *const *high, const W *const *packed_1x1, const float *const *bias,   \
               int64_t bottleneck, const W *const *packed_3x3, T *bordered, int threads) {       \
-        int64_t bordered_channels = ROUND_UP_32(bottleneck);                                    \
+        int64_t bordered_channels = BORDERED_CHANNELS(bottleneck);                              \
         int64_t bytes_3x3 = ROUND_UP_32(growth) * 9 * bordered_channels * (int64_t)sizeof(W);   \
         for (int64_t l = 0; l < layers; l++) {                                                  \
             int64_t k = in_channels + l * growth;                                               \
@@ -240,17 +241,19 @@ static inline __mmask16 first_lanes(int64_t lanes) {
     return lanes >= 16 ? 0xFFFF : lanes <= 0 ? 0 : (__mmask16)((1u << lanes) - 1);
 }
 
-/* acc[p] (two vectors: 32 output channels) += sum over c < k of a[p * a_stride + c] * w[c][0:32],
- * w's rows w_stride floats apart. */
+/* acc0[p] += sum over c < k of a[p * a_stride + c] * w0[c][0:16], and the same for acc1 and w1
+ * if `both` (32 output channels; 16 where fewer are left, as in DenseNet-BC's k = 12). Called with
+ * a constant `both`, so that each use compiles to the loop it needs. */
 static inline void multiply_add_pixels(__m512 acc0[FLOAT_PIXELS], __m512 acc1[FLOAT_PIXELS],
-                                       const float *a, int64_t a_stride, const float *w,
-                                       int64_t w_stride, int64_t k) {
+                                       const float *a, int64_t a_stride, const float *w0,
+                                       const float *w1, int64_t k, int both) {
     for (int64_t c = 0; c < k; c++) {
-        __m512 w0 = _mm512_loadu_ps(w + c * w_stride), w1 = _mm512_loadu_ps(w + c * w_stride + 16);
+        __m512 v0 = _mm512_loadu_ps(w0 + c * 16);
+        __m512 v1 = both ? _mm512_loadu_ps(w1 + c * 16) : _mm512_setzero_ps();
         for (int p = 0; p < FLOAT_PIXELS; p++) {
             __m512 v = _mm512_set1_ps(a[p * a_stride + c]);
-            acc0[p] = _mm512_fmadd_ps(v, w0, acc0[p]);
-            acc1[p] = _mm512_fmadd_ps(v, w1, acc1[p]);
+            acc0[p] = _mm512_fmadd_ps(v, v0, acc0[p]);
+            if (both) acc1[p] = _mm512_fmadd_ps(v, v1, acc1[p]);
         }
     }
 }
@@ -281,8 +284,8 @@ static inline void clamp_pixel_float(const float *in, int64_t pool, int64_t pixe
 
 /* clamp(x, low, high) @ W^T + bias, then ReLU if `relu`, for n images of height x width pixels, k
  * channels each, x's pixels pixel_stride apart; with `pool`, avg_pool2d(clamp(x), 2) instead of
- * clamp(x) (a transition). packed: W^T in panels of 32 output channels,
- * [n_out rounded up to 32 / 32][k][32], each pass's weights one contiguous stream. Outputs as
+ * clamp(x) (a transition). packed: W^T in panels of 16 output channels,
+ * [n_out rounded up to 16 / 16][k][16], each panel's weights one contiguous stream. Outputs as
  * locate_pixels says: border 1 writes the inside of a zero-bordered buffer for conv3x3_float. */
 void clamp_conv1x1_float(const float *x, int64_t pixel_stride, int64_t n, int64_t height,
                          int64_t width, int64_t k, const float *low, const float *high,
@@ -290,7 +293,6 @@ void clamp_conv1x1_float(const float *x, int64_t pixel_stride, int64_t n, int64_
                          int64_t out_stride, int64_t border, int64_t pool, int64_t relu,
                          const void *prefetch, int64_t prefetch_bytes, int threads) {
     int64_t rows = n * (pool ? height / 2 * (width / 2) : height * width);
-    int64_t n_padded = (n_out + 31) / 32 * 32;
     PARALLEL_REGION
     {
         float clamped[FLOAT_PIXELS * k] __attribute__((aligned(64)));
@@ -306,10 +308,14 @@ void clamp_conv1x1_float(const float *x, int64_t pixel_stride, int64_t n, int64_
             for (int64_t i = 0; i < pixels; i++)
                 clamp_pixel_float(x + src[i], pool, pixel_stride, width * pixel_stride,
                                   clamped + i * k, k, low, high);
-            for (int64_t nb = 0; nb < n_padded; nb += 32) {
+            for (int64_t nb = 0; nb < n_out; nb += 32) {
                 __m512 acc0[FLOAT_PIXELS], acc1[FLOAT_PIXELS];
                 for (int p = 0; p < FLOAT_PIXELS; p++) acc0[p] = acc1[p] = _mm512_setzero_ps();
-                multiply_add_pixels(acc0, acc1, clamped, k, packed + nb * k, 32, k);
+                const float *w = packed + nb * k;
+                if (n_out - nb > 16)
+                    multiply_add_pixels(acc0, acc1, clamped, k, w, w + 16 * k, k, 1);
+                else
+                    multiply_add_pixels(acc0, acc1, clamped, k, w, NULL, k, 0);
                 __mmask16 m0 = first_lanes(n_out - nb), m1 = first_lanes(n_out - nb - 16);
                 __m512 b0 = _mm512_maskz_loadu_ps(m0, bias + nb);
                 __m512 b1 = _mm512_maskz_loadu_ps(m1, bias + nb + 16);
@@ -328,11 +334,11 @@ void clamp_conv1x1_float(const float *x, int64_t pixel_stride, int64_t n, int64_
 }
 
 /* conv2d(x, w, stride 1, padding 1) for x held inside a zero border, as for conv3x3_amx;
- * packed: w in panels of 32 output channels, [n_out rounded up to 32 / 32][9 taps][k][32]. */
+ * packed: w in panels of 16 output channels, [n_out rounded up to 16 / 16][9 taps][k][16]. */
 void conv3x3_float(const float *bordered, int64_t n, int64_t height, int64_t width, int64_t k,
                    const float *packed, int64_t n_out, float *out, int64_t out_stride,
                    const void *prefetch, int64_t prefetch_bytes, int threads) {
-    int64_t row = width + 2, image_pixels = (height + 2) * row, n_padded = (n_out + 31) / 32 * 32;
+    int64_t row = width + 2, image_pixels = (height + 2) * row;
     int64_t first = row + 1, last = height * row + width; /* the first and last inside pixel */
     int64_t tiles = (last - first) / FLOAT_PIXELS + 1;
     PARALLEL_REGION
@@ -348,13 +354,17 @@ void conv3x3_float(const float *bordered, int64_t n, int64_t height, int64_t wid
                 at[i] = inside ? ((image * height + y) * width + x) * out_stride : -1;
                 if (++x == width + 1) x = -1, y++;
             }
-            for (int64_t nb = 0; nb < n_padded; nb += 32) {
+            for (int64_t nb = 0; nb < n_out; nb += 32) {
                 __m512 acc0[FLOAT_PIXELS], acc1[FLOAT_PIXELS];
                 for (int p = 0; p < FLOAT_PIXELS; p++) acc0[p] = acc1[p] = _mm512_setzero_ps();
-                for (int tap = 0; tap < 9; tap++)
-                    multiply_add_pixels(acc0, acc1,
-                                        centre + ((tap / 3 - 1) * row + tap % 3 - 1) * k, k,
-                                        packed + (nb * 9 + tap * 32) * k, 32, k);
+                for (int tap = 0; tap < 9; tap++) {
+                    const float *a = centre + ((tap / 3 - 1) * row + tap % 3 - 1) * k;
+                    const float *w = packed + (nb * 9 + tap * 16) * k;
+                    if (n_out - nb > 16)
+                        multiply_add_pixels(acc0, acc1, a, k, w, w + 9 * 16 * k, k, 1);
+                    else
+                        multiply_add_pixels(acc0, acc1, a, k, w, NULL, k, 0);
+                }
                 __mmask16 m0 = first_lanes(n_out - nb), m1 = first_lanes(n_out - nb - 16);
                 for (int p = 0; p < FLOAT_PIXELS; p++)
                     if (at[p] >= 0) {
@@ -365,7 +375,9 @@ void conv3x3_float(const float *bordered, int64_t n, int64_t height, int64_t wid
         }
     }
 }
-DENSE_BLOCK(dense_block_float, float, float, clamp_conv1x1_float, conv3x3_float)
+#define FLOAT_BORDERED_CHANNELS(channels) (channels)
+DENSE_BLOCK(dense_block_float, float, float, clamp_conv1x1_float, conv3x3_float,
+            FLOAT_BORDERED_CHANNELS)
 #endif
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
@@ -422,19 +434,23 @@ static void configure_tiles(void) {
     _tile_loadconfig(&config);
 }
 
-/* Tiles 0-3 += input (32 pixels, rows a_stride bytes apart) x weights, for k_blocks steps of 32
- * input channels; the two weight tiles of a step are w_stride elements apart. */
+/* Tiles 0 and 2 (and 1 and 3 if `both`: 32 output channels, else 16, as in DenseNet-BC's k = 12)
+ * += input (32 pixels, rows a_stride bytes apart) x weights, for k_blocks steps of 32 input
+ * channels; the two weight tiles of a step are w_stride elements apart. Called with a constant
+ * `both`, so that each use compiles to the loop it needs. */
 static inline void multiply_tiles(const uint16_t *a, int64_t a_stride, const uint16_t *w,
-                                  int64_t w_stride, int64_t k_blocks) {
+                                  int64_t w_stride, int64_t k_blocks, int both) {
     for (int64_t kb = 0; kb < k_blocks; kb++) {
         _tile_loadd(4, a + kb * 32, a_stride);
         _tile_loadd(5, (const char *)(a + kb * 32) + 16 * a_stride, a_stride);
         _tile_loadd(6, w + kb * 512, 64);
-        _tile_loadd(7, w + w_stride + kb * 512, 64);
         _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
         _tile_dpbf16ps(2, 5, 6);
-        _tile_dpbf16ps(3, 5, 7);
+        if (both) {
+            _tile_loadd(7, w + w_stride + kb * 512, 64);
+            _tile_dpbf16ps(1, 4, 7);
+            _tile_dpbf16ps(3, 5, 7);
+        }
     }
 }
 
@@ -533,9 +549,13 @@ void clamp_conv1x1_amx(const uint16_t *x, int64_t pixel_stride, int64_t n, int64
             for (int64_t i = pixels; i < AMX_PIXELS; i++)
                 memset(clamped + i * k_padded, 0, k * sizeof(uint16_t));
             for (int64_t nb = 0; nb < ROUND_UP_32(n_out) / 16; nb += 2) {
+                const uint16_t *w = packed + nb * k_blocks * 512;
+                int64_t a_stride = k_padded * sizeof(uint16_t);
                 zero_sums();
-                multiply_tiles(clamped, k_padded * sizeof(uint16_t), packed + nb * k_blocks * 512,
-                               k_blocks * 512, k_blocks);
+                if (n_out - nb * 16 > 16)
+                    multiply_tiles(clamped, a_stride, w, k_blocks * 512, k_blocks, 1);
+                else
+                    multiply_tiles(clamped, a_stride, w, k_blocks * 512, k_blocks, 0);
                 store_sums(sums);
                 __mmask32 channels = first_channels(n_out - nb * 16);
                 __m512 bias_low = _mm512_maskz_loadu_ps((__mmask16)channels, bias + nb * 16);
@@ -581,10 +601,15 @@ void conv3x3_amx(const uint16_t *bordered, int64_t n, int64_t height, int64_t wi
             for (int64_t nb = 0; nb < ROUND_UP_32(n_out) / 16; nb += 2) {
                 const uint16_t *w = packed + nb * k_blocks * 512;
                 zero_sums();
-                for (int tap = 0; tap < 9; tap++)
-                    multiply_tiles(centre + ((tap / 3 - 1) * row + tap % 3 - 1) * k,
-                                   k * sizeof(uint16_t), w + tap * (k / 32) * 512,
-                                   k_blocks * 512, k / 32);
+                for (int tap = 0; tap < 9; tap++) {
+                    const uint16_t *a = centre + ((tap / 3 - 1) * row + tap % 3 - 1) * k;
+                    const uint16_t *w_tap = w + tap * (k / 32) * 512;
+                    int64_t a_stride = k * sizeof(uint16_t);
+                    if (n_out - nb * 16 > 16)
+                        multiply_tiles(a, a_stride, w_tap, k_blocks * 512, k / 32, 1);
+                    else
+                        multiply_tiles(a, a_stride, w_tap, k_blocks * 512, k / 32, 0);
+                }
                 store_sums(sums);
                 __mmask32 channels = first_channels(n_out - nb * 16);
                 for (int64_t i = 0; i < AMX_PIXELS; i++)
@@ -596,5 +621,5 @@ void conv3x3_amx(const uint16_t *bordered, int64_t n, int64_t height, int64_t wi
         _tile_release();
     }
 }
-DENSE_BLOCK(dense_block_amx, uint16_t, uint16_t, clamp_conv1x1_amx, conv3x3_amx)
+DENSE_BLOCK(dense_block_amx, uint16_t, uint16_t, clamp_conv1x1_amx, conv3x3_amx, ROUND_UP_32)
 #endif

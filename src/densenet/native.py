@@ -252,11 +252,12 @@ def pack_weights(weight: Tensor) -> Tensor:
     n_out, channels, kernel, _ = weight.shape
     dense = weight.detach().permute(0, 2, 3, 1)  # [out, taps, in]: tap by tap, as the kernels run
     if kernel > 1:
-        dense = torch.nn.functional.pad(dense, (0, _round_up_32(channels) - channels))
+        padding = _bordered_channels(channels, weight.dtype) - channels
+        dense = torch.nn.functional.pad(dense, (0, padding))
     dense = dense.reshape(n_out, -1)
-    if weight.dtype == torch.float32:  # panels of 32 outputs: [outputs / 32][inputs][32]
-        padded = torch.nn.functional.pad(dense.t(), (0, _round_up_32(n_out) - n_out))
-        return padded.view(dense.shape[1], -1, 32).transpose(0, 1).contiguous()
+    if weight.dtype == torch.float32:  # panels of 16 outputs: [outputs / 16][inputs][16]
+        padded = torch.nn.functional.pad(dense.t(), (0, -n_out % 16))
+        return padded.view(dense.shape[1], -1, 16).transpose(0, 1).contiguous()
     dense = dense.contiguous()
     packed = torch.empty(_round_up_32(n_out) * _round_up_32(dense.shape[1]), dtype=torch.bfloat16)
     library.pack_weights_amx(
@@ -290,7 +291,7 @@ def clamp_conv1x1(
         out = _channels_last(x, n, out_channels, out_height, out_width)
         out_stride, border = out_channels, 0
     else:
-        assert bordered.shape == _bordered_shape(n, out_channels, out_height, out_width)
+        assert bordered.shape == _bordered_shape(n, out_channels, out_height, out_width, x.dtype)
         assert bordered.dtype == x.dtype
         out, out_stride, border = bordered, bordered.shape[1], 1
     getattr(_layer_library(x.dtype), f"clamp_conv1x1_{LAYER_KERNELS[x.dtype]}")(
@@ -313,13 +314,21 @@ def bordered_buffer(
     n: int, channels: int, height: int, width: int, dtype: torch.dtype = torch.bfloat16
 ) -> Tensor:
     """Zeros to hold :func:`conv3x3`'s input: ``n`` images of ``height`` x ``width`` pixels inside
-    a border of one pixel, ``channels`` rounded up to 32, and the spare pixels the kernels' last
-    tiles read past the end."""
-    return torch.zeros(_bordered_shape(n, channels, height, width), dtype=dtype)
+    a border of one pixel, ``channels`` each (in bf16 rounded up to 32), and the spare pixels the
+    kernels' last tiles read past the end."""
+    return torch.zeros(_bordered_shape(n, channels, height, width, dtype), dtype=dtype)
 
 
-def _bordered_shape(n: int, channels: int, height: int, width: int) -> tuple[int, int]:
-    return n * (height + 2) * (width + 2) + BORDERED_SPARE_PIXELS, _round_up_32(channels)
+def _bordered_shape(
+    n: int, channels: int, height: int, width: int, dtype: torch.dtype
+) -> tuple[int, int]:
+    pixels = n * (height + 2) * (width + 2) + BORDERED_SPARE_PIXELS
+    return pixels, _bordered_channels(channels, dtype)
+
+
+def _bordered_channels(channels: int, dtype: torch.dtype) -> int:
+    """On AMX the channels of a 3x3 convolution's input fill whole tiles, 32 wide."""
+    return _round_up_32(channels) if dtype == torch.bfloat16 else channels
 
 
 def conv3x3(bordered: Tensor, packed: Tensor, out: Tensor) -> Tensor:
@@ -328,7 +337,7 @@ def conv3x3(bordered: Tensor, packed: Tensor, out: Tensor) -> Tensor:
     :func:`pack_weights`; ``out`` a :func:`supports_layer` tensor, e.g. a block tensor's slice."""
     assert supports_layer(out) and bordered.dtype == out.dtype, "check supports_layer() first"
     n, out_channels, height, width = out.shape
-    assert bordered.shape[0] == _bordered_shape(n, 1, height, width)[0]
+    assert bordered.shape[0] == _bordered_shape(n, 1, height, width, out.dtype)[0]
     getattr(_layer_library(out.dtype), f"conv3x3_{LAYER_KERNELS[out.dtype]}")(
         _at(bordered),
         *(ctypes.c_int64(v) for v in (n, height, width, bordered.shape[1])),
@@ -383,7 +392,7 @@ def dense_block(
     assert in_channels + layers * growth <= channels and layers <= len(pointers[0])
     assert in_channels + (layers - 1) * growth <= LAYER_MAX_CHANNELS
     assert bordered.dtype == block.dtype
-    assert bordered.shape == _bordered_shape(n, bottleneck, height, width)
+    assert bordered.shape == _bordered_shape(n, bottleneck, height, width, block.dtype)
     low, high, packed_1x1, bias, packed_3x3 = pointers
     getattr(_layer_library(block.dtype), f"dense_block_{LAYER_KERNELS[block.dtype]}")(
         _at(block),
