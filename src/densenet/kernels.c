@@ -1,6 +1,7 @@
 /* Memory-bound passes over channels_last data as plain loops: optimize_for_inference's clamps and
  * pools, and memory-efficient training's bf16 BN-ReLU and batch-norm input gradient; and, where
- * the compiler targets AMX, a bottleneck layer's two convolutions, the first fused with its clamp
+ * the compiler targets AVX-512 (float32) or AMX (bf16), the dense layers' and transitions'
+ * convolutions, each fused with the clamp before it, and a dense block's layers in one call
  * (at the end).
  *
  * Pixels hold `channels` contiguous values; pixel r of an input starts at x + r * pixel_stride
