@@ -59,6 +59,13 @@ def _block_slice(channels: int = 24) -> torch.Tensor:
     return block[:, :channels]
 
 
+def _split_over(monkeypatch: pytest.MonkeyPatch, threads: int) -> None:
+    """Every kernel call split over ``threads`` threads, however small its input."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    monkeypatch.setattr(native, "PARALLEL_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(native, "PARALLEL_MIN_MULTIPLY_ADDS", 1)
+
+
 def _same_bits(actual: torch.Tensor, expected: torch.Tensor) -> bool:
     """Equal bit for bit: NaN included, with its sign and payload."""
     bits = torch.int16 if actual.dtype == torch.bfloat16 else torch.int32
@@ -83,8 +90,7 @@ def _bounds(channels: int) -> tuple[torch.Tensor, torch.Tensor]:
 @needs_compiler
 @pytest.mark.parametrize("threads", [1, 2])
 def test_the_kernel_equals_torch_clamp_bit_for_bit(fresh_build, monkeypatch, threads):
-    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
-    monkeypatch.setattr(native, "PARALLEL_MIN_ELEMENTS", 1)
+    _split_over(monkeypatch, threads)
     x = _block_slice()
     low, high = _bounds(x.shape[1])
     assert native.available() and native.supports_clamp(x)
@@ -100,8 +106,7 @@ def test_the_kernel_equals_torch_clamp_bit_for_bit(fresh_build, monkeypatch, thr
 def test_the_fused_clamp_and_average_pooling_equal_torch_bit_for_bit(
     fresh_build, monkeypatch, threads, height, width
 ):
-    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
-    monkeypatch.setattr(native, "PARALLEL_MIN_ELEMENTS", 1)
+    _split_over(monkeypatch, threads)
     generator = torch.Generator().manual_seed(2)
     block = (torch.randn(3, 40, height, width, generator=generator) * 3).to(torch.bfloat16)
     x = block.contiguous(memory_format=torch.channels_last)[:, :24]
@@ -144,8 +149,7 @@ def test_the_clamp_takes_only_evenly_spaced_bf16_pixels():
 @needs_compiler
 @pytest.mark.parametrize("threads", [1, 2])
 def test_norm_relu_computes_in_float_and_rounds_once(fresh_build, monkeypatch, threads):
-    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
-    monkeypatch.setattr(native, "PARALLEL_MIN_ELEMENTS", 1)
+    _split_over(monkeypatch, threads)
     x = _block_slice()  # NaN, infinities and signed zeros included
     generator = torch.Generator().manual_seed(6)
     scale, shift = torch.randn(24, generator=generator), torch.randn(24, generator=generator)
@@ -183,8 +187,7 @@ def _norm_gradient_operands() -> tuple[torch.Tensor, ...]:
 def test_the_norm_input_gradient_is_computed_in_float_and_rounded_once(
     fresh_build, monkeypatch, threads, accumulate
 ):
-    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
-    monkeypatch.setattr(native, "PARALLEL_MIN_ELEMENTS", 1)
+    _split_over(monkeypatch, threads)
     target, grad, x, scale_grad, scale_x, shift = _norm_gradient_operands()
     channel = (1, -1, 1, 1)
     exact = (
@@ -381,9 +384,7 @@ def test_the_clamp_and_1x1_convolution_kernel_matches_float64(
 ):
     # Channel counts that are and aren't multiples of the 32-wide tiles, and 105 pixels: three
     # full tiles of 32 (nine of 12) and a partial one; the input a slice of a wider block tensor.
-    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
-    monkeypatch.setattr(native, "PARALLEL_MIN_ELEMENTS", 1)
-    monkeypatch.setattr(native, "PARALLEL_MIN_MULTIPLY_ADDS", 1)
+    _split_over(monkeypatch, threads)
     generator = torch.Generator().manual_seed(7)
     block = torch.randn(3, in_channels + 8, 5, 7, generator=generator).to(dtype)
     x = block.contiguous(memory_format=torch.channels_last)[:, :in_channels]
@@ -405,9 +406,7 @@ def test_the_clamp_and_1x1_convolution_kernel_matches_float64(
 def test_the_transition_kernel_clamps_pools_and_convolves_in_one_pass(monkeypatch, dtype, threads):
     # Odd height and width (the last row and column dropped, as avg_pool2d does), no ReLU, and
     # the input a slice of a wider block tensor.
-    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
-    monkeypatch.setattr(native, "PARALLEL_MIN_ELEMENTS", 1)
-    monkeypatch.setattr(native, "PARALLEL_MIN_MULTIPLY_ADDS", 1)
+    _split_over(monkeypatch, threads)
     generator = torch.Generator().manual_seed(11)
     block = torch.randn(3, 72, 9, 7, generator=generator).to(dtype)
     x = block.contiguous(memory_format=torch.channels_last)[:, :64]
@@ -458,9 +457,7 @@ def test_the_3x3_convolution_kernel_matches_float64_written_into_the_block(
 ):
     # DenseNet-121's shape; channels that aren't multiples of the 32-wide tiles (the input padded
     # in the buffer, the output masked, or split over two passes); images smaller than a tile.
-    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
-    monkeypatch.setattr(native, "PARALLEL_MIN_ELEMENTS", 1)
-    monkeypatch.setattr(native, "PARALLEL_MIN_MULTIPLY_ADDS", 1)
+    _split_over(monkeypatch, threads)
     generator = torch.Generator().manual_seed(5)
     x = torch.randn(3, in_channels, height, width, generator=generator).relu().to(dtype)
     weight = (torch.randn(out_channels, in_channels, 3, 3, generator=generator) / 16).to(dtype)
@@ -488,8 +485,7 @@ def _tiny_network(dtype: torch.dtype) -> torch.nn.Module:
 def test_the_network_runs_its_bottlenecks_and_transitions_through_the_layer_kernels(
     monkeypatch, dtype, threads
 ):
-    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
-    monkeypatch.setattr(native, "PARALLEL_MIN_MULTIPLY_ADDS", 1)
+    _split_over(monkeypatch, threads)
     network = _tiny_network(dtype)
     fused = [m for m in network.modules() if isinstance(m, NativeClampConv1x1)]
     assert len(fused) == 5 + 1  # every bottleneck layer and the transition

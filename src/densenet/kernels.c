@@ -500,7 +500,7 @@ static inline void clamp_pixel_bf16(const uint16_t *in, int64_t pool, int64_t pi
                                     int64_t row_stride, uint16_t *dst, int64_t k,
                                     const float *low, const float *high) {
     for (int64_t c = 0; c < k; c += 16) {
-        __mmask16 mask = k - c >= 16 ? 0xFFFF : (__mmask16)((1u << (k - c)) - 1);
+        __mmask16 mask = first_lanes(k - c);
         __m512 lo = _mm512_maskz_loadu_ps(mask, low + c);
         __m512 hi = _mm512_maskz_loadu_ps(mask, high + c);
         __m512 v = _mm512_min_ps(hi, _mm512_max_ps(lo, widen_16(in + c, mask)));

@@ -310,9 +310,7 @@ def clamp_conv1x1(
     return out
 
 
-def bordered_buffer(
-    n: int, channels: int, height: int, width: int, dtype: torch.dtype = torch.bfloat16
-) -> Tensor:
+def bordered_buffer(n: int, channels: int, height: int, width: int, dtype: torch.dtype) -> Tensor:
     """Zeros to hold :func:`conv3x3`'s input: ``n`` images of ``height`` x ``width`` pixels inside
     a border of one pixel, ``channels`` each (in bf16 rounded up to 32), and the spare pixels the
     kernels' last tiles read past the end."""
