@@ -402,6 +402,32 @@ def test_the_clamp_and_1x1_convolution_kernel_matches_float64(
 
 
 @pytest.mark.parametrize("dtype", LAYER_DTYPES)
+def test_the_fused_clamp_lets_nan_of_either_sign_through_and_clamps_infinities(dtype):
+    # NaN in a channel with a lower bound, one with an upper bound, and one in the last, partial
+    # 32 channels: all its pixel's outputs are NaN, as torch's clamp and convolution make them.
+    generator = torch.Generator().manual_seed(8)
+    x = torch.randn(3, 40, 5, 7, generator=generator).to(dtype)
+    x = x.contiguous(memory_format=torch.channels_last)
+    bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
+    negative_nan = -0x40 if dtype == torch.bfloat16 else -0x400000  # sign and quiet bit set
+    x[0, 0, 0, 0] = float("nan")
+    x.view(bits)[1, 1, 2, 3] = negative_nan
+    x.view(bits)[2, 33, 4, 6] = negative_nan
+    x[0, 1, 3, 3], x[0, 3, 3, 4] = INF, -INF  # beyond an upper and a lower bound
+    low, high = _bounds(40)
+    weight = (torch.randn(48, 40, 1, 1, generator=generator) / 8).to(dtype)
+    bias = torch.randn(48, generator=generator)
+    actual = native.clamp_conv1x1(x, low, high, native.pack_weights(weight), bias, 48)
+    clamped = _torch_clamp(x, low, high).double()
+    exact = F.relu(F.conv2d(clamped, weight.double(), bias.double())).permute(0, 2, 3, 1)
+    actual = actual.permute(0, 2, 3, 1)
+    nan_pixels = x.isnan().any(dim=1)
+    assert int(nan_pixels.sum()) == 3 and exact[nan_pixels].isnan().all()
+    assert actual[nan_pixels].isnan().all()
+    assert _close_to_exact(actual[~nan_pixels], exact[~nan_pixels])
+
+
+@pytest.mark.parametrize("dtype", LAYER_DTYPES)
 @pytest.mark.parametrize("threads", [1, 2])
 def test_the_transition_kernel_clamps_pools_and_convolves_in_one_pass(monkeypatch, dtype, threads):
     # Odd height and width (the last row and column dropped, as avg_pool2d does), no ReLU, and

@@ -493,30 +493,64 @@ static inline __m512 widen_16(const uint16_t *in, __mmask16 mask) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));
 }
 
-/* clamp(x, low, high) per channel, or with `pool` its 2x2 average rounded to bf16, for k
- * channels from in, as clamp_pixel_float. The clamp itself is exact: its bits are narrowed back
- * by a shift. */
-static inline void clamp_pixel_bf16(const uint16_t *in, int64_t pool, int64_t pixel_stride,
-                                    int64_t row_stride, uint16_t *dst, int64_t k,
-                                    const float *low, const float *high) {
+/* avg_pool2d(clamp(x, low, high), 2) rounded to bf16, for k channels of the 2x2 window at in (its
+ * pixels pixel_stride apart, its rows row_stride), in float as clamp_pixel_float computes it. */
+static inline void clamp_pool_pixel_bf16(const uint16_t *in, int64_t pixel_stride,
+                                         int64_t row_stride, uint16_t *dst, int64_t k,
+                                         const float *low, const float *high) {
+    const uint16_t *window[4] = {in, in + pixel_stride, in + row_stride,
+                                 in + row_stride + pixel_stride};
     for (int64_t c = 0; c < k; c += 16) {
         __mmask16 mask = first_lanes(k - c);
         __m512 lo = _mm512_maskz_loadu_ps(mask, low + c);
         __m512 hi = _mm512_maskz_loadu_ps(mask, high + c);
-        __m512 v = _mm512_min_ps(hi, _mm512_max_ps(lo, widen_16(in + c, mask)));
-        if (pool) {
-            const uint16_t *next[3] = {in + pixel_stride, in + row_stride,
-                                       in + row_stride + pixel_stride};
-            for (int w = 0; w < 3; w++) {
-                __m512 u = widen_16(next[w] + c, mask);
-                v = _mm512_add_ps(v, _mm512_min_ps(hi, _mm512_max_ps(lo, u)));
-            }
-            __m256bh rounded = _mm512_cvtneps_pbh(_mm512_div_ps(v, _mm512_set1_ps(4.0f)));
-            _mm256_mask_storeu_epi16(dst + c, mask, (__m256i)rounded);
-        } else {
-            __m256i narrowed = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v), 16));
-            _mm256_mask_storeu_epi16(dst + c, mask, narrowed);
+        __m512 sum = _mm512_setzero_ps();
+        for (int w = 0; w < 4; w++) {
+            __m512 v = widen_16(window[w] + c, mask);
+            sum = _mm512_add_ps(sum, _mm512_min_ps(hi, _mm512_max_ps(lo, v)));
         }
+        __m256bh rounded = _mm512_cvtneps_pbh(_mm512_div_ps(sum, _mm512_set1_ps(4.0f)));
+        _mm256_mask_storeu_epi16(dst + c, mask, (__m256i)rounded);
+    }
+}
+
+/* The clamp on bf16 bits, without widening them to float. Read as signed int16, the bits of
+ * non-negative bf16 values order as the values do; read as unsigned, those of negative values
+ * order by magnitude. So max(x, low) is a signed max for low >= 0 and an unsigned min for
+ * low < 0, and min(x, high) a signed min for high >= 0 and an unsigned max for high < 0. Each
+ * channel's bounds are given for both signs, the one that doesn't apply a no-op, so that 32
+ * channels take four instructions whatever their bounds: half the work of widening to float. */
+enum { LOW_IF_POSITIVE, LOW_IF_NEGATIVE, HIGH_IF_POSITIVE, HIGH_IF_NEGATIVE, BOUND_KINDS };
+
+/* bounds: [BOUND_KINDS][k_padded], from float bounds rounded to bf16 (a bf16 model's bounds are
+ * bf16 numbers). The channels from k on get bounds that let everything through (NaN bits). */
+static void split_bounds(const float *low, const float *high, int64_t k, int64_t k_padded,
+                         uint16_t *bounds) {
+    for (int64_t c = 0; c < k_padded; c++) {
+        uint16_t lo = c < k ? narrow_rounded(low[c]) : 0xFFFF;
+        uint16_t hi = c < k ? narrow_rounded(high[c]) : 0x7FFF;
+        bounds[LOW_IF_POSITIVE * k_padded + c] = lo & 0x8000 ? 0x8000 : lo;
+        bounds[LOW_IF_NEGATIVE * k_padded + c] = lo & 0x8000 ? lo : 0xFFFF;
+        bounds[HIGH_IF_POSITIVE * k_padded + c] = hi & 0x8000 ? 0x7FFF : hi;
+        bounds[HIGH_IF_NEGATIVE * k_padded + c] = hi & 0x8000 ? hi : 0;
+    }
+}
+
+/* clamp(x, low, high) for k channels from in, bounds from split_bounds, into k_padded channels
+ * at dst (zeros past k). NaN passes, as in torch.clamp: its lanes skip the four steps. */
+static inline void clamp_pixel_bits(const uint16_t *in, uint16_t *dst, int64_t k,
+                                    int64_t k_padded, const uint16_t *bounds) {
+    for (int64_t c = 0; c < k_padded; c += 32) {
+        __m512i x = k - c >= 32 ? _mm512_loadu_si512(in + c)
+                                : _mm512_maskz_loadu_epi16(first_channels(k - c), in + c);
+        __m512i magnitude = _mm512_and_si512(x, _mm512_set1_epi16(0x7FFF));
+        __mmask32 number = _mm512_cmple_epu16_mask(magnitude, _mm512_set1_epi16(0x7F80));
+        const uint16_t *b = bounds + c;
+        x = _mm512_mask_max_epi16(x, number, x, _mm512_load_si512(b + LOW_IF_POSITIVE * k_padded));
+        x = _mm512_mask_min_epu16(x, number, x, _mm512_load_si512(b + LOW_IF_NEGATIVE * k_padded));
+        x = _mm512_mask_min_epi16(x, number, x, _mm512_load_si512(b + HIGH_IF_POSITIVE * k_padded));
+        x = _mm512_mask_max_epu16(x, number, x, _mm512_load_si512(b + HIGH_IF_NEGATIVE * k_padded));
+        _mm512_store_si512(dst + c, x);
     }
 }
 
@@ -535,6 +569,8 @@ void clamp_conv1x1_amx(const uint16_t *x, int64_t pixel_stride, int64_t n, int64
         configure_tiles();
         uint16_t clamped[AMX_PIXELS * k_padded] __attribute__((aligned(64)));
         float sums[AMX_PIXELS * 32] __attribute__((aligned(64)));
+        uint16_t bounds[BOUND_KINDS * k_padded] __attribute__((aligned(64)));
+        split_bounds(low, high, k, k_padded, bounds);
         memset(clamped, 0, sizeof clamped);
         PARALLEL_FOR
         for (int64_t first = 0; first < rows; first += AMX_PIXELS) {
@@ -545,8 +581,11 @@ void clamp_conv1x1_amx(const uint16_t *x, int64_t pixel_stride, int64_t n, int64
             locate_pixels(first, pixels, height, width, pixel_stride, pool, border, out_stride,
                           src, at);
             for (int64_t i = 0; i < pixels; i++)
-                clamp_pixel_bf16(x + src[i], pool, pixel_stride, width * pixel_stride,
-                                 clamped + i * k_padded, k, low, high);
+                if (pool)
+                    clamp_pool_pixel_bf16(x + src[i], pixel_stride, width * pixel_stride,
+                                          clamped + i * k_padded, k, low, high);
+                else
+                    clamp_pixel_bits(x + src[i], clamped + i * k_padded, k, k_padded, bounds);
             for (int64_t i = pixels; i < AMX_PIXELS; i++)
                 memset(clamped + i * k_padded, 0, k * sizeof(uint16_t));
             for (int64_t nb = 0; nb < ROUND_UP_32(n_out) / 16; nb += 2) {
