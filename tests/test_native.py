@@ -134,6 +134,19 @@ def test_the_max_pooling_equals_torch_bit_for_bit(fresh_build, monkeypatch, dtyp
     assert not native.supports_max_pool(x[:, :8])  # only dense channels_last
 
 
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_nan_of_either_sign_wins_the_max_pooling(fresh_build, dtype):
+    x = torch.randn(1, 40, 6, 6, generator=torch.Generator().manual_seed(4)).to(dtype)
+    x = x.contiguous(memory_format=torch.channels_last)
+    bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
+    x.view(bits)[0, 3, 3, 3] = -0x40 if dtype == torch.bfloat16 else -0x400000  # in 4 windows
+    x[0, 35, 5, 5] = float("nan")
+    x[0, 36, 0, 0] = INF
+    nan = native.max_pool_3x3s2(x).isnan()
+    assert torch.equal(nan, F.max_pool2d(x, 3, 2, 1).isnan()) and int(nan.sum()) == 5
+
+
 def test_the_clamp_takes_only_evenly_spaced_bf16_pixels():
     x = _block_slice()
     assert native.supports_clamp(x)

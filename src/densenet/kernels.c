@@ -92,38 +92,53 @@ void clamp_avg_pool2_bf16(const uint16_t *x, int64_t pixel_stride, uint16_t *out
     }
 }
 
-/* max_pool2d(x, 3, stride=2, padding=1) of n dense channels_last bf16 or float images. */
-#define MAX_POOL_3X3S2(NAME, T, LOAD, STORE)                                                    \
+/* max_pool2d(x, 3, stride=2, padding=1) of n dense channels_last bf16 or float images: each value
+ * read as a key of type K that orders as the values do (NaN above all, so that it wins the max,
+ * as in max_pool2d; `key != key` is NaN's test for float keys and never true for integer ones). */
+#define MAX_POOL_3X3S2(NAME, T, K, KEY, VALUE, LOWEST)                                          \
     void NAME(const T *x, T *out, int64_t n, int64_t height, int64_t width, int64_t channels, \
               int threads) {                                                                  \
         int64_t out_height = (height - 1) / 2 + 1, out_width = (width - 1) / 2 + 1;            \
         PARALLEL_ROWS                                                                         \
         for (int64_t row = 0; row < n * out_height; row++) {                                  \
-            float window[channels];                                                           \
+            K window[channels];                                                               \
             int64_t image = row / out_height, y = row % out_height;                           \
             for (int64_t x_out = 0; x_out < out_width; x_out++) {                             \
-                for (int64_t c = 0; c < channels; c++) window[c] = -INFINITY;                 \
+                for (int64_t c = 0; c < channels; c++) window[c] = LOWEST;                    \
                 for (int64_t iy = 2 * y - 1; iy <= 2 * y + 1; iy++) {                         \
                     if (iy < 0 || iy >= height) continue;                                     \
                     for (int64_t ix = 2 * x_out - 1; ix <= 2 * x_out + 1; ix++) {             \
                         if (ix < 0 || ix >= width) continue;                                  \
                         const T *in = x + ((image * height + iy) * width + ix) * channels;    \
                         for (int64_t c = 0; c < channels; c++) {                              \
-                            float v = LOAD(in[c]);                                            \
-                            window[c] = (v > window[c] || v != v) ? v : window[c];            \
+                            K key = KEY(in[c]);                                               \
+                            window[c] = (key > window[c] || key != key) ? key : window[c];    \
                         }                                                                     \
                     }                                                                         \
                 }                                                                             \
                 T *dst = out + (row * out_width + x_out) * channels;                          \
-                for (int64_t c = 0; c < channels; c++) dst[c] = STORE(window[c]);             \
+                for (int64_t c = 0; c < channels; c++) dst[c] = VALUE(window[c]);             \
             }                                                                                 \
         }                                                                                     \
     }
 
-static inline float load_float(float v) { return v; }
-static inline float store_float(float v) { return v; }
-MAX_POOL_3X3S2(max_pool_3x3s2_bf16, uint16_t, widen, narrow_exact)
-MAX_POOL_3X3S2(max_pool_3x3s2_float, float, load_float, store_float)
+/* bf16 bits as int16 keys: a negative value's magnitude bits flipped, which orders all values
+ * (+0 above -0), then turned by 127 on the circle of 65,536 keys, where NaN of either sign sits
+ * between +inf and -inf: NaN comes last, -inf first. Integer maxima on 32 lanes cost less than
+ * widening to float. */
+static inline int16_t max_key(uint16_t bits) {
+    uint16_t ordered = bits ^ (uint16_t)((int16_t)bits >> 15 & 0x7FFF);
+    return (int16_t)(uint16_t)(ordered - 127);
+}
+
+static inline uint16_t key_bits(int16_t key) {
+    uint16_t ordered = (uint16_t)((uint16_t)key + 127);
+    return ordered ^ (uint16_t)((int16_t)ordered >> 15 & 0x7FFF);
+}
+
+static inline float same_float(float v) { return v; }
+MAX_POOL_3X3S2(max_pool_3x3s2_bf16, uint16_t, int16_t, max_key, key_bits, INT16_MIN)
+MAX_POOL_3X3S2(max_pool_3x3s2_float, float, float, same_float, same_float, -INFINITY)
 
 /* relu(x * scale + shift) per channel, computed in float and rounded once, for `rows` pixels of
  * bf16 tensors: batch norm with given statistics, then ReLU (NaN passes, as in torch.relu).
