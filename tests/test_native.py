@@ -23,6 +23,7 @@ from densenet.deploy.optimize import (
     NativeClampedReLU,
     NativeDenseBlock,
     NativeMaxPool3x3s2,
+    NativePlainDenseBlock,
     onednn_supports,
 )
 
@@ -549,9 +550,70 @@ def test_a_block_runs_layers_with_more_channels_than_its_kernels_take_unfused(mo
     torch.testing.assert_close(fast, unfused_late, rtol=tolerance, atol=tolerance)
 
 
+needs_amx = pytest.mark.skipif(
+    not native.layer_kernels_available(torch.bfloat16), reason="no AMX kernels on this CPU"
+)
+
+
+@needs_amx
+def test_a_plain_layers_bn_relu_is_written_inside_a_zero_border_for_the_3x3():
+    # A slice of a block tensor holding NaN, infinities and signed zeros; every element of the
+    # new buffer written: the inside rounded once from float, the border, the padding channels
+    # (24 rounded up to the tiles' 32) and the spare pixels zeros.
+    x = _block_slice(24)
+    generator = torch.Generator().manual_seed(9)
+    scale, shift = torch.randn(24, generator=generator), torch.randn(24, generator=generator)
+    n, _, height, width = x.shape
+    shape = (n * (height + 2) * (width + 2) + native.BORDERED_SPARE_PIXELS, 32)
+    garbage = torch.full(shape, float("nan"), dtype=torch.bfloat16)
+    del garbage  # memory for the new buffer to reuse, NaN where nothing is written
+    bordered = native.norm_relu_bordered(x, scale, shift)
+    assert bordered.shape == shape
+    images = bordered[: n * (height + 2) * (width + 2)].view(n, height + 2, width + 2, 32)
+    channel = (1, -1, 1, 1)
+    exact = torch.relu(x.double() * scale.double().view(channel) + shift.double().view(channel))
+    exact = exact.permute(0, 2, 3, 1)
+    inside = images[:, 1:-1, 1:-1, :24].double()
+    finite = exact.isfinite()
+    ulp = torch.finfo(torch.bfloat16).eps * exact[finite].abs()
+    assert ((inside[finite] - exact[finite]).abs() <= 0.5 * ulp + 1e-5).all()
+    assert torch.equal(inside[~finite].isnan(), exact[~finite].isnan())  # NaN passes
+    written = torch.zeros_like(images, dtype=torch.bool)
+    written[:, 1:-1, 1:-1, :24] = True
+    assert not images[~written].any() and not bordered[n * (height + 2) * (width + 2) :].any()
+
+
+def _tiny_plain_network(dtype: torch.dtype) -> torch.nn.Module:
+    model = DenseNet(growth_rate=4, block_config=(2, 3), num_init_features=8, bn_size=0)
+    return optimize_for_inference(randomize_batchnorm(model).eval(), dtype=dtype)
+
+
+@needs_amx
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_plain_network_runs_its_blocks_through_the_layer_kernels_in_bf16(monkeypatch, threads):
+    _split_over(monkeypatch, threads)
+    network = _tiny_plain_network(torch.bfloat16)
+    assert sum(isinstance(m, NativePlainDenseBlock) for m in network.modules()) == 2
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        fast = network(x)
+        monkeypatch.setattr(native, "LAYER_MAX_CHANNELS", 12)  # the later layers of each block
+        late_layers_unfused = network(x)
+        _unfuse(network)  # BN-ReLU and oneDNN's convolutions
+        unfused = network(x)
+    torch.testing.assert_close(fast, unfused, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(late_layers_unfused, unfused, rtol=2e-2, atol=2e-2)
+
+
+def test_plain_float32_blocks_stay_with_onednn():
+    # Its float32 3x3 convolution with k = 12 outputs ran twice as fast as the AVX-512 kernel.
+    network = _tiny_plain_network(torch.float32)
+    assert not any(isinstance(m, NativePlainDenseBlock) for m in network.modules())
+
+
 def _unfuse(network: torch.nn.Module) -> None:
     for module in network.modules():
-        if isinstance(module, NativeDenseBlock):
+        if isinstance(module, NativeDenseBlock | NativePlainDenseBlock):
             module.forward = functools.partial(FastDenseBlock.forward, module)
         elif isinstance(module, BottleneckLayer) and isinstance(module.conv1, NativeClampConv1x1):
             module.act, module.conv1 = module.conv1.unfused, module.conv1.conv

@@ -1,8 +1,8 @@
-/* Memory-bound passes over channels_last data as plain loops: optimize_for_inference's clamps and
- * pools, and memory-efficient training's bf16 BN-ReLU and batch-norm input gradient; and, where
- * the compiler targets AVX-512 (float32) or AMX (bf16), the dense layers' and transitions'
- * convolutions, each fused with the clamp before it, and a dense block's layers in one call
- * (at the end).
+/* Memory-bound passes over channels_last data as plain loops: optimize_for_inference's clamps,
+ * pools and plain layers' BN-ReLU, and memory-efficient training's bf16 BN-ReLU and batch-norm
+ * input gradient; and, where the compiler targets AVX-512 (float32) or AMX (bf16), the dense
+ * layers' and transitions' convolutions, each fused with the clamp before it, and a dense block's
+ * layers in one call (at the end).
  *
  * Pixels hold `channels` contiguous values; pixel r of an input starts at x + r * pixel_stride
  * (a channels_last slice of a wider block tensor has pixel_stride > channels); outputs are dense
@@ -139,6 +139,39 @@ static inline uint16_t key_bits(int16_t key) {
 static inline float same_float(float v) { return v; }
 MAX_POOL_3X3S2(max_pool_3x3s2_bf16, uint16_t, int16_t, max_key, key_bits, INT16_MIN)
 MAX_POOL_3X3S2(max_pool_3x3s2_float, float, float, same_float, same_float, -INFINITY)
+
+/* A plain dense layer's BN-ReLU, relu(x * scale + shift) per channel, computed in float and
+ * rounded once, written inside a zero-bordered buffer for conv3x3_amx below, as the bottleneck's
+ * 1x1 kernel writes its own: [n][height + 2][width + 2][bordered_channels], then `spare` pixels.
+ * Every element is written, the border and padding channels as zeros, so the buffer needs no
+ * zeroing first. x's pixels are pixel_stride apart (a slice of the block tensor). */
+void norm_relu_bordered_bf16(const uint16_t *x, int64_t pixel_stride, int64_t n, int64_t height,
+                             int64_t width, int64_t channels, const float *scale,
+                             const float *shift, uint16_t *bordered, int64_t bordered_channels,
+                             int64_t spare, int threads) {
+    int64_t row_values = (width + 2) * bordered_channels, pixel_bytes = bordered_channels * 2;
+    PARALLEL_ROWS
+    for (int64_t row = 0; row < n * (height + 2); row++) {
+        int64_t image = row / (height + 2), y = row % (height + 2) - 1;
+        uint16_t *dst = bordered + row * row_values;
+        if (y < 0 || y == height) {
+            memset(dst, 0, row_values * sizeof(uint16_t));
+            continue;
+        }
+        memset(dst, 0, pixel_bytes);
+        for (int64_t x_in = 0; x_in < width; x_in++) {
+            const uint16_t *in = x + ((image * height + y) * width + x_in) * pixel_stride;
+            uint16_t *out = dst + (x_in + 1) * bordered_channels;
+            for (int64_t c = 0; c < channels; c++) {
+                float value = widen(in[c]) * scale[c] + shift[c];
+                out[c] = narrow_rounded(value < 0.0f ? 0.0f : value);
+            }
+            memset(out + channels, 0, (bordered_channels - channels) * sizeof(uint16_t));
+        }
+        memset(dst + (width + 1) * bordered_channels, 0, pixel_bytes);
+    }
+    memset(bordered + n * (height + 2) * row_values, 0, spare * pixel_bytes);
+}
 
 /* relu(x * scale + shift) per channel, computed in float and rounded once, for `rows` pixels of
  * bf16 tensors: batch norm with given statistics, then ReLU (NaN passes, as in torch.relu).

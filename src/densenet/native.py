@@ -93,7 +93,7 @@ COMPILE_TIMEOUT_S = 120
 PARALLEL_MIN_ELEMENTS = 1 << 14
 # The same for the convolution kernels, in multiply-adds: about 10 us of one core's work.
 PARALLEL_MIN_MULTIPLY_ADDS = 1 << 20
-POOL_DTYPES = {torch.bfloat16: "bf16", torch.float32: "float"}
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float32: "float"}
 # The kernels that run a bottleneck layer's convolutions, by dtype: their names' endings in
 # kernels.c. The most input channels clamp_conv1x1 takes: its buffer of clamped pixels lives
 # on each OpenMP thread's stack (256 KiB at most). And the most pixels past the end of a bordered
@@ -121,7 +121,7 @@ def supports_max_pool(x: Tensor) -> bool:
     """Whether :func:`max_pool_3x3s2` takes ``x``: a dense channels_last CPU bf16 or float32
     4-D tensor needing no gradient."""
     return (
-        x.dtype in POOL_DTYPES
+        x.dtype in DTYPE_NAMES
         and _plain_cpu_4d(x)
         and x.is_contiguous(memory_format=torch.channels_last)
     )
@@ -329,6 +329,26 @@ def _bordered_channels(channels: int, dtype: torch.dtype) -> int:
     return _round_up_32(channels) if dtype == torch.bfloat16 else channels
 
 
+def norm_relu_bordered(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """``relu(x * scale + shift)`` with float32 per-channel factors (shape ``[C]``), computed in
+    float and rounded once, written inside a new zero-bordered buffer for :func:`conv3x3`, laid
+    out as :func:`bordered_buffer`'s: a plain (BN-ReLU-Conv3x3) dense layer's input, its border
+    the convolution's padding. ``x`` a bf16 :func:`supports_layer` tensor."""
+    assert supports_layer(x) and x.dtype == torch.bfloat16, "check supports_layer(x) first"
+    n, channels, height, width = x.shape
+    bordered = torch.empty(_bordered_shape(n, channels, height, width, x.dtype), dtype=x.dtype)
+    _library().norm_relu_bordered_bf16(
+        _at(x),
+        *(ctypes.c_int64(v) for v in (x.stride(3), n, height, width, channels)),
+        _at(scale),
+        _at(shift),
+        _at(bordered),
+        *(ctypes.c_int64(v) for v in (bordered.shape[1], BORDERED_SPARE_PIXELS)),
+        _threads(bordered.numel()),
+    )
+    return bordered
+
+
 def conv3x3(bordered: Tensor, packed: Tensor, out: Tensor) -> Tensor:
     """``out[:] = conv2d(x, weight, padding=1)``, summed in float32 (in bf16, rounded once), for
     ``x`` held inside ``bordered`` (see :func:`clamp_conv1x1`) and weights from
@@ -429,7 +449,7 @@ def _layer_library(dtype: torch.dtype) -> ctypes.CDLL | None:
 def max_pool_3x3s2(x: Tensor) -> Tensor:
     """``F.max_pool2d(x, 3, stride=2, padding=1)`` for an ``x`` that :func:`supports_max_pool`."""
     library = _checked(supports_max_pool(x))
-    kernel = getattr(library, f"max_pool_3x3s2_{POOL_DTYPES[x.dtype]}")
+    kernel = getattr(library, f"max_pool_3x3s2_{DTYPE_NAMES[x.dtype]}")
     n, channels, height, width = x.shape
     out_height, out_width = (height - 1) // 2 + 1, (width - 1) // 2 + 1
     out = _channels_last(x, n, channels, out_height, out_width)
@@ -516,8 +536,9 @@ def _library() -> ctypes.CDLL | None:
     for name in (
         "clamp_bf16",
         "clamp_avg_pool2_bf16",
-        *(f"max_pool_3x3s2_{t}" for t in POOL_DTYPES.values()),
+        *(f"max_pool_3x3s2_{t}" for t in DTYPE_NAMES.values()),
         "norm_relu_bf16",
+        "norm_relu_bordered_bf16",
         "norm_input_gradient_bf16",
     ):
         getattr(library, name).restype = None

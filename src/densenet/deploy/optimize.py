@@ -268,7 +268,8 @@ def _use_onednn(network: nn.Module, dtype: torch.dtype) -> None:
     """oneDNN for the convolutions; where the C kernels build, they take the stem's max pooling,
     in bf16 the clamps (a transition's with its average pooling), and on AMX (bf16) or AVX-512
     (float32) each bottleneck layer (its clamp with its 1x1 convolution, then its 3x3) and each
-    transition (its clamp, pooling and convolution in one pass)."""
+    transition (its clamp, pooling and convolution in one pass), and on AMX each plain layer (its
+    BN-ReLU, then its 3x3)."""
     for parent in list(network.modules()):
         for name, child in parent.named_children():
             if isinstance(child, Conv2dReLU):
@@ -304,6 +305,13 @@ def _use_onednn(network: nn.Module, dtype: torch.dtype) -> None:
         for name, child in parent.named_children():
             if isinstance(child, FastDenseBlock) and NativeDenseBlock.takes(child):
                 setattr(parent, name, NativeDenseBlock(child))
+            elif (
+                isinstance(child, FastDenseBlock)
+                and bf16
+                and native.layer_kernels_available(dtype)
+                and NativePlainDenseBlock.takes(child)
+            ):
+                setattr(parent, name, NativePlainDenseBlock(child))
 
 
 def _is_3x3s2_max_pool(pool: nn.MaxPool2d) -> bool:
@@ -501,6 +509,49 @@ class NativeDenseBlock(FastDenseBlock):
         channels = self.in_channels + fused * self.growth_rate
         for layer in self.layers[fused:]:  # inputs wider than the kernels take
             out[:, channels : channels + self.growth_rate] = layer(out[:, :channels])
+            channels += self.growth_rate
+        return out
+
+
+class NativePlainDenseBlock(FastDenseBlock):
+    """A block of plain layers (BN-ReLU -> Conv3x3, the paper's DenseNets without bottlenecks)
+    in bf16 through :mod:`densenet.native`'s AMX kernels: each layer's BN-ReLU is written inside a
+    buffer with a zero border, its padding, from which its 3x3 convolution writes straight into
+    the block tensor. The layers themselves (oneDNN) for inputs the kernels don't take. (In
+    float32, oneDNN's 3x3 convolution with k = 12 outputs ran twice as fast as the AVX-512 kernel,
+    so float32 blocks stay with it.)"""
+
+    def __init__(self, block: FastDenseBlock) -> None:
+        nn.Module.__init__(self)
+        self.in_channels, self.out_channels = block.in_channels, block.out_channels
+        self.growth_rate, self.layers = block.growth_rate, block.layers
+        # Plain attributes, as NativeClampConv1x1's: no .to() can change their dtype.
+        self.factors = [
+            (layer.act.scale.float().flatten(), layer.act.shift.float().flatten())
+            for layer in self.layers
+        ]
+        self.packed = [native.pack_weights(layer.conv.weight) for layer in self.layers]
+
+    @staticmethod
+    def takes(block: FastDenseBlock) -> bool:
+        """Whether every layer is a plain layer with a bias-free convolution."""
+        return all(
+            isinstance(layer, PlainLayer) and layer.conv.bias is None for layer in block.layers
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not native.supports_layer(x) or x.dtype != self.packed[0].dtype:
+            return super().forward(x)
+        out = self._block_tensor(x)
+        channels = self.in_channels
+        for layer, (scale, shift), packed in zip(
+            self.layers, self.factors, self.packed, strict=True
+        ):
+            inputs, new = out[:, :channels], out[:, channels : channels + self.growth_rate]
+            if channels <= native.LAYER_MAX_CHANNELS:
+                native.conv3x3(native.norm_relu_bordered(inputs, scale, shift), packed, new)
+            else:
+                new.copy_(layer(inputs))
             channels += self.growth_rate
         return out
 
