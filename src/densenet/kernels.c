@@ -173,6 +173,7 @@ void norm_relu_bordered_bf16(const uint16_t *x, int64_t pixel_stride, int64_t n,
     memset(bordered + n * (height + 2) * row_values, 0, spare * pixel_bytes);
 }
 
+#if !defined(__AVX512BF16__) /* else with AVX-512 instructions, below */
 /* relu(x * scale + shift) per channel, computed in float and rounded once, for `rows` pixels of
  * bf16 tensors: batch norm with given statistics, then ReLU (NaN passes, as in torch.relu).
  * x's pixels are x_stride apart (a channel slice of a block tensor); out's are dense. */
@@ -215,6 +216,7 @@ void norm_input_gradient_bf16(uint16_t *target, int64_t target_stride, const uin
         }
     }
 }
+#endif
 
 /* For the `pixels` output pixels of a 1x1 convolution from pixel `first` on: where each one's input
  * starts (src, in elements from x) and where its output goes (at). The input is n images of
@@ -288,6 +290,16 @@ static inline void prefetch_part(const void *next, int64_t bytes, int64_t part, 
 
 static inline __mmask16 first_lanes(int64_t lanes) {
     return lanes >= 16 ? 0xFFFF : lanes <= 0 ? 0 : (__mmask16)((1u << lanes) - 1);
+}
+
+static inline __mmask32 first_channels(int64_t channels) {
+    return channels >= 32 ? 0xFFFFFFFFu : (__mmask32)((1u << channels) - 1);
+}
+
+/* 16 bf16 values (the lanes of mask; zeros elsewhere) widened to float, exactly. */
+static inline __m512 widen_16(const uint16_t *in, __mmask16 mask) {
+    __m512i bits = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, in));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));
 }
 
 /* acc0[p] += sum over c < k of a[p * a_stride + c] * w0[c][0:16], and the same for acc1 and w1
@@ -429,6 +441,68 @@ DENSE_BLOCK(dense_block_float, float, float, clamp_conv1x1_float, conv3x3_float,
             FLOAT_BORDERED_CHANNELS)
 #endif
 
+#if defined(__AVX512BF16__)
+/* Memory-efficient training's bf16 passes above, with AVX-512: 32 channels at a time, computed in
+ * float as there and rounded by the CPU's conversion instruction (to nearest even, NaN kept
+ * quiet; it reads float denormals as zero, as oneDNN's conversions do). */
+
+/* 32 float sums, the lanes of mask, rounded to bf16 into dst. */
+static inline void store_rounded(uint16_t *dst, __mmask32 mask, __m512 low, __m512 high) {
+    _mm512_mask_storeu_epi16(dst, mask, (__m512i)_mm512_cvtne2ps_pbh(high, low));
+}
+
+void norm_relu_bf16(const uint16_t *restrict x, int64_t x_stride, uint16_t *restrict out,
+                    int64_t rows, int64_t channels, const float *restrict scale,
+                    const float *restrict shift, int threads) {
+    PARALLEL_ROWS
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *in = x + r * x_stride;
+        uint16_t *dst = out + r * channels;
+        for (int64_t c = 0; c < channels; c += 32) {
+            __m512 half[2];
+            for (int h = 0; h < 2; h++) {
+                int64_t at = c + 16 * h;
+                __mmask16 mask = first_lanes(channels - at);
+                __m512 v = _mm512_fmadd_ps(widen_16(in + at, mask),
+                                           _mm512_maskz_loadu_ps(mask, scale + at),
+                                           _mm512_maskz_loadu_ps(mask, shift + at));
+                half[h] = _mm512_max_ps(_mm512_setzero_ps(), v); /* keeps a NaN v */
+            }
+            store_rounded(dst + c, first_channels(channels - c), half[0], half[1]);
+        }
+    }
+}
+
+void norm_input_gradient_bf16(uint16_t *target, int64_t target_stride, const uint16_t *grad,
+                              const uint16_t *x, int64_t rows, int64_t channels,
+                              const float *scale_grad, const float *scale_x, const float *shift,
+                              int accumulate, int threads) {
+    PARALLEL_ROWS
+    for (int64_t r = 0; r < rows; r++) {
+        uint16_t *dst = target + r * target_stride;
+        const uint16_t *g = grad + r * channels, *in = x + r * channels;
+        for (int64_t c = 0; c < channels; c += 32) {
+            __m512 half[2];
+            for (int h = 0; h < 2; h++) {
+                int64_t at = c + 16 * h;
+                __mmask16 mask = first_lanes(channels - at);
+                __m512 from_x = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, scale_x + at),
+                                                widen_16(in + at, mask),
+                                                _mm512_maskz_loadu_ps(mask, shift + at));
+                __m512 from_grad = _mm512_maskz_loadu_ps(mask, scale_grad + at);
+                if (accumulate)
+                    half[h] = _mm512_add_ps(
+                        _mm512_fmadd_ps(from_grad, widen_16(g + at, mask), widen_16(dst + at, mask)),
+                        from_x);
+                else
+                    half[h] = _mm512_fmadd_ps(from_grad, widen_16(g + at, mask), from_x);
+            }
+            store_rounded(dst + c, first_channels(channels - c), half[0], half[1]);
+        }
+    }
+}
+#endif
+
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
 /* On CPUs with AMX, a bottleneck layer on the tile unit, in float, rounding once:
  * - relu(clamp(x, low, high) @ W^T + bias), the layer's clamp and 1x1 convolution in one pass.
@@ -530,15 +604,6 @@ static inline void store_row(const float *sums, __m512 bias_low, __m512 bias_hig
         high = _mm512_max_ps(_mm512_setzero_ps(), high);
     }
     _mm512_mask_storeu_epi16(dst, channels, (__m512i)_mm512_cvtne2ps_pbh(high, low));
-}
-
-static inline __mmask32 first_channels(int64_t channels) {
-    return channels >= 32 ? 0xFFFFFFFFu : (__mmask32)((1u << channels) - 1);
-}
-
-static inline __m512 widen_16(const uint16_t *in, __mmask16 mask) {
-    __m512i bits = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, in));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));
 }
 
 /* avg_pool2d(clamp(x, low, high), 2) rounded to bf16, for k channels of the 2x2 window at in (its

@@ -135,7 +135,8 @@ def supports_norm_relu(x: Tensor, out: Tensor) -> bool:
 
 def norm_relu(x: Tensor, scale: Tensor, shift: Tensor, out: Tensor) -> Tensor:
     """``relu(x * scale + shift)`` with float32 per-channel factors (shape ``[C]``), computed in
-    float and rounded once, into ``out``, for tensors that :func:`supports_norm_relu`."""
+    float and rounded once (with AVX512_BF16 by its conversion, which reads float denormals as
+    zero), into ``out``, for tensors that :func:`supports_norm_relu`."""
     library = _checked(supports_norm_relu(x, out))
     n, channels, height, width = x.shape
     factors = [f.float().contiguous() for f in (scale, shift)]
