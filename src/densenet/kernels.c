@@ -1,8 +1,8 @@
-/* Memory-bound passes over channels_last data as plain loops: optimize_for_inference's clamps,
- * pools and plain layers' BN-ReLU, and memory-efficient training's bf16 BN-ReLU and batch-norm
- * input gradient; and, where the compiler targets AVX-512 (float32) or AMX (bf16), the dense
- * layers' and transitions' convolutions, each fused with the clamp before it, and a dense block's
- * layers in one call (at the end).
+/* Memory-bound passes over channels_last data as plain loops: optimize_for_inference's clamps and
+ * pools, and memory-efficient training's bf16 BN-ReLU and batch-norm input gradient (with AVX-512
+ * where the compiler targets AVX512_BF16); and, where it targets AVX-512 (float32) or AMX (bf16),
+ * the dense layers' and transitions' convolutions, each fused with the clamp (or a plain layer's
+ * BN-ReLU) before it, and a dense block's layers in one call (at the end).
  *
  * Pixels hold `channels` contiguous values; pixel r of an input starts at x + r * pixel_stride
  * (a channels_last slice of a wider block tensor has pixel_stride > channels); outputs are dense
@@ -139,39 +139,6 @@ static inline uint16_t key_bits(int16_t key) {
 static inline float same_float(float v) { return v; }
 MAX_POOL_3X3S2(max_pool_3x3s2_bf16, uint16_t, int16_t, max_key, key_bits, INT16_MIN)
 MAX_POOL_3X3S2(max_pool_3x3s2_float, float, float, same_float, same_float, -INFINITY)
-
-/* A plain dense layer's BN-ReLU, relu(x * scale + shift) per channel, computed in float and
- * rounded once, written inside a zero-bordered buffer for conv3x3_amx below, as the bottleneck's
- * 1x1 kernel writes its own: [n][height + 2][width + 2][bordered_channels], then `spare` pixels.
- * Every element is written, the border and padding channels as zeros, so the buffer needs no
- * zeroing first. x's pixels are pixel_stride apart (a slice of the block tensor). */
-void norm_relu_bordered_bf16(const uint16_t *x, int64_t pixel_stride, int64_t n, int64_t height,
-                             int64_t width, int64_t channels, const float *scale,
-                             const float *shift, uint16_t *bordered, int64_t bordered_channels,
-                             int64_t spare, int threads) {
-    int64_t row_values = (width + 2) * bordered_channels, pixel_bytes = bordered_channels * 2;
-    PARALLEL_ROWS
-    for (int64_t row = 0; row < n * (height + 2); row++) {
-        int64_t image = row / (height + 2), y = row % (height + 2) - 1;
-        uint16_t *dst = bordered + row * row_values;
-        if (y < 0 || y == height) {
-            memset(dst, 0, row_values * sizeof(uint16_t));
-            continue;
-        }
-        memset(dst, 0, pixel_bytes);
-        for (int64_t x_in = 0; x_in < width; x_in++) {
-            const uint16_t *in = x + ((image * height + y) * width + x_in) * pixel_stride;
-            uint16_t *out = dst + (x_in + 1) * bordered_channels;
-            for (int64_t c = 0; c < channels; c++) {
-                float value = widen(in[c]) * scale[c] + shift[c];
-                out[c] = narrow_rounded(value < 0.0f ? 0.0f : value);
-            }
-            memset(out + channels, 0, (bordered_channels - channels) * sizeof(uint16_t));
-        }
-        memset(dst + (width + 1) * bordered_channels, 0, pixel_bytes);
-    }
-    memset(bordered + n * (height + 2) * row_values, 0, spare * pixel_bytes);
-}
 
 #if !defined(__AVX512BF16__) /* else with AVX-512 instructions, below */
 /* relu(x * scale + shift) per channel, computed in float and rounded once, for `rows` pixels of
@@ -442,35 +409,68 @@ DENSE_BLOCK(dense_block_float, float, float, clamp_conv1x1_float, conv3x3_float,
 #endif
 
 #if defined(__AVX512BF16__)
-/* Memory-efficient training's bf16 passes above, with AVX-512: 32 channels at a time, computed in
- * float as there and rounded by the CPU's conversion instruction (to nearest even, NaN kept
- * quiet; it reads float denormals as zero, as oneDNN's conversions do). */
+/* Memory-efficient training's bf16 passes above, with AVX-512 (and a plain layer's BN-ReLU for
+ * the AMX kernels): 32 channels at a time, computed in float as there and rounded by the CPU's
+ * conversion instruction (to nearest even, NaN kept quiet; it reads float denormals as zero, as
+ * oneDNN's conversions do). */
 
 /* 32 float sums, the lanes of mask, rounded to bf16 into dst. */
 static inline void store_rounded(uint16_t *dst, __mmask32 mask, __m512 low, __m512 high) {
     _mm512_mask_storeu_epi16(dst, mask, (__m512i)_mm512_cvtne2ps_pbh(high, low));
 }
 
+/* relu(x * scale + shift) for the `channels` values of one pixel at in, into `width` channels
+ * at dst: zeros past `channels`. */
+static inline void norm_relu_pixel(const uint16_t *in, uint16_t *dst, int64_t channels,
+                                   int64_t width, const float *scale, const float *shift) {
+    for (int64_t c = 0; c < width; c += 32) {
+        __m512 half[2];
+        for (int h = 0; h < 2; h++) {
+            int64_t at = c + 16 * h;
+            __mmask16 mask = first_lanes(channels - at);
+            __m512 v = _mm512_fmadd_ps(widen_16(in + at, mask),
+                                       _mm512_maskz_loadu_ps(mask, scale + at),
+                                       _mm512_maskz_loadu_ps(mask, shift + at));
+            half[h] = _mm512_max_ps(_mm512_setzero_ps(), v); /* keeps a NaN v */
+        }
+        store_rounded(dst + c, first_channels(width - c), half[0], half[1]);
+    }
+}
+
 void norm_relu_bf16(const uint16_t *restrict x, int64_t x_stride, uint16_t *restrict out,
                     int64_t rows, int64_t channels, const float *restrict scale,
                     const float *restrict shift, int threads) {
     PARALLEL_ROWS
-    for (int64_t r = 0; r < rows; r++) {
-        const uint16_t *in = x + r * x_stride;
-        uint16_t *dst = out + r * channels;
-        for (int64_t c = 0; c < channels; c += 32) {
-            __m512 half[2];
-            for (int h = 0; h < 2; h++) {
-                int64_t at = c + 16 * h;
-                __mmask16 mask = first_lanes(channels - at);
-                __m512 v = _mm512_fmadd_ps(widen_16(in + at, mask),
-                                           _mm512_maskz_loadu_ps(mask, scale + at),
-                                           _mm512_maskz_loadu_ps(mask, shift + at));
-                half[h] = _mm512_max_ps(_mm512_setzero_ps(), v); /* keeps a NaN v */
-            }
-            store_rounded(dst + c, first_channels(channels - c), half[0], half[1]);
+    for (int64_t r = 0; r < rows; r++)
+        norm_relu_pixel(x + r * x_stride, out + r * channels, channels, channels, scale, shift);
+}
+
+/* A plain dense layer's BN-ReLU, as norm_relu_bf16, written inside a zero-bordered buffer for
+ * conv3x3_amx below, as the bottleneck's 1x1 kernel writes its own: [n][height + 2][width + 2]
+ * [bordered_channels], then `spare` pixels. Every element is written, the border and padding
+ * channels as zeros, so the buffer needs no zeroing first. x's pixels are pixel_stride apart (a
+ * slice of the block tensor). */
+void norm_relu_bordered_bf16(const uint16_t *x, int64_t pixel_stride, int64_t n, int64_t height,
+                             int64_t width, int64_t channels, const float *scale,
+                             const float *shift, uint16_t *bordered, int64_t bordered_channels,
+                             int64_t spare, int threads) {
+    int64_t row_values = (width + 2) * bordered_channels, pixel_bytes = bordered_channels * 2;
+    PARALLEL_ROWS
+    for (int64_t row = 0; row < n * (height + 2); row++) {
+        int64_t image = row / (height + 2), y = row % (height + 2) - 1;
+        uint16_t *dst = bordered + row * row_values;
+        if (y < 0 || y == height) {
+            memset(dst, 0, row_values * sizeof(uint16_t));
+            continue;
         }
+        memset(dst, 0, pixel_bytes);
+        for (int64_t x_in = 0; x_in < width; x_in++)
+            norm_relu_pixel(x + ((image * height + y) * width + x_in) * pixel_stride,
+                            dst + (x_in + 1) * bordered_channels, channels, bordered_channels,
+                            scale, shift);
+        memset(dst + (width + 1) * bordered_channels, 0, pixel_bytes);
     }
+    memset(bordered + n * (height + 2) * row_values, 0, spare * pixel_bytes);
 }
 
 void norm_input_gradient_bf16(uint16_t *target, int64_t target_stride, const uint16_t *grad,

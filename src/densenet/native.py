@@ -93,11 +93,12 @@ COMPILE_TIMEOUT_S = 120
 PARALLEL_MIN_ELEMENTS = 1 << 14
 # The same for the convolution kernels, in multiply-adds: about 10 us of one core's work.
 PARALLEL_MIN_MULTIPLY_ADDS = 1 << 20
-DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float32: "float"}
+POOL_DTYPES = {torch.bfloat16: "bf16", torch.float32: "float"}
 # The kernels that run a bottleneck layer's convolutions, by dtype: their names' endings in
 # kernels.c. The most input channels clamp_conv1x1 takes: its buffer of clamped pixels lives
-# on each OpenMP thread's stack (256 KiB at most). And the most pixels past the end of a bordered
-# buffer that the kernels' last tiles read (AMX_PIXELS, the larger tile, in kernels.c).
+# on each OpenMP thread's stack (256 KiB at most, and 32 KiB of bounds in bf16). And the most
+# pixels past the end of a bordered buffer that the kernels' last tiles read (AMX_PIXELS, the
+# larger tile, in kernels.c).
 LAYER_KERNELS = {torch.bfloat16: "amx", torch.float32: "float"}
 LAYER_MAX_CHANNELS = 4096
 BORDERED_SPARE_PIXELS = 32
@@ -121,7 +122,7 @@ def supports_max_pool(x: Tensor) -> bool:
     """Whether :func:`max_pool_3x3s2` takes ``x``: a dense channels_last CPU bf16 or float32
     4-D tensor needing no gradient."""
     return (
-        x.dtype in DTYPE_NAMES
+        x.dtype in POOL_DTYPES
         and _plain_cpu_4d(x)
         and x.is_contiguous(memory_format=torch.channels_last)
     )
@@ -332,13 +333,13 @@ def _bordered_channels(channels: int, dtype: torch.dtype) -> int:
 
 def norm_relu_bordered(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     """``relu(x * scale + shift)`` with float32 per-channel factors (shape ``[C]``), computed in
-    float and rounded once, written inside a new zero-bordered buffer for :func:`conv3x3`, laid
-    out as :func:`bordered_buffer`'s: a plain (BN-ReLU-Conv3x3) dense layer's input, its border
-    the convolution's padding. ``x`` a bf16 :func:`supports_layer` tensor."""
+    float and rounded once, as :func:`norm_relu`, written inside a new zero-bordered buffer for
+    :func:`conv3x3`, laid out as :func:`bordered_buffer`'s: a plain (BN-ReLU-Conv3x3) dense layer's
+    input, its border the convolution's padding. ``x`` a bf16 :func:`supports_layer` tensor."""
     assert supports_layer(x) and x.dtype == torch.bfloat16, "check supports_layer(x) first"
     n, channels, height, width = x.shape
     bordered = torch.empty(_bordered_shape(n, channels, height, width, x.dtype), dtype=x.dtype)
-    _library().norm_relu_bordered_bf16(
+    _layer_library(x.dtype).norm_relu_bordered_bf16(
         _at(x),
         *(ctypes.c_int64(v) for v in (x.stride(3), n, height, width, channels)),
         _at(scale),
@@ -442,6 +443,7 @@ def _layer_library(dtype: torch.dtype) -> ctypes.CDLL | None:
         if library.amx_request() != 0:  # a Linux without tile support, or one that refuses it
             return None
         library.pack_weights_amx.restype = None
+        library.norm_relu_bordered_bf16.restype = None
     for name in (f"clamp_conv1x1_{kernels}", f"conv3x3_{kernels}", f"dense_block_{kernels}"):
         getattr(library, name).restype = None
     return library
@@ -450,7 +452,7 @@ def _layer_library(dtype: torch.dtype) -> ctypes.CDLL | None:
 def max_pool_3x3s2(x: Tensor) -> Tensor:
     """``F.max_pool2d(x, 3, stride=2, padding=1)`` for an ``x`` that :func:`supports_max_pool`."""
     library = _checked(supports_max_pool(x))
-    kernel = getattr(library, f"max_pool_3x3s2_{DTYPE_NAMES[x.dtype]}")
+    kernel = getattr(library, f"max_pool_3x3s2_{POOL_DTYPES[x.dtype]}")
     n, channels, height, width = x.shape
     out_height, out_width = (height - 1) // 2 + 1, (width - 1) // 2 + 1
     out = _channels_last(x, n, channels, out_height, out_width)
@@ -537,9 +539,8 @@ def _library() -> ctypes.CDLL | None:
     for name in (
         "clamp_bf16",
         "clamp_avg_pool2_bf16",
-        *(f"max_pool_3x3s2_{t}" for t in DTYPE_NAMES.values()),
+        *(f"max_pool_3x3s2_{t}" for t in POOL_DTYPES.values()),
         "norm_relu_bf16",
-        "norm_relu_bordered_bf16",
         "norm_input_gradient_bf16",
     ):
         getattr(library, name).restype = None
