@@ -140,47 +140,25 @@ static inline float same_float(float v) { return v; }
 MAX_POOL_3X3S2(max_pool_3x3s2_bf16, uint16_t, int16_t, max_key, key_bits, INT16_MIN)
 MAX_POOL_3X3S2(max_pool_3x3s2_float, float, float, same_float, same_float, -INFINITY)
 
-#if !defined(__AVX512BF16__) /* else with AVX-512 instructions, below */
-/* relu(x * scale + shift) per channel, computed in float and rounded once, for `rows` pixels of
- * bf16 tensors: batch norm with given statistics, then ReLU (NaN passes, as in torch.relu).
- * x's pixels are x_stride apart (a channel slice of a block tensor); out's are dense. */
-void norm_relu_bf16(const uint16_t *restrict x, int64_t x_stride, uint16_t *restrict out,
-                    int64_t rows, int64_t channels, const float *restrict scale,
-                    const float *restrict shift, int threads) {
-    PARALLEL_ROWS
-    for (int64_t r = 0; r < rows; r++) {
-        const uint16_t *in = x + r * x_stride;
-        uint16_t *dst = out + r * channels;
-        for (int64_t c = 0; c < channels; c++) {
-            float value = widen(in[c]) * scale[c] + shift[c];
-            dst[c] = narrow_rounded(value < 0.0f ? 0.0f : value);
-        }
+#if !defined(__AVX512BF16__) /* else with AVX-512 instructions, further down */
+/* The BN passes' work on one pixel: see norm_relu_bf16 and norm_input_gradient_bf16 below. */
+static inline void norm_relu_pixel(const uint16_t *in, uint16_t *dst, int64_t channels,
+                                   const float *scale, const float *shift) {
+    for (int64_t c = 0; c < channels; c++) {
+        float value = widen(in[c]) * scale[c] + shift[c];
+        dst[c] = narrow_rounded(value < 0.0f ? 0.0f : value);
     }
 }
 
-/* target = [target +] scale_grad * grad + scale_x * x + shift per channel, for `rows` pixels of
- * bf16 tensors: batch norm's input gradient in training mode, computed in float
- * and rounded once, added to a gradient accumulator when `accumulate` is set, else written (target
- * may then be grad itself). target's pixels are target_stride apart (a channel slice of a block's
- * gradient); grad's and x's are dense. */
-void norm_input_gradient_bf16(uint16_t *target, int64_t target_stride, const uint16_t *grad,
-                              const uint16_t *x, int64_t rows, int64_t channels,
-                              const float *scale_grad, const float *scale_x, const float *shift,
-                              int accumulate, int threads) {
-    PARALLEL_ROWS
-    for (int64_t r = 0; r < rows; r++) {
-        uint16_t *dst = target + r * target_stride;
-        const uint16_t *g = grad + r * channels, *in = x + r * channels;
-        if (accumulate) {
-            for (int64_t c = 0; c < channels; c++) {
-                float sum = widen(dst[c]) + scale_grad[c] * widen(g[c]);
-                dst[c] = narrow_rounded(sum + (scale_x[c] * widen(in[c]) + shift[c]));
-            }
-        } else {
-            for (int64_t c = 0; c < channels; c++)
-                dst[c] = narrow_rounded(scale_grad[c] * widen(g[c]) +
-                                        (scale_x[c] * widen(in[c]) + shift[c]));
-        }
+static inline void norm_input_gradient_pixel(uint16_t *dst, const uint16_t *g, const uint16_t *in,
+                                             int64_t channels, const float *scale_grad,
+                                             const float *scale_x, const float *shift,
+                                             int accumulate) {
+    for (int64_t c = 0; c < channels; c++) {
+        float from_x = scale_x[c] * widen(in[c]) + shift[c];
+        float sum = accumulate ? widen(dst[c]) + scale_grad[c] * widen(g[c])
+                               : scale_grad[c] * widen(g[c]);
+        dst[c] = narrow_rounded(sum + from_x);
     }
 }
 #endif
@@ -421,8 +399,8 @@ static inline void store_rounded(uint16_t *dst, __mmask32 mask, __m512 low, __m5
 
 /* relu(x * scale + shift) for the `channels` values of one pixel at in, into `width` channels
  * at dst: zeros past `channels`. */
-static inline void norm_relu_pixel(const uint16_t *in, uint16_t *dst, int64_t channels,
-                                   int64_t width, const float *scale, const float *shift) {
+static inline void norm_relu_padded(const uint16_t *in, uint16_t *dst, int64_t channels,
+                                    int64_t width, const float *scale, const float *shift) {
     for (int64_t c = 0; c < width; c += 32) {
         __m512 half[2];
         for (int h = 0; h < 2; h++) {
@@ -437,12 +415,9 @@ static inline void norm_relu_pixel(const uint16_t *in, uint16_t *dst, int64_t ch
     }
 }
 
-void norm_relu_bf16(const uint16_t *restrict x, int64_t x_stride, uint16_t *restrict out,
-                    int64_t rows, int64_t channels, const float *restrict scale,
-                    const float *restrict shift, int threads) {
-    PARALLEL_ROWS
-    for (int64_t r = 0; r < rows; r++)
-        norm_relu_pixel(x + r * x_stride, out + r * channels, channels, channels, scale, shift);
+static inline void norm_relu_pixel(const uint16_t *in, uint16_t *dst, int64_t channels,
+                                   const float *scale, const float *shift) {
+    norm_relu_padded(in, dst, channels, channels, scale, shift);
 }
 
 /* A plain dense layer's BN-ReLU, as norm_relu_bf16, written inside a zero-bordered buffer for
@@ -465,43 +440,65 @@ void norm_relu_bordered_bf16(const uint16_t *x, int64_t pixel_stride, int64_t n,
         }
         memset(dst, 0, pixel_bytes);
         for (int64_t x_in = 0; x_in < width; x_in++)
-            norm_relu_pixel(x + ((image * height + y) * width + x_in) * pixel_stride,
-                            dst + (x_in + 1) * bordered_channels, channels, bordered_channels,
-                            scale, shift);
+            norm_relu_padded(x + ((image * height + y) * width + x_in) * pixel_stride,
+                             dst + (x_in + 1) * bordered_channels, channels, bordered_channels,
+                             scale, shift);
         memset(dst + (width + 1) * bordered_channels, 0, pixel_bytes);
     }
     memset(bordered + n * (height + 2) * row_values, 0, spare * pixel_bytes);
 }
 
+static inline void norm_input_gradient_pixel(uint16_t *dst, const uint16_t *g, const uint16_t *in,
+                                             int64_t channels, const float *scale_grad,
+                                             const float *scale_x, const float *shift,
+                                             int accumulate) {
+    for (int64_t c = 0; c < channels; c += 32) {
+        __m512 half[2];
+        for (int h = 0; h < 2; h++) {
+            int64_t at = c + 16 * h;
+            __mmask16 mask = first_lanes(channels - at);
+            __m512 from_x = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, scale_x + at),
+                                            widen_16(in + at, mask),
+                                            _mm512_maskz_loadu_ps(mask, shift + at));
+            __m512 factor = _mm512_maskz_loadu_ps(mask, scale_grad + at);
+            if (accumulate)
+                half[h] = _mm512_add_ps(
+                    _mm512_fmadd_ps(factor, widen_16(g + at, mask), widen_16(dst + at, mask)),
+                    from_x);
+            else
+                half[h] = _mm512_fmadd_ps(factor, widen_16(g + at, mask), from_x);
+        }
+        store_rounded(dst + c, first_channels(channels - c), half[0], half[1]);
+    }
+}
+#endif
+
+/* relu(x * scale + shift) per channel, computed in float and rounded once, for `rows` pixels of
+ * bf16 tensors: batch norm with given statistics, then ReLU (NaN passes, as in torch.relu).
+ * x's pixels are x_stride apart (a channel slice of a block tensor); out's are dense. */
+void norm_relu_bf16(const uint16_t *restrict x, int64_t x_stride, uint16_t *restrict out,
+                    int64_t rows, int64_t channels, const float *restrict scale,
+                    const float *restrict shift, int threads) {
+    PARALLEL_ROWS
+    for (int64_t r = 0; r < rows; r++)
+        norm_relu_pixel(x + r * x_stride, out + r * channels, channels, scale, shift);
+}
+
+/* target = [target +] scale_grad * grad + scale_x * x + shift per channel, for `rows` pixels of
+ * bf16 tensors: batch norm's input gradient in training mode, computed in float
+ * and rounded once, added to a gradient accumulator when `accumulate` is set, else written (target
+ * may then be grad itself). target's pixels are target_stride apart (a channel slice of a block's
+ * gradient); grad's and x's are dense. */
 void norm_input_gradient_bf16(uint16_t *target, int64_t target_stride, const uint16_t *grad,
                               const uint16_t *x, int64_t rows, int64_t channels,
                               const float *scale_grad, const float *scale_x, const float *shift,
                               int accumulate, int threads) {
     PARALLEL_ROWS
-    for (int64_t r = 0; r < rows; r++) {
-        uint16_t *dst = target + r * target_stride;
-        const uint16_t *g = grad + r * channels, *in = x + r * channels;
-        for (int64_t c = 0; c < channels; c += 32) {
-            __m512 half[2];
-            for (int h = 0; h < 2; h++) {
-                int64_t at = c + 16 * h;
-                __mmask16 mask = first_lanes(channels - at);
-                __m512 from_x = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, scale_x + at),
-                                                widen_16(in + at, mask),
-                                                _mm512_maskz_loadu_ps(mask, shift + at));
-                __m512 from_grad = _mm512_maskz_loadu_ps(mask, scale_grad + at);
-                if (accumulate)
-                    half[h] = _mm512_add_ps(
-                        _mm512_fmadd_ps(from_grad, widen_16(g + at, mask), widen_16(dst + at, mask)),
-                        from_x);
-                else
-                    half[h] = _mm512_fmadd_ps(from_grad, widen_16(g + at, mask), from_x);
-            }
-            store_rounded(dst + c, first_channels(channels - c), half[0], half[1]);
-        }
-    }
+    for (int64_t r = 0; r < rows; r++)
+        norm_input_gradient_pixel(target + r * target_stride, grad + r * channels,
+                                  x + r * channels, channels, scale_grad, scale_x, shift,
+                                  accumulate);
 }
-#endif
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
 /* On CPUs with AMX, a bottleneck layer on the tile unit, in float, rounding once:
