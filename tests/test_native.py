@@ -390,6 +390,14 @@ def _close_to_exact(actual: torch.Tensor, exact: torch.Tensor) -> bool:
     return bool((error <= exact.abs() * relative + 1e-5).all())
 
 
+def _1x1_weights(
+    out_channels: int, in_channels: int, dtype: torch.dtype, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 1x1 convolution's random weights in ``dtype`` and its float32 bias."""
+    weight = (torch.randn(out_channels, in_channels, 1, 1, generator=generator) / 8).to(dtype)
+    return weight, torch.randn(out_channels, generator=generator)
+
+
 @pytest.mark.parametrize("dtype", LAYER_DTYPES)
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("in_channels, out_channels", [(64, 128), (40, 48)])
@@ -403,8 +411,7 @@ def test_the_clamp_and_1x1_convolution_kernel_matches_float64(
     block = torch.randn(3, in_channels + 8, 5, 7, generator=generator).to(dtype)
     x = block.contiguous(memory_format=torch.channels_last)[:, :in_channels]
     low, high = _bounds(in_channels)
-    weight = (torch.randn(out_channels, in_channels, 1, 1, generator=generator) / 8).to(dtype)
-    bias = torch.randn(out_channels, generator=generator)
+    weight, bias = _1x1_weights(out_channels, in_channels, dtype, generator)
     assert native.supports_layer(x)
     packed = native.pack_weights(weight)
     actual = native.clamp_conv1x1(x, low, high, packed, bias, out_channels)
@@ -429,8 +436,7 @@ def test_the_fused_clamp_lets_nan_of_either_sign_through_and_clamps_infinities(d
     x.view(bits)[2, 33, 4, 6] = negative_nan
     x[0, 1, 3, 3], x[0, 3, 3, 4] = INF, -INF  # beyond an upper and a lower bound
     low, high = _bounds(40)
-    weight = (torch.randn(48, 40, 1, 1, generator=generator) / 8).to(dtype)
-    bias = torch.randn(48, generator=generator)
+    weight, bias = _1x1_weights(48, 40, dtype, generator)
     actual = native.clamp_conv1x1(x, low, high, native.pack_weights(weight), bias, 48)
     clamped = _torch_clamp(x, low, high).double()
     exact = F.relu(F.conv2d(clamped, weight.double(), bias.double())).permute(0, 2, 3, 1)
@@ -451,8 +457,7 @@ def test_the_transition_kernel_clamps_pools_and_convolves_in_one_pass(monkeypatc
     block = torch.randn(3, 72, 9, 7, generator=generator).to(dtype)
     x = block.contiguous(memory_format=torch.channels_last)[:, :64]
     low, high = _bounds(64)
-    weight = (torch.randn(40, 64, 1, 1, generator=generator) / 8).to(dtype)
-    bias = torch.randn(40, generator=generator)
+    weight, bias = _1x1_weights(40, 64, dtype, generator)
     packed = native.pack_weights(weight)
     actual = native.clamp_conv1x1(x, low, high, packed, bias, 40, relu=False, avg_pool2=True)
     assert actual.dtype == dtype and actual.shape == (3, 40, 4, 3)
@@ -469,8 +474,7 @@ def test_the_1x1_convolution_kernel_writes_inside_a_zero_border_for_the_3x3(dtyp
     x = torch.randn(2, 40, 5, 7, generator=generator).to(dtype)
     x = x.contiguous(memory_format=torch.channels_last)
     low, high = _bounds(40)
-    weight = (torch.randn(48, 40, 1, 1, generator=generator) / 8).to(dtype)
-    bias = torch.randn(48, generator=generator)
+    weight, bias = _1x1_weights(48, 40, dtype, generator)
     packed = native.pack_weights(weight)
     dense = native.clamp_conv1x1(x, low, high, packed, bias, 48)
     bordered = native.clamp_conv1x1(
