@@ -680,7 +680,7 @@ void clamp_conv1x1_amx(const uint16_t *x, int64_t pixel_stride, int64_t n, int64
         uint16_t clamped[AMX_PIXELS * k_padded] __attribute__((aligned(64)));
         float sums[AMX_PIXELS * 32] __attribute__((aligned(64)));
         uint16_t bounds[BOUND_KINDS * k_padded] __attribute__((aligned(64)));
-        split_bounds(low, high, k, k_padded, bounds);
+        if (!pool) split_bounds(low, high, k, k_padded, bounds); /* a transition clamps in float */
         memset(clamped, 0, sizeof clamped);
         PARALLEL_FOR
         for (int64_t first = 0; first < rows; first += AMX_PIXELS) {
