@@ -104,8 +104,19 @@ def test_pickles_load_only_plain_tensors_and_the_refusal_gives_only_the_safe_rou
 def test_corrupt_files_give_one_clear_error(tmp_path, content, suffix):
     path = tmp_path / f"corrupt{suffix}"
     path.write_bytes(content)
-    with pytest.raises(WeightsError, match="cannot read"):
+    with pytest.raises(WeightsError, match="cannot read") as error:
         read_checkpoint(path)
+    # A damaged file is called that, not refused as an unsafe pickle with advice on pickles.
+    assert "pickle may hold only tensors" not in str(error.value)
+
+
+def test_a_truncated_checkpoint_of_either_torch_save_format_is_called_damaged(tmp_path):
+    for legacy in (False, True):
+        path = tmp_path / f"legacy_{legacy}.pth"
+        torch.save(short_bc().state_dict(), path, _use_new_zipfile_serialization=not legacy)
+        path.write_bytes(path.read_bytes()[:2000])
+        with pytest.raises(WeightsError, match="damaged or not a checkpoint"):
+            read_checkpoint(path)
 
 
 def test_truncated_safetensors(tmp_path):

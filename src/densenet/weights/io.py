@@ -111,6 +111,11 @@ def read_checkpoint(source: str | os.PathLike[str], expected_hash: str | None = 
             f".h5 and PyTorch state_dicts ({', '.join(PICKLE_SUFFIXES)}): in PyTorch save one with "
             "torch.save(model.state_dict(), 'weights.pth'), then `densenet convert` it"
         )
+    if not _starts_like_torch_save(path):
+        raise WeightsError(
+            f"cannot read {path} as a PyTorch checkpoint (it is neither a zip archive nor a "
+            "pickle, the two formats torch.save writes): the file is damaged or not a checkpoint"
+        )
     try:
         # weights_only refuses arbitrary pickled objects: a checkpoint can't run code on load.
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -128,6 +133,15 @@ def read_checkpoint(source: str | os.PathLike[str], expected_hash: str | None = 
             "damaged or not a checkpoint"
         ) from None
     return Checkpoint(rename_legacy_keys(_unwrap(obj, path)), os.fspath(source))
+
+
+def _starts_like_torch_save(path: Path) -> bool:
+    """Whether the file begins as torch.save's output does: a zip archive's local header, or (the
+    format before PyTorch 1.6) a pickle's protocol opcode. Other files would reach the unpickler
+    and be refused as unsafe pickles, advice that doesn't fit a damaged file."""
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    return head.startswith((b"PK\x03\x04", pickle.PROTO))
 
 
 def _refusal_reason(error: pickle.UnpicklingError) -> str:
