@@ -222,6 +222,74 @@ def test_the_norm_input_gradient_is_computed_in_float_and_rounded_once(
     assert ((result.double() - exact).abs() <= 0.5 * ulp + 1e-5).all()
 
 
+def _relu_backward_operands(channels: int = 24) -> tuple[torch.Tensor, ...]:
+    """Over 256 pixels (more than one of norm_sums' blocks): a dense bf16 gradient, x as a channel
+    slice of a wider block tensor, a ReLU's output z (positive, +0, -0 and NaN), a mean."""
+    generator = torch.Generator().manual_seed(5)
+
+    def channels_last(*shape: int) -> torch.Tensor:
+        values = torch.randn(*shape, generator=generator) * 4
+        return values.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+
+    grad, x = channels_last(3, channels, 11, 13), channels_last(3, channels + 16, 11, 13)
+    z = channels_last(3, channels, 11, 13).relu()
+    z[0, :3, 0, 0] = torch.tensor([0.0, -0.0, float("nan")])
+    mean = torch.randn(channels, generator=generator)
+    return grad, x[:, :channels], z, mean
+
+
+def _through_relu(grad: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """relu's backward in float64, as threshold_backward(grad, z, 0): NaN z lets grad through."""
+    return torch.where(z.double() <= 0, 0.0, grad.double())
+
+
+@needs_compiler
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("accumulate", [True, False], ids=["added", "over-grad"])
+def test_the_norm_input_gradient_takes_the_relu_backward_and_a_strided_x(
+    fresh_build, monkeypatch, threads, accumulate
+):
+    _split_over(monkeypatch, threads)
+    grad, x, z, _ = _relu_backward_operands()
+    target = torch.randn(3, 40, 11, 13).to(torch.bfloat16)
+    target = target.contiguous(memory_format=torch.channels_last)[:, :24]
+    scale_grad, scale_x, shift = (torch.randn(24) for _ in range(3))
+    channel = (1, -1, 1, 1)
+    exact = (
+        scale_grad.double().view(channel) * _through_relu(grad, z)
+        + scale_x.double().view(channel) * x.double()
+        + shift.double().view(channel)
+    )
+    if accumulate:
+        exact += target.double()
+    else:
+        target = grad
+    assert native.supports_norm_input_gradient(target, grad, x, z)
+    result = native.norm_input_gradient(target, grad, x, scale_grad, scale_x, shift, accumulate, z)
+    assert result.data_ptr() == target.data_ptr()
+    ulp = torch.finfo(torch.bfloat16).eps * exact.abs()
+    assert ((result.double() - exact).abs() <= 0.5 * ulp + 1e-5).all()
+
+
+@needs_compiler
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("through_relu", [True, False], ids=["relu", "plain"])
+def test_the_norm_sums_match_float64_and_repeat_exactly(
+    fresh_build, monkeypatch, threads, through_relu
+):
+    _split_over(monkeypatch, threads)
+    grad, x, z, mean = _relu_backward_operands(channels=40)  # 32 + 8: a partial vector
+    relu_output = z if through_relu else None
+    g = _through_relu(grad, z) if through_relu else grad.double()
+    terms = torch.stack([g, g * (x.double() - mean.double().view(1, -1, 1, 1))])
+    exact = terms.sum(dim=(1, 3, 4))
+    sums = native.norm_sums(grad, x, mean, relu_output)
+    assert sums.dtype == torch.float32 and sums.shape == (2, 40)
+    # Float32 sums of 429 terms each: within 1e-5 of the sum of their magnitudes.
+    assert ((sums.double() - exact).abs() <= 1e-5 * terms.abs().sum(dim=(1, 3, 4))).all()
+    assert torch.equal(native.norm_sums(grad, x, mean, relu_output), sums)
+
+
 def test_the_norm_input_gradient_takes_only_matching_bf16_channels_last_tensors():
     target, grad, x, *_ = _norm_gradient_operands()
     assert native.supports_norm_input_gradient(target, grad, x)
@@ -229,6 +297,9 @@ def test_the_norm_input_gradient_takes_only_matching_bf16_channels_last_tensors(
     assert not native.supports_norm_input_gradient(target, grad.contiguous(), x)  # NCHW
     assert not native.supports_norm_input_gradient(target, grad, x[:, :, :, 1:])
     assert not native.supports_norm_input_gradient(target[:, :, 1:], grad[:, :, 1:], x[:, :, 1:])
+    relu_output = grad.relu()
+    assert native.supports_norm_input_gradient(target, grad, x, relu_output)
+    assert not native.supports_norm_input_gradient(target, grad, x, relu_output.contiguous())
 
 
 def _tiny_bf16_networks() -> tuple[torch.nn.Module, torch.nn.Module]:

@@ -153,10 +153,15 @@ def norm_relu(x: Tensor, scale: Tensor, shift: Tensor, out: Tensor) -> Tensor:
     return out
 
 
-def supports_norm_input_gradient(target: Tensor, grad: Tensor, x: Tensor) -> bool:
+def supports_norm_input_gradient(
+    target: Tensor, grad: Tensor, x: Tensor, relu_output: Tensor | None = None
+) -> bool:
     """Whether :func:`norm_input_gradient` takes these: CPU bf16 4-D tensors of one shape, grad
-    and x dense channels_last, target channels_last or a slice of one along channels."""
-    return _bf16_pixels(target) and _dense_like(grad, target) and _dense_like(x, target)
+    (and relu_output) dense channels_last, target and x channels_last or slices of such along
+    channels."""
+    same = target.shape == x.shape and _bf16_pixels(x)
+    dense = relu_output is None or _dense_like(relu_output, target)
+    return same and dense and _bf16_pixels(target) and _dense_like(grad, target)
 
 
 def norm_input_gradient(
@@ -167,12 +172,15 @@ def norm_input_gradient(
     scale_x: Tensor,
     shift: Tensor,
     accumulate: bool,
+    relu_output: Tensor | None = None,
 ) -> Tensor:
     """``scale_grad * grad + scale_x * x + shift`` with float32 per-channel factors (shape
     ``[C]``), computed in float and rounded once, added to ``target`` if ``accumulate`` else
     written to it (``target`` may be ``grad``), for tensors that
-    :func:`supports_norm_input_gradient`; returns target."""
-    library = _checked(supports_norm_input_gradient(target, grad, x))
+    :func:`supports_norm_input_gradient`; returns target. With ``relu_output`` (``z =
+    relu(norm(x))``), ``grad`` is z's gradient and goes through the ReLU's backward first, as in
+    ``threshold_backward(grad, z, 0)``."""
+    library = _checked(supports_norm_input_gradient(target, grad, x, relu_output))
     n, channels, height, width = target.shape
     factors = [f.float().contiguous() for f in (scale_grad, scale_x, shift)]
     rows = n * height * width
@@ -180,13 +188,41 @@ def norm_input_gradient(
         _at(target),
         ctypes.c_int64(target.stride(3)),
         _at(grad),
+        None if relu_output is None else _at(relu_output),
         _at(x),
+        ctypes.c_int64(x.stride(3)),
         *(ctypes.c_int64(v) for v in (rows, channels)),
         *(_at(f) for f in factors),
         ctypes.c_int(accumulate),
         _threads(rows * channels),
     )
     return target
+
+
+def norm_sums(grad: Tensor, x: Tensor, mean: Tensor, relu_output: Tensor | None = None) -> Tensor:
+    """Batch norm's backward sums per channel, ``[sum(grad), sum(grad * (x - mean))]`` (shape
+    ``[2, C]``, float32, summed in float), for tensors that :func:`supports_norm_input_gradient`
+    (x as its target). With ``relu_output``, grad is taken through the ReLU's backward first, as
+    in :func:`norm_input_gradient`. The same result every time for a given thread count."""
+    library = _checked(supports_norm_input_gradient(x, grad, x, relu_output))
+    n, channels, height, width = x.shape
+    rows = n * height * width
+    threads = _threads(rows * channels)
+    mean = mean.float().contiguous()  # held: the C call reads it
+    partial = torch.empty(threads.value, 2, channels)
+    sums = torch.empty(2, channels)
+    library.norm_sums_bf16(
+        _at(grad),
+        None if relu_output is None else _at(relu_output),
+        _at(x),
+        ctypes.c_int64(x.stride(3)),
+        *(ctypes.c_int64(v) for v in (rows, channels)),
+        _at(mean),
+        _at(partial),
+        _at(sums),
+        threads,
+    )
+    return sums
 
 
 def clamp_channels(x: Tensor, low: Tensor, high: Tensor) -> Tensor:
@@ -542,6 +578,7 @@ def _library() -> ctypes.CDLL | None:
         *(f"max_pool_3x3s2_{t}" for t in POOL_DTYPES.values()),
         "norm_relu_bf16",
         "norm_input_gradient_bf16",
+        "norm_sums_bf16",
     ):
         getattr(library, name).restype = None
     return library

@@ -237,7 +237,7 @@ def _counted(name: str, kernel, calls: list[str]):
     return call
 
 
-# On the CPU, bf16 BN-ReLU and batch norm input gradients run in C kernels where they are built,
+# On the CPU, bf16 BN-ReLU and batch norm's backward run in C kernels where they are built,
 # and in PyTorch's operations where they are not: both routes are held to the same bound.
 @pytest.mark.parametrize("c_kernels", [True, False], ids=["c-kernels", "aten"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -251,14 +251,14 @@ def test_autocast_channels_last_is_as_accurate_as_the_standard_path(
         pytest.skip("the C kernels could not be built here")
     kernel_calls: list[str] = []
     if c_kernels:
-        for name in ("norm_relu", "norm_input_gradient"):
+        for name in ("norm_relu", "norm_input_gradient", "norm_sums"):
             monkeypatch.setattr(native, name, _counted(name, getattr(native, name), kernel_calls))
     else:
         monkeypatch.setattr(native, "available", lambda: False)
     errors = [reduced_precision_errors(dtype, device, seed) for seed in range(ERROR_SEEDS)]
     standard, efficient = (sum(column) / ERROR_SEEDS for column in zip(*errors, strict=True))
     assert efficient <= MAX_ERROR_RATIO * standard
-    expected_calls = {"norm_relu", "norm_input_gradient"}
+    expected_calls = {"norm_relu", "norm_input_gradient", "norm_sums"}
     uses_kernels = c_kernels and dtype == torch.bfloat16 and device == "cpu"
     assert set(kernel_calls) == (expected_calls if uses_kernels else set())
 

@@ -167,17 +167,30 @@ class _Statistics:
         eps: float,
         weight: Tensor,
         accumulate: Tensor | None = None,
+        relu_output: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Gradients of batch_norm(x) (training mode) for x, weight and bias (in weight's dtype).
 
         x's gradient is added to ``accumulate`` if given, else returned (possibly in grad's memory).
+        With ``relu_output`` (z = relu(batch_norm(x)), where the C kernels take it), grad is z's
+        and the kernels take it through the ReLU as they read it.
         """
         grad, invstd = grad.to(x.dtype), torch.rsqrt(var + eps)
+        target = grad if accumulate is None else accumulate
+        if relu_output is not None:
+            assert _NormInputGradient.runs_natively(target, grad, x, relu_output)
+            sum_grad, sum_grad_centred = native.norm_sums(grad, x, mean, relu_output)
+            sums = torch.cat([sum_grad, sum_grad_centred * invstd])
+            # A copy: with synchronized statistics the sums become the global batch's below.
+            grad_bias, grad_weight = sums.to(weight.dtype, copy=True).chunk(2)
+            grad_x = self._input_gradient(
+                sums, weight, mean, invstd, count, grad, x, accumulate, relu_output
+            )
+            return grad_x, grad_weight, grad_bias
         # float32, or bf16 where the C kernel takes it: only BN's per-channel sums, and x's
         # gradient formed from them where it is needed, without an activation-sized tensor of its
         # own. Otherwise in reduced precision: BN's own kernel, which rounds once (mixed-precision
         # arithmetic is slow on the CPU).
-        target = grad if accumulate is None else accumulate
         natively = _NormInputGradient.runs_natively(target, grad, x)
         own_kernel = x.dtype != torch.float32 and not self.synchronized and not natively
         grad_x, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
@@ -189,14 +202,31 @@ class _Statistics:
             grad_x = grad_x if accumulate is None else accumulate.add_(grad_x)
             return grad_x, grad_weight, grad_bias
         sums = torch.cat([grad_bias, grad_weight]).float()
+        grad_x = self._input_gradient(sums, weight, mean, invstd, count, grad, x, accumulate)
+        return grad_x, grad_weight, grad_bias
+
+    def _input_gradient(
+        self,
+        sums: Tensor,
+        weight: Tensor,
+        mean: Tensor,
+        invstd: Tensor,
+        count: int,
+        grad: Tensor,
+        x: Tensor,
+        accumulate: Tensor | None,
+        relu_output: Tensor | None = None,
+    ) -> Tensor:
+        """x's gradient from BN's backward sums (the bias's gradient, then the weight's), added to
+        ``accumulate`` if given, else in grad's memory."""
         if self.synchronized:
             # x's gradient needs the sums over the global batch, as SyncBatchNorm's backward does;
             # the weight's and the bias's stay this process's, for DDP to average.
             dist.all_reduce(sums)
         input_gradient = _NormInputGradient.of(weight, mean, invstd, *sums.chunk(2), count)
         if accumulate is None:
-            return input_gradient.in_place(grad, x), grad_weight, grad_bias
-        return input_gradient.add_to(accumulate, grad, x), grad_weight, grad_bias
+            return input_gradient.in_place(grad, x, relu_output)
+        return input_gradient.add_to(accumulate, grad, x, relu_output)
 
 
 @dataclass(frozen=True)
@@ -226,21 +256,29 @@ class _NormInputGradient:
         return cls(scale_grad.view(shape), scale_x.view(shape), shift.view(shape))
 
     @staticmethod
-    def runs_natively(target: Tensor, grad: Tensor, x: Tensor) -> bool:
+    def runs_natively(
+        target: Tensor, grad: Tensor, x: Tensor, relu_output: Tensor | None = None
+    ) -> bool:
         """Whether :meth:`add_to` and :meth:`in_place` run as one C kernel pass (bf16
-        channels_last on the CPU)."""
-        return native.supports_norm_input_gradient(target, grad, x) and native.available()
+        channels_last on the CPU), with grad taken through the ReLU whose output is
+        ``relu_output`` if given."""
+        supported = native.supports_norm_input_gradient(target, grad, x, relu_output)
+        return supported and native.available()
 
-    def add_to(self, target: Tensor, grad: Tensor, x: Tensor) -> Tensor:
-        """target + the input gradient, in target's memory."""
-        if self.runs_natively(target, grad, x):
-            return native.norm_input_gradient(target, grad, x, *self._factors(), accumulate=True)
+    def add_to(
+        self, target: Tensor, grad: Tensor, x: Tensor, relu_output: Tensor | None = None
+    ) -> Tensor:
+        """target + the input gradient, in target's memory (``relu_output``: the C kernel only)."""
+        if self.runs_natively(target, grad, x, relu_output):
+            factors = self._factors()
+            return native.norm_input_gradient(target, grad, x, *factors, True, relu_output)
         return target.addcmul_(grad, self.scale_grad).addcmul_(x, self.scale_x).add_(self.shift)
 
-    def in_place(self, grad: Tensor, x: Tensor) -> Tensor:
-        """The input gradient, in grad's memory."""
-        if self.runs_natively(grad, grad, x):
-            return native.norm_input_gradient(grad, grad, x, *self._factors(), accumulate=False)
+    def in_place(self, grad: Tensor, x: Tensor, relu_output: Tensor | None = None) -> Tensor:
+        """The input gradient, in grad's memory (``relu_output``: the C kernel only)."""
+        if self.runs_natively(grad, grad, x, relu_output):
+            factors = self._factors()
+            return native.norm_input_gradient(grad, grad, x, *factors, False, relu_output)
         return grad.mul_(self.scale_grad).addcmul_(x, self.scale_x).add_(self.shift)
 
     def _factors(self) -> tuple[Tensor, Tensor, Tensor]:
@@ -394,8 +432,10 @@ def _norm_relu_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of z = relu(batch_norm(x)) for x, the norm's weight and its bias, given z's.
 
-    z is spent: its memory holds the gradients.
+    z and grad_z are spent: the memory of one of them holds x's gradient.
     """
+    if _NormInputGradient.runs_natively(grad_z, grad_z, x, z):
+        return statistics.norm_backward(grad_z, x, mean, var, count, eps, norm_weight, None, z)
     grad_relu_input = _relu_backward(grad_z, z)
     return statistics.norm_backward(grad_relu_input, x, mean, var, count, eps, norm_weight)
 
@@ -593,13 +633,16 @@ class _DenseBlock(torch.autograd.Function):
             # A 1x1 convolution's input gradient goes into the input workspace.
             spare = memory.spare(channels) if memory.features.dtype == dtype else None
             grad_input, grad_conv1 = _conv_backward(grad_new, z.to(dtype), conv_weight, spare)
-            grad_z = _relu_backward(grad_input, z)
-            del grad_input, spare
-            # BN's backward sums are many times faster over a dense x than over the strided slice.
-            x = memory.dense_input(channels)
+            x, relu_output = memory.features[:, :channels], z
+            if not _NormInputGradient.runs_natively(grad[:, :channels], grad_input, x, z):
+                # BN's backward sums are many times faster over a dense x than over the strided
+                # slice. The copy overwrites the spare workspace: the ReLU's backward goes first.
+                grad_input, relu_output = _relu_backward(grad_input, z), None
+                x = memory.dense_input(channels)
+            del spare
             _, *grads1 = statistics.norm_backward(
-                grad_z, x, mean[:channels], var[:channels], count, layer.norm1.eps,
-                norm_weight, accumulate=grad[:, :channels],
+                grad_input, x, mean[:channels], var[:channels], count, layer.norm1.eps,
+                norm_weight, grad[:, :channels], relu_output,
             )  # fmt: skip
             param_grads = [*grads1, grad_conv1, *grads2, *param_grads]
         in_channels = plan.layers[0].norm1.num_features
