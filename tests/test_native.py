@@ -195,33 +195,6 @@ def _norm_gradient_operands() -> tuple[torch.Tensor, ...]:
     return target, grad, x, *factors
 
 
-@needs_compiler
-@pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("accumulate", [True, False], ids=["added", "over-grad"])
-def test_the_norm_input_gradient_is_computed_in_float_and_rounded_once(
-    fresh_build, monkeypatch, threads, accumulate
-):
-    _split_over(monkeypatch, threads)
-    target, grad, x, scale_grad, scale_x, shift = _norm_gradient_operands()
-    channel = (1, -1, 1, 1)
-    exact = (
-        scale_grad.double().view(channel) * grad.double()
-        + scale_x.double().view(channel) * x.double()
-        + shift.double().view(channel)
-    )
-    if accumulate:  # into a channel slice of a block's gradient
-        exact += target.double()
-    else:  # over the incoming gradient itself
-        target = grad
-    assert native.available() and native.supports_norm_input_gradient(target, grad, x)
-    result = native.norm_input_gradient(target, grad, x, scale_grad, scale_x, shift, accumulate)
-    assert result.data_ptr() == target.data_ptr()
-    # One rounding to bf16 (8 significant bits): within half a unit in the last place of the
-    # exact value, plus float32 arithmetic's own error, far below bf16's.
-    ulp = torch.finfo(torch.bfloat16).eps * exact.abs()
-    assert ((result.double() - exact).abs() <= 0.5 * ulp + 1e-5).all()
-
-
 def _relu_backward_operands(channels: int = 24) -> tuple[torch.Tensor, ...]:
     """Over 256 pixels (more than one of norm_sums' blocks): a dense bf16 gradient, x as a channel
     slice of a wider block tensor, a ReLU's output z (positive, +0, -0 and NaN), a mean."""
@@ -246,27 +219,30 @@ def _through_relu(grad: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 @needs_compiler
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("accumulate", [True, False], ids=["added", "over-grad"])
-def test_the_norm_input_gradient_takes_the_relu_backward_and_a_strided_x(
-    fresh_build, monkeypatch, threads, accumulate
+@pytest.mark.parametrize("through_relu", [False, True], ids=["grad", "through-relu"])
+def test_the_norm_input_gradient_is_computed_in_float_and_rounded_once(
+    fresh_build, monkeypatch, threads, accumulate, through_relu
 ):
+    # x a channel slice of a block tensor; through_relu: grad is that of the ReLU's output z.
     _split_over(monkeypatch, threads)
     grad, x, z, _ = _relu_backward_operands()
+    relu_output = z if through_relu else None
     target = torch.randn(3, 40, 11, 13).to(torch.bfloat16)
     target = target.contiguous(memory_format=torch.channels_last)[:, :24]
-    scale_grad, scale_x, shift = (torch.randn(24) for _ in range(3))
-    channel = (1, -1, 1, 1)
-    exact = (
-        scale_grad.double().view(channel) * _through_relu(grad, z)
-        + scale_x.double().view(channel) * x.double()
-        + shift.double().view(channel)
-    )
-    if accumulate:
+    factors = [torch.randn(24) for _ in range(3)]
+    scale_grad, scale_x, shift = (f.double().view(1, -1, 1, 1) for f in factors)
+    g = _through_relu(grad, z) if through_relu else grad.double()
+    exact = scale_grad * g + scale_x * x.double() + shift
+    if accumulate:  # into a channel slice of a block's gradient
         exact += target.double()
-    else:
+    else:  # over the incoming gradient itself
         target = grad
-    assert native.supports_norm_input_gradient(target, grad, x, z)
-    result = native.norm_input_gradient(target, grad, x, scale_grad, scale_x, shift, accumulate, z)
+    assert native.available()
+    assert native.supports_norm_input_gradient(target, grad, x, relu_output)
+    result = native.norm_input_gradient(target, grad, x, *factors, accumulate, relu_output)
     assert result.data_ptr() == target.data_ptr()
+    # One rounding to bf16 (8 significant bits): within half a unit in the last place of the
+    # exact value, plus float32 arithmetic's own error, far below bf16's.
     ulp = torch.finfo(torch.bfloat16).eps * exact.abs()
     assert ((result.double() - exact).abs() <= 0.5 * ulp + 1e-5).all()
 
