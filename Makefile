@@ -7,10 +7,14 @@ STAMP := $(VENV)/.installed
 .PHONY: run test test-kernels lint clean
 
 # Re-install whenever the package metadata changes.
+# PyTorch's wheels come to several GB: pip unpacks them under the venv rather than in /tmp (which
+# may be a small separate disk), keeps no second copy in its cache, and its scratch goes after.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[all,test]'
+	mkdir -p $(VENV)/pip-tmp
+	TMPDIR=$(abspath $(VENV))/pip-tmp $(BIN)/python -m pip install --quiet --no-cache-dir --upgrade pip
+	TMPDIR=$(abspath $(VENV))/pip-tmp $(BIN)/python -m pip install --quiet --no-cache-dir -e '.[all,test]'
+	rm -rf $(VENV)/pip-tmp
 	touch $(STAMP)
 
 run: $(STAMP)
