@@ -50,13 +50,13 @@ def fresh_build(tmp_path, monkeypatch):
     _forget_the_library()
 
 
-def _block_slice(channels: int = 24) -> torch.Tensor:
-    """A bf16 channels_last slice of a wider block tensor, as a dense layer reads it, holding
+def _block_slice(channels: int = 24, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """A channels_last slice of a wider block tensor, as a dense layer reads it, holding
     values on both sides of the bounds, signed zeros, infinities and NaN."""
     generator = torch.Generator().manual_seed(0)
     block = torch.randn(3, 40, 5, 7, generator=generator) * 3
     block.view(-1)[:6] = torch.tensor([float("nan"), INF, -INF, 0.0, -0.0, 1e-40])
-    block = block.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    block = block.to(dtype).contiguous(memory_format=torch.channels_last)
     return block[:, :channels]
 
 
@@ -160,25 +160,39 @@ def test_the_clamp_takes_only_evenly_spaced_bf16_pixels():
     assert not native.supports_clamp(x.clone().requires_grad_())
 
 
+def _within_rounding(result: torch.Tensor, exact: torch.Tensor, magnitude: torch.Tensor) -> bool:
+    """Float32 arithmetic on terms summing to ``magnitude`` in absolute value, and in bf16 one
+    rounding of the result: within a few float32 ulp of the magnitude, plus half a bf16 ulp
+    (8 significant bits) of the exact value."""
+    bound = 4 * torch.finfo(torch.float32).eps * magnitude
+    if result.dtype == torch.bfloat16:
+        bound = bound + 0.5 * torch.finfo(torch.bfloat16).eps * exact.abs()
+    return bool(((result.double() - exact).abs() <= bound).all())
+
+
 @needs_compiler
 @pytest.mark.parametrize("threads", [1, 2])
-def test_norm_relu_computes_in_float_and_rounds_once(fresh_build, monkeypatch, threads):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_norm_relu_computes_in_float_and_rounds_once(fresh_build, monkeypatch, threads, dtype):
     _split_over(monkeypatch, threads)
-    x = _block_slice()  # NaN, infinities and signed zeros included
+    x = _block_slice(dtype=dtype)  # NaN, infinities and signed zeros included
     generator = torch.Generator().manual_seed(6)
     scale, shift = torch.randn(24, generator=generator), torch.randn(24, generator=generator)
     out = torch.empty_like(x)
     assert native.available() and native.supports_norm_relu(x, out)
     assert native.norm_relu(x, scale, shift, out) is out
     channel = (1, -1, 1, 1)
-    exact = torch.relu(x.double() * scale.double().view(channel) + shift.double().view(channel))
+    scaled = x.double() * scale.double().view(channel)
+    exact = torch.relu(scaled + shift.double().view(channel))
     finite = exact.isfinite()
-    ulp = torch.finfo(torch.bfloat16).eps * exact[finite].abs()
-    assert ((out.double()[finite] - exact[finite]).abs() <= 0.5 * ulp + 1e-5).all()
+    magnitude = scaled.abs() + shift.double().abs().view(channel)
+    assert _within_rounding(out[finite], exact[finite], magnitude[finite])
     assert torch.equal(out.double()[~finite].isnan(), exact[~finite].isnan())  # NaN passes
     assert (out.double()[~finite].nan_to_num(0) == exact[~finite].nan_to_num(0)).all()
     assert not native.supports_norm_relu(x, torch.empty_like(x).contiguous())  # NCHW out
-    assert not native.supports_norm_relu(x.float(), out.float())
+    other = torch.float32 if dtype == torch.bfloat16 else torch.bfloat16
+    assert not native.supports_norm_relu(x, out.to(other))  # mixed dtypes
+    assert not native.supports_norm_relu(x.double(), out.double())
 
 
 def _norm_gradient_operands() -> tuple[torch.Tensor, ...]:
@@ -195,14 +209,16 @@ def _norm_gradient_operands() -> tuple[torch.Tensor, ...]:
     return target, grad, x, *factors
 
 
-def _relu_backward_operands(channels: int = 24) -> tuple[torch.Tensor, ...]:
-    """Over 256 pixels (more than one of norm_sums' blocks): a dense bf16 gradient, x as a channel
+def _relu_backward_operands(
+    channels: int = 24, dtype: torch.dtype = torch.bfloat16
+) -> tuple[torch.Tensor, ...]:
+    """Over 256 pixels (more than one of norm_sums' blocks): a dense gradient, x as a channel
     slice of a wider block tensor, a ReLU's output z (positive, +0, -0 and NaN), a mean."""
     generator = torch.Generator().manual_seed(5)
 
     def channels_last(*shape: int) -> torch.Tensor:
         values = torch.randn(*shape, generator=generator) * 4
-        return values.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        return values.to(dtype).contiguous(memory_format=torch.channels_last)
 
     grad, x = channels_last(3, channels, 11, 13), channels_last(3, channels + 16, 11, 13)
     z = channels_last(3, channels, 11, 13).relu()
@@ -220,41 +236,41 @@ def _through_relu(grad: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("accumulate", [True, False], ids=["added", "over-grad"])
 @pytest.mark.parametrize("through_relu", [False, True], ids=["grad", "through-relu"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_the_norm_input_gradient_is_computed_in_float_and_rounded_once(
-    fresh_build, monkeypatch, threads, accumulate, through_relu
+    fresh_build, monkeypatch, threads, accumulate, through_relu, dtype
 ):
     # x a channel slice of a block tensor; through_relu: grad is that of the ReLU's output z.
     _split_over(monkeypatch, threads)
-    grad, x, z, _ = _relu_backward_operands()
+    grad, x, z, _ = _relu_backward_operands(dtype=dtype)
     relu_output = z if through_relu else None
-    target = torch.randn(3, 40, 11, 13).to(torch.bfloat16)
+    target = torch.randn(3, 40, 11, 13).to(dtype)
     target = target.contiguous(memory_format=torch.channels_last)[:, :24]
     factors = [torch.randn(24) for _ in range(3)]
     scale_grad, scale_x, shift = (f.double().view(1, -1, 1, 1) for f in factors)
     g = _through_relu(grad, z) if through_relu else grad.double()
-    exact = scale_grad * g + scale_x * x.double() + shift
+    terms = [scale_grad * g, scale_x * x.double(), shift.expand_as(g)]
     if accumulate:  # into a channel slice of a block's gradient
-        exact += target.double()
+        terms.append(target.double())
     else:  # over the incoming gradient itself
         target = grad
+    exact, magnitude = sum(terms), sum(term.abs() for term in terms)
     assert native.available()
     assert native.supports_norm_input_gradient(target, grad, x, relu_output)
     result = native.norm_input_gradient(target, grad, x, *factors, accumulate, relu_output)
     assert result.data_ptr() == target.data_ptr()
-    # One rounding to bf16 (8 significant bits): within half a unit in the last place of the
-    # exact value, plus float32 arithmetic's own error, far below bf16's.
-    ulp = torch.finfo(torch.bfloat16).eps * exact.abs()
-    assert ((result.double() - exact).abs() <= 0.5 * ulp + 1e-5).all()
+    assert _within_rounding(result, exact, magnitude)
 
 
 @needs_compiler
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("through_relu", [True, False], ids=["relu", "plain"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_the_norm_sums_match_float64_and_repeat_exactly(
-    fresh_build, monkeypatch, threads, through_relu
+    fresh_build, monkeypatch, threads, through_relu, dtype
 ):
     _split_over(monkeypatch, threads)
-    grad, x, z, mean = _relu_backward_operands(channels=40)  # 32 + 8: a partial vector
+    grad, x, z, mean = _relu_backward_operands(channels=40, dtype=dtype)  # 32 + 8: partial
     relu_output = z if through_relu else None
     g = _through_relu(grad, z) if through_relu else grad.double()
     terms = torch.stack([g, g * (x.double() - mean.double().view(1, -1, 1, 1))])
@@ -266,10 +282,15 @@ def test_the_norm_sums_match_float64_and_repeat_exactly(
     assert torch.equal(native.norm_sums(grad, x, mean, relu_output), sums)
 
 
-def test_the_norm_input_gradient_takes_only_matching_bf16_channels_last_tensors():
+def test_the_norm_input_gradient_takes_only_matching_channels_last_tensors():
     target, grad, x, *_ = _norm_gradient_operands()
     assert native.supports_norm_input_gradient(target, grad, x)
-    assert not native.supports_norm_input_gradient(target.float(), grad.float(), x.float())
+    dense_target = target.contiguous(memory_format=torch.channels_last)
+    assert native.supports_norm_input_gradient(dense_target.float(), grad.float(), x.float())
+    assert not native.supports_norm_input_gradient(target, grad.float(), x)  # mixed dtypes
+    assert not native.supports_norm_input_gradient(target.float(), grad.float(), x)
+    assert not native.supports_norm_input_gradient(target, grad, x, grad.float().relu())
+    assert not native.supports_norm_input_gradient(dense_target.double(), grad.double(), x.double())
     assert not native.supports_norm_input_gradient(target, grad.contiguous(), x)  # NCHW
     assert not native.supports_norm_input_gradient(target, grad, x[:, :, :, 1:])
     assert not native.supports_norm_input_gradient(target[:, :, 1:], grad[:, :, 1:], x[:, :, 1:])

@@ -1,9 +1,9 @@
 /* Memory-bound passes over channels_last data as plain loops: optimize_for_inference's clamps and
- * pools, and memory-efficient training's bf16 BN-ReLU, batch-norm backward sums and input
- * gradient (with AVX-512 where the compiler targets AVX512_BF16); and, where it targets AVX-512
- * (float32) or AMX (bf16), the dense layers' and transitions' convolutions, each fused with the
- * clamp (or a plain layer's BN-ReLU) before it, and a dense block's layers in one call (at the
- * end).
+ * pools, and memory-efficient training's BN-ReLU, batch-norm backward sums and input gradient in
+ * float and bf16 (bf16 with AVX-512 where the compiler targets AVX512_BF16); and, where it
+ * targets AVX-512 (float32) or AMX (bf16), the dense layers' and transitions' convolutions, each
+ * fused with the clamp (or a plain layer's BN-ReLU) before it, and a dense block's layers in one
+ * call (at the end).
  *
  * Pixels hold `channels` contiguous values; pixel r of an input starts at x + r * pixel_stride
  * (a channels_last slice of a wider block tensor has pixel_stride > channels); outputs are dense
@@ -141,43 +141,43 @@ static inline float same_float(float v) { return v; }
 MAX_POOL_3X3S2(max_pool_3x3s2_bf16, uint16_t, int16_t, max_key, key_bits, INT16_MIN)
 MAX_POOL_3X3S2(max_pool_3x3s2_float, float, float, same_float, same_float, -INFINITY)
 
+/* The BN passes' work on one pixel of T values, widened to float and narrowed back (see
+ * NORM_PASSES below): plain loops, which the compiler vectorizes for the CPU it targets. */
+#define NORM_PIXELS(SUFFIX, T, WIDEN, NARROW)                                                    \
+    static inline void norm_relu_pixel_##SUFFIX(const T *in, T *dst, int64_t channels,          \
+                                                const float *scale, const float *shift) {       \
+        for (int64_t c = 0; c < channels; c++) {                                                \
+            float value = WIDEN(in[c]) * scale[c] + shift[c];                                   \
+            dst[c] = NARROW(value < 0.0f ? 0.0f : value);                                       \
+        }                                                                                       \
+    }                                                                                           \
+    /* g where the ReLU's output z is positive or NaN, else 0 (relu's backward, as              \
+     * threshold_backward computes it); g itself where there is no z. */                        \
+    static inline float relu_gradient_##SUFFIX(float g, const T *z, int64_t c) {                \
+        return z && WIDEN(z[c]) <= 0.0f ? 0.0f : g;                                             \
+    }                                                                                           \
+    static inline void norm_input_gradient_pixel_##SUFFIX(                                      \
+        T *dst, const T *g, const T *z, const T *in, int64_t channels, const float *scale_grad, \
+        const float *scale_x, const float *shift, int accumulate) {                             \
+        for (int64_t c = 0; c < channels; c++) {                                                \
+            float from_x = scale_x[c] * WIDEN(in[c]) + shift[c];                                \
+            float from_grad = scale_grad[c] * relu_gradient_##SUFFIX(WIDEN(g[c]), z, c);        \
+            dst[c] = NARROW((accumulate ? WIDEN(dst[c]) + from_grad : from_grad) + from_x);     \
+        }                                                                                       \
+    }                                                                                           \
+    static inline void norm_sums_pixel_##SUFFIX(const T *g, const T *z, const T *in,            \
+                                                int64_t channels, const float *mean,            \
+                                                float *sum_grad, float *sum_grad_centred) {     \
+        for (int64_t c = 0; c < channels; c++) {                                                \
+            float grad = relu_gradient_##SUFFIX(WIDEN(g[c]), z, c);                             \
+            sum_grad[c] += grad;                                                                \
+            sum_grad_centred[c] += grad * (WIDEN(in[c]) - mean[c]);                             \
+        }                                                                                       \
+    }
+
+NORM_PIXELS(float, float, same_float, same_float)
 #if !defined(__AVX512BF16__) /* else with AVX-512 instructions, further down */
-/* The BN passes' work on one pixel: see norm_relu_bf16, norm_input_gradient_bf16 and
- * norm_sums_bf16 below. */
-static inline void norm_relu_pixel(const uint16_t *in, uint16_t *dst, int64_t channels,
-                                   const float *scale, const float *shift) {
-    for (int64_t c = 0; c < channels; c++) {
-        float value = widen(in[c]) * scale[c] + shift[c];
-        dst[c] = narrow_rounded(value < 0.0f ? 0.0f : value);
-    }
-}
-
-/* g where the ReLU's output z is positive or NaN, else 0 (relu's backward, as threshold_backward
- * computes it); g itself where there is no z. */
-static inline float relu_gradient(float g, const uint16_t *z, int64_t c) {
-    return z && widen(z[c]) <= 0.0f ? 0.0f : g;
-}
-
-static inline void norm_input_gradient_pixel(uint16_t *dst, const uint16_t *g, const uint16_t *z,
-                                             const uint16_t *in, int64_t channels,
-                                             const float *scale_grad, const float *scale_x,
-                                             const float *shift, int accumulate) {
-    for (int64_t c = 0; c < channels; c++) {
-        float from_x = scale_x[c] * widen(in[c]) + shift[c];
-        float from_grad = scale_grad[c] * relu_gradient(widen(g[c]), z, c);
-        dst[c] = narrow_rounded((accumulate ? widen(dst[c]) + from_grad : from_grad) + from_x);
-    }
-}
-
-static inline void norm_sums_pixel(const uint16_t *g, const uint16_t *z, const uint16_t *in,
-                                   int64_t channels, const float *mean, float *sum_grad,
-                                   float *sum_grad_centred) {
-    for (int64_t c = 0; c < channels; c++) {
-        float grad = relu_gradient(widen(g[c]), z, c);
-        sum_grad[c] += grad;
-        sum_grad_centred[c] += grad * (widen(in[c]) - mean[c]);
-    }
-}
+NORM_PIXELS(bf16, uint16_t, widen, narrow_rounded)
 #endif
 
 /* For the `pixels` output pixels of a 1x1 convolution from pixel `first` on: where each one's input
@@ -432,8 +432,8 @@ static inline void norm_relu_padded(const uint16_t *in, uint16_t *dst, int64_t c
     }
 }
 
-static inline void norm_relu_pixel(const uint16_t *in, uint16_t *dst, int64_t channels,
-                                   const float *scale, const float *shift) {
+static inline void norm_relu_pixel_bf16(const uint16_t *in, uint16_t *dst, int64_t channels,
+                                        const float *scale, const float *shift) {
     norm_relu_padded(in, dst, channels, channels, scale, shift);
 }
 
@@ -473,10 +473,11 @@ static inline __m512 relu_gradient_16(const uint16_t *g, const uint16_t *z, __mm
     return widen_16(g, mask);
 }
 
-static inline void norm_input_gradient_pixel(uint16_t *dst, const uint16_t *g, const uint16_t *z,
-                                             const uint16_t *in, int64_t channels,
-                                             const float *scale_grad, const float *scale_x,
-                                             const float *shift, int accumulate) {
+static inline void norm_input_gradient_pixel_bf16(uint16_t *dst, const uint16_t *g,
+                                                  const uint16_t *z, const uint16_t *in,
+                                                  int64_t channels, const float *scale_grad,
+                                                  const float *scale_x, const float *shift,
+                                                  int accumulate) {
     for (int64_t c = 0; c < channels; c += 32) {
         __m512 half[2];
         for (int h = 0; h < 2; h++) {
@@ -497,9 +498,9 @@ static inline void norm_input_gradient_pixel(uint16_t *dst, const uint16_t *g, c
     }
 }
 
-static inline void norm_sums_pixel(const uint16_t *g, const uint16_t *z, const uint16_t *in,
-                                   int64_t channels, const float *mean, float *sum_grad,
-                                   float *sum_grad_centred) {
+static inline void norm_sums_pixel_bf16(const uint16_t *g, const uint16_t *z, const uint16_t *in,
+                                        int64_t channels, const float *mean, float *sum_grad,
+                                        float *sum_grad_centred) {
     for (int64_t c = 0; c < channels; c += 16) {
         __mmask16 mask = first_lanes(channels - c);
         __m512 grad = relu_gradient_16(g + c, z ? z + c : NULL, mask);
@@ -514,64 +515,71 @@ static inline void norm_sums_pixel(const uint16_t *g, const uint16_t *z, const u
 }
 #endif
 
-/* relu(x * scale + shift) per channel, computed in float and rounded once, for `rows` pixels of
- * bf16 tensors: batch norm with given statistics, then ReLU (NaN passes, as in torch.relu).
- * x's pixels are x_stride apart (a channel slice of a block tensor); out's are dense. */
-void norm_relu_bf16(const uint16_t *restrict x, int64_t x_stride, uint16_t *restrict out,
-                    int64_t rows, int64_t channels, const float *restrict scale,
-                    const float *restrict shift, int threads) {
-    PARALLEL_ROWS
-    for (int64_t r = 0; r < rows; r++)
-        norm_relu_pixel(x + r * x_stride, out + r * channels, channels, scale, shift);
-}
-
-/* target = [target +] scale_grad * grad + scale_x * x + shift per channel, for `rows` pixels of
- * bf16 tensors: batch norm's input gradient in training mode, computed in float
- * and rounded once, added to a gradient accumulator when `accumulate` is set, else written (target
- * may then be grad itself). With relu_out (BN-ReLU's output z), grad is z's gradient, taken
- * through the ReLU first. target's and x's pixels are target_stride and x_stride apart (channel
- * slices of a block's gradient and of its tensor); grad's and relu_out's are dense. */
-void norm_input_gradient_bf16(uint16_t *target, int64_t target_stride, const uint16_t *grad,
-                              const uint16_t *relu_out, const uint16_t *x, int64_t x_stride,
-                              int64_t rows, int64_t channels, const float *scale_grad,
-                              const float *scale_x, const float *shift, int accumulate,
-                              int threads) {
-    PARALLEL_ROWS
-    for (int64_t r = 0; r < rows; r++)
-        norm_input_gradient_pixel(target + r * target_stride, grad + r * channels,
-                                  relu_out ? relu_out + r * channels : NULL, x + r * x_stride,
-                                  channels, scale_grad, scale_x, shift, accumulate);
-}
-
 #define SUM_BLOCK_PIXELS 256
 
-/* Batch norm's backward sums for `rows` pixels of bf16 tensors, per channel in float: of the
- * gradient g of its output (grad taken through the ReLU whose output is relu_out) and of
- * g * (x - mean): its bias's gradient and, times 1 / std, its weight's. x's pixels are x_stride
- * apart; grad's and relu_out's are dense. Thread t sums the t-th of `threads` equal runs of pixels
- * in blocks of SUM_BLOCK_PIXELS into partial[t] ([threads][2][channels]); sums ([2][channels]) is
- * their total, added in order: the same result every time for a given thread count. */
-void norm_sums_bf16(const uint16_t *grad, const uint16_t *relu_out, const uint16_t *x,
-                    int64_t x_stride, int64_t rows, int64_t channels, const float *mean,
-                    float *partial, float *sums, int threads) {
-    PARALLEL_ROWS
-    for (int t = 0; t < threads; t++) {
-        float *total = partial + t * 2 * channels, block[2 * channels];
-        memset(total, 0, sizeof block);
-        int64_t end = rows * (t + 1) / threads;
-        for (int64_t first = rows * t / threads; first < end; first += SUM_BLOCK_PIXELS) {
-            memset(block, 0, sizeof block);
-            int64_t last = first + SUM_BLOCK_PIXELS < end ? first + SUM_BLOCK_PIXELS : end;
-            for (int64_t r = first; r < last; r++)
-                norm_sums_pixel(grad + r * channels, relu_out ? relu_out + r * channels : NULL,
-                                x + r * x_stride, channels, mean, block, block + channels);
-            for (int64_t c = 0; c < 2 * channels; c++) total[c] += block[c];
-        }
+/* Memory-efficient training's BN passes, for `rows` pixels of T (bf16 or float) tensors, each
+ * computed per channel in float (and rounded once to bf16):
+ * - norm_relu: out = relu(x * scale + shift), batch norm with given statistics, then ReLU (NaN
+ *   passes, as in torch.relu). x's pixels are x_stride apart (a channel slice of a block tensor);
+ *   out's are dense.
+ * - norm_input_gradient: target = [target +] scale_grad * grad + scale_x * x + shift, batch
+ *   norm's input gradient in training mode, added to a gradient accumulator when `accumulate` is
+ *   set, else written (target may then be grad itself). With relu_out (BN-ReLU's output z), grad
+ *   is z's gradient, taken through the ReLU first. target's and x's pixels are target_stride and
+ *   x_stride apart (channel slices of a block's gradient and of its tensor); grad's and
+ *   relu_out's are dense.
+ * - norm_sums: batch norm's backward sums, of the gradient g of its output (grad taken through
+ *   the ReLU whose output is relu_out) and of g * (x - mean): its bias's gradient and, times
+ *   1 / std, its weight's. Thread t sums the t-th of `threads` equal runs of pixels in blocks of
+ *   SUM_BLOCK_PIXELS into partial[t] ([threads][2][channels]); sums ([2][channels]) is their
+ *   total, added in order: the same result every time for a given thread count. */
+#define NORM_PASSES(SUFFIX, T)                                                                   \
+    void norm_relu_##SUFFIX(const T *restrict x, int64_t x_stride, T *restrict out,             \
+                            int64_t rows, int64_t channels, const float *restrict scale,        \
+                            const float *restrict shift, int threads) {                         \
+        PARALLEL_ROWS                                                                           \
+        for (int64_t r = 0; r < rows; r++)                                                      \
+            norm_relu_pixel_##SUFFIX(x + r * x_stride, out + r * channels, channels, scale,     \
+                                     shift);                                                    \
+    }                                                                                           \
+    void norm_input_gradient_##SUFFIX(T *target, int64_t target_stride, const T *grad,          \
+                                      const T *relu_out, const T *x, int64_t x_stride,          \
+                                      int64_t rows, int64_t channels, const float *scale_grad,  \
+                                      const float *scale_x, const float *shift, int accumulate, \
+                                      int threads) {                                            \
+        PARALLEL_ROWS                                                                           \
+        for (int64_t r = 0; r < rows; r++)                                                      \
+            norm_input_gradient_pixel_##SUFFIX(                                                 \
+                target + r * target_stride, grad + r * channels,                                \
+                relu_out ? relu_out + r * channels : NULL, x + r * x_stride, channels,          \
+                scale_grad, scale_x, shift, accumulate);                                        \
+    }                                                                                           \
+    void norm_sums_##SUFFIX(const T *grad, const T *relu_out, const T *x, int64_t x_stride,     \
+                            int64_t rows, int64_t channels, const float *mean, float *partial,  \
+                            float *sums, int threads) {                                         \
+        PARALLEL_ROWS                                                                           \
+        for (int t = 0; t < threads; t++) {                                                     \
+            float *total = partial + t * 2 * channels, block[2 * channels];                     \
+            memset(total, 0, sizeof block);                                                     \
+            int64_t end = rows * (t + 1) / threads;                                             \
+            for (int64_t first = rows * t / threads; first < end; first += SUM_BLOCK_PIXELS) {  \
+                memset(block, 0, sizeof block);                                                 \
+                int64_t last = first + SUM_BLOCK_PIXELS < end ? first + SUM_BLOCK_PIXELS : end; \
+                for (int64_t r = first; r < last; r++)                                          \
+                    norm_sums_pixel_##SUFFIX(grad + r * channels,                               \
+                                             relu_out ? relu_out + r * channels : NULL,         \
+                                             x + r * x_stride, channels, mean, block,           \
+                                             block + channels);                                 \
+                for (int64_t c = 0; c < 2 * channels; c++) total[c] += block[c];                \
+            }                                                                                   \
+        }                                                                                       \
+        memset(sums, 0, 2 * channels * sizeof(float));                                          \
+        for (int t = 0; t < threads; t++)                                                       \
+            for (int64_t c = 0; c < 2 * channels; c++)                                          \
+                sums[c] += partial[t * 2 * channels + c];                                       \
     }
-    memset(sums, 0, 2 * channels * sizeof(float));
-    for (int t = 0; t < threads; t++)
-        for (int64_t c = 0; c < 2 * channels; c++) sums[c] += partial[t * 2 * channels + c];
-}
+NORM_PASSES(bf16, uint16_t)
+NORM_PASSES(float, float)
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
 /* On CPUs with AMX, a bottleneck layer on the tile unit, in float, rounding once:

@@ -36,8 +36,8 @@ within float32 rounding of them (the same error against float64), and the networ
 faster in bf16 and 1.45x in float32 at batch 1 than with oneDNN's convolutions (medians of 15
 alternating in-process rounds; see docs/inference.md).
 
-Memory-efficient training in bf16 (:mod:`densenet.models.efficient`) uses two more, each computing
-in float and rounding once:
+Memory-efficient training (:mod:`densenet.models.efficient`) uses three more, in bf16 and float32,
+each computing in float (and rounding once to bf16):
 
 - :func:`norm_relu`, BN with given statistics and ReLU in one pass that reads a layer's input
   straight from the block tensor's slice, where ATen copies the slice to a dense tensor (its BN
@@ -46,7 +46,10 @@ in float and rounding once:
   block's gradient accumulator (or written over the incoming gradient). ATen's kernel allocates two
   tensors the size of the layer's input for it (a different size in every layer of a block, which
   leaves glibc's heap full of holes), and adding it to the accumulator takes another pass and a
-  second rounding.
+  second rounding;
+- :func:`norm_sums`, BN's two per-channel backward sums, with the ReLU's backward folded in:
+  one pass over the gradient, the ReLU's output and the input slice, where ATen first writes the
+  ReLU's gradient and copies the slice to a dense tensor.
 
 Each kernel splits its pixels across torch's thread count with OpenMP, built with ``-fopenmp``
 against the ``libgomp.so.1`` that PyTorch's Linux wheels have already loaded: the kernels run on
@@ -93,7 +96,9 @@ COMPILE_TIMEOUT_S = 120
 PARALLEL_MIN_ELEMENTS = 1 << 14
 # The same for the convolution kernels, in multiply-adds: about 10 us of one core's work.
 PARALLEL_MIN_MULTIPLY_ADDS = 1 << 20
-POOL_DTYPES = {torch.bfloat16: "bf16", torch.float32: "float"}
+# The dtypes that the max pooling and memory-efficient training's BN kernels take: the endings of
+# their names in kernels.c.
+KERNEL_DTYPES = {torch.bfloat16: "bf16", torch.float32: "float"}
 # The kernels that run a bottleneck layer's convolutions, by dtype: their names' endings in
 # kernels.c. The most input channels clamp_conv1x1 takes: its buffer of clamped pixels lives
 # on each OpenMP thread's stack (256 KiB at most, and 32 KiB of bounds in bf16). And the most
@@ -115,34 +120,34 @@ def available() -> bool:
 def supports_clamp(x: Tensor) -> bool:
     """Whether :func:`clamp_channels` and :func:`clamp_avg_pool2` take ``x``: a CPU bf16
     channels_last 4-D tensor, or a slice of one along channels, needing no gradient."""
-    return _bf16_pixels(x)
+    return _norm_pixels(x, torch.bfloat16)
 
 
 def supports_max_pool(x: Tensor) -> bool:
     """Whether :func:`max_pool_3x3s2` takes ``x``: a dense channels_last CPU bf16 or float32
     4-D tensor needing no gradient."""
     return (
-        x.dtype in POOL_DTYPES
+        x.dtype in KERNEL_DTYPES
         and _plain_cpu_4d(x)
         and x.is_contiguous(memory_format=torch.channels_last)
     )
 
 
 def supports_norm_relu(x: Tensor, out: Tensor) -> bool:
-    """Whether :func:`norm_relu` takes these: CPU bf16 4-D tensors of one shape, ``x``
-    channels_last or a slice of one along channels, ``out`` dense channels_last."""
-    return _bf16_pixels(x) and _dense_like(out, x)
+    """Whether :func:`norm_relu` takes these: CPU bf16 or float32 4-D tensors of one shape and
+    dtype, ``x`` channels_last or a slice of one along channels, ``out`` dense channels_last."""
+    return _norm_pixels(x) and _dense_like(out, x)
 
 
 def norm_relu(x: Tensor, scale: Tensor, shift: Tensor, out: Tensor) -> Tensor:
     """``relu(x * scale + shift)`` with float32 per-channel factors (shape ``[C]``), computed in
-    float and rounded once (with AVX512_BF16 by its conversion, which reads float denormals as
-    zero), into ``out``, for tensors that :func:`supports_norm_relu`."""
+    float (and, in bf16, rounded once: with AVX512_BF16 by its conversion, which reads float
+    denormals as zero), into ``out``, for tensors that :func:`supports_norm_relu`."""
     library = _checked(supports_norm_relu(x, out))
     n, channels, height, width = x.shape
     factors = [f.float().contiguous() for f in (scale, shift)]
     rows = n * height * width
-    library.norm_relu_bf16(
+    getattr(library, f"norm_relu_{KERNEL_DTYPES[x.dtype]}")(
         _at(x),
         ctypes.c_int64(x.stride(3)),
         _at(out),
@@ -156,12 +161,12 @@ def norm_relu(x: Tensor, scale: Tensor, shift: Tensor, out: Tensor) -> Tensor:
 def supports_norm_input_gradient(
     target: Tensor, grad: Tensor, x: Tensor, relu_output: Tensor | None = None
 ) -> bool:
-    """Whether :func:`norm_input_gradient` takes these: CPU bf16 4-D tensors of one shape, grad
-    (and relu_output) dense channels_last, target and x channels_last or slices of such along
-    channels."""
-    same = target.shape == x.shape and _bf16_pixels(x)
+    """Whether :func:`norm_input_gradient` takes these: CPU bf16 or float32 4-D tensors of one
+    shape and dtype, grad (and relu_output) dense channels_last, target and x channels_last or
+    slices of such along channels."""
+    same = target.shape == x.shape and _norm_pixels(x) and _norm_pixels(target, x.dtype)
     dense = relu_output is None or _dense_like(relu_output, target)
-    return same and dense and _bf16_pixels(target) and _dense_like(grad, target)
+    return same and dense and _dense_like(grad, target)
 
 
 def norm_input_gradient(
@@ -175,8 +180,8 @@ def norm_input_gradient(
     relu_output: Tensor | None = None,
 ) -> Tensor:
     """``scale_grad * grad + scale_x * x + shift`` with float32 per-channel factors (shape
-    ``[C]``), computed in float and rounded once, added to ``target`` if ``accumulate`` else
-    written to it (``target`` may be ``grad``), for tensors that
+    ``[C]``), computed in float (and rounded once in bf16), added to ``target`` if
+    ``accumulate`` else written to it (``target`` may be ``grad``), for tensors that
     :func:`supports_norm_input_gradient`; returns target. With ``relu_output`` (``z =
     relu(norm(x))``), ``grad`` is z's gradient and goes through the ReLU's backward first, as in
     ``threshold_backward(grad, z, 0)``."""
@@ -184,7 +189,7 @@ def norm_input_gradient(
     n, channels, height, width = target.shape
     factors = [f.float().contiguous() for f in (scale_grad, scale_x, shift)]
     rows = n * height * width
-    library.norm_input_gradient_bf16(
+    getattr(library, f"norm_input_gradient_{KERNEL_DTYPES[x.dtype]}")(
         _at(target),
         ctypes.c_int64(target.stride(3)),
         _at(grad),
@@ -211,7 +216,7 @@ def norm_sums(grad: Tensor, x: Tensor, mean: Tensor, relu_output: Tensor | None 
     mean = mean.float().contiguous()  # held: the C call reads it
     partial = torch.empty(threads.value, 2, channels)
     sums = torch.empty(2, channels)
-    library.norm_sums_bf16(
+    getattr(library, f"norm_sums_{KERNEL_DTYPES[x.dtype]}")(
         _at(grad),
         None if relu_output is None else _at(relu_output),
         _at(x),
@@ -488,7 +493,7 @@ def _layer_library(dtype: torch.dtype) -> ctypes.CDLL | None:
 def max_pool_3x3s2(x: Tensor) -> Tensor:
     """``F.max_pool2d(x, 3, stride=2, padding=1)`` for an ``x`` that :func:`supports_max_pool`."""
     library = _checked(supports_max_pool(x))
-    kernel = getattr(library, f"max_pool_3x3s2_{POOL_DTYPES[x.dtype]}")
+    kernel = getattr(library, f"max_pool_3x3s2_{KERNEL_DTYPES[x.dtype]}")
     n, channels, height, width = x.shape
     out_height, out_width = (height - 1) // 2 + 1, (width - 1) // 2 + 1
     out = _channels_last(x, n, channels, out_height, out_width)
@@ -506,15 +511,17 @@ def _plain_cpu_4d(x: Tensor) -> bool:
     return x.device.type == "cpu" and x.dim() == 4 and no_grad_needed
 
 
-def _bf16_pixels(x: Tensor) -> bool:
-    """A CPU bf16 channels_last 4-D tensor, or a slice of one along channels, needing no grad."""
-    return x.dtype == torch.bfloat16 and _plain_cpu_4d(x) and _evenly_spaced_pixels(x)
+def _norm_pixels(x: Tensor, dtype: torch.dtype | None = None) -> bool:
+    """A CPU channels_last 4-D tensor of ``dtype`` (or of any in KERNEL_DTYPES), or a slice of one
+    along channels, needing no grad."""
+    right_dtype = x.dtype == dtype if dtype is not None else x.dtype in KERNEL_DTYPES
+    return right_dtype and _plain_cpu_4d(x) and _evenly_spaced_pixels(x)
 
 
 def _dense_like(t: Tensor, like: Tensor) -> bool:
-    """A dense channels_last :func:`_bf16_pixels` tensor of ``like``'s shape."""
+    """A dense channels_last :func:`_norm_pixels` tensor of ``like``'s shape and dtype."""
     dense = t.is_contiguous(memory_format=torch.channels_last)
-    return dense and _bf16_pixels(t) and t.shape == like.shape
+    return dense and _norm_pixels(t, like.dtype) and t.shape == like.shape
 
 
 def _evenly_spaced_pixels(x: Tensor) -> bool:
@@ -575,10 +582,12 @@ def _library() -> ctypes.CDLL | None:
     for name in (
         "clamp_bf16",
         "clamp_avg_pool2_bf16",
-        *(f"max_pool_3x3s2_{t}" for t in POOL_DTYPES.values()),
-        "norm_relu_bf16",
-        "norm_input_gradient_bf16",
-        "norm_sums_bf16",
+        *(f"max_pool_3x3s2_{t}" for t in KERNEL_DTYPES.values()),
+        *(
+            f"{kind}_{t}"
+            for kind in ("norm_relu", "norm_input_gradient", "norm_sums")
+            for t in KERNEL_DTYPES.values()
+        ),
     ):
         getattr(library, name).restype = None
     return library

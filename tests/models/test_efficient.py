@@ -62,11 +62,18 @@ def assert_same_step(standard: nn.Module, efficient: nn.Module, x: Tensor, weigh
         assert max_diff(grad, reference[name]) <= 1e-5, name
 
 
+NORM_KERNELS = ("norm_relu", "norm_input_gradient", "norm_sums")
+
+
 # The two layouts take different routes through the 1x1 convolutions' backward (matrix products
-# over pixel rows or over channel columns).
+# over pixel rows or over channel columns), and on the CPU through BN-ReLU and batch norm's
+# backward: C kernels in channels_last where they are built, PyTorch's operations otherwise.
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_outputs_and_gradients_equal_the_standard_path(name, layout):
+def test_outputs_and_gradients_equal_the_standard_path(name, layout, monkeypatch):
+    kernel_calls: list[str] = []
+    for kernel in NORM_KERNELS:
+        monkeypatch.setattr(native, kernel, _counted(kernel, getattr(native, kernel), kernel_calls))
     standard, efficient = make_pair(CONFIGS[name])
     standard.to(memory_format=layout)
     efficient.to(memory_format=layout)
@@ -84,6 +91,8 @@ def test_outputs_and_gradients_equal_the_standard_path(name, layout):
         # input into values near 10, and there the standard fp32 path is itself 3e-5 off float64.
         tolerance = 1e-5 * max(1.0, reference[param_name].abs().max().item())
         assert max_diff(grad, reference[param_name]) <= tolerance, param_name
+    natively = layout == torch.channels_last and native.available()
+    assert set(kernel_calls) == (set(NORM_KERNELS) if natively else set())
 
 
 def test_the_block_keeps_its_tensor_and_one_bottleneck_output_per_layer():
@@ -251,16 +260,15 @@ def test_autocast_channels_last_is_as_accurate_as_the_standard_path(
         pytest.skip("the C kernels could not be built here")
     kernel_calls: list[str] = []
     if c_kernels:
-        for name in ("norm_relu", "norm_input_gradient", "norm_sums"):
+        for name in NORM_KERNELS:
             monkeypatch.setattr(native, name, _counted(name, getattr(native, name), kernel_calls))
     else:
         monkeypatch.setattr(native, "available", lambda: False)
     errors = [reduced_precision_errors(dtype, device, seed) for seed in range(ERROR_SEEDS)]
     standard, efficient = (sum(column) / ERROR_SEEDS for column in zip(*errors, strict=True))
     assert efficient <= MAX_ERROR_RATIO * standard
-    expected_calls = {"norm_relu", "norm_input_gradient", "norm_sums"}
     uses_kernels = c_kernels and dtype == torch.bfloat16 and device == "cpu"
-    assert set(kernel_calls) == (expected_calls if uses_kernels else set())
+    assert set(kernel_calls) == (set(NORM_KERNELS) if uses_kernels else set())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

@@ -7,8 +7,8 @@ the same function in training mode with these changes:
 
 * A whole dense block is one autograd function. Every feature map of the block is written once into
   one preallocated tensor; a layer's input is a slice of it, never a ``torch.cat`` copy. BN-ReLU
-  reads that slice where it is: in float32 as one ``x * scale + shift``, in bf16 through a C
-  kernel (:mod:`densenet.native`) on channels_last CPU tensors.
+  reads that slice where it is: in one C kernel pass (:mod:`densenet.native`) on channels_last
+  CPU tensors in float32 and bf16, elsewhere in float32 as one ``x * scale + shift``.
 * Each BN-ReLU-Conv keeps only its input and per-channel statistics; backward recomputes the cheap
   BN-ReLU, never a convolution. What the block keeps is linear in depth: the block tensor, and for
   each bottleneck layer its 4k-channel 1x1 output (plus dropout masks when dropout is on). The
@@ -17,7 +17,8 @@ the same function in training mode with these changes:
   every later layer that reads it: they are computed once, when the channel is produced.
 * Backward accumulates the gradient of every feature map in one block-sized tensor, in place. In
   float32, and in bf16 through a C kernel (:mod:`densenet.native`) on channels_last CPU tensors,
-  BN's input gradient is added to it straight from per-channel coefficients, and a 1x1
+  BN's input gradient is added to it straight from per-channel coefficients (the C kernels, in
+  both dtypes, take the gradient through the ReLU's backward as they read it), and a 1x1
   convolution's input gradient is a matrix product into reused workspace: apart from the block
   tensor and its gradient, backward allocates nothing whose size changes from layer to layer, so
   the heap is not left full of holes that no later tensor fits.
@@ -259,7 +260,7 @@ class _NormInputGradient:
     def runs_natively(
         target: Tensor, grad: Tensor, x: Tensor, relu_output: Tensor | None = None
     ) -> bool:
-        """Whether :meth:`add_to` and :meth:`in_place` run as one C kernel pass (bf16
+        """Whether :meth:`add_to` and :meth:`in_place` run as one C kernel pass (bf16 or float32
         channels_last on the CPU), with grad taken through the ReLU whose output is
         ``relu_output`` if given."""
         supported = native.supports_norm_input_gradient(target, grad, x, relu_output)
@@ -338,7 +339,8 @@ def _norm_relu(
 
 
 def _norm_relu_runs_natively(x: Tensor, out: Tensor) -> bool:
-    """Whether :func:`_norm_relu` runs as one C kernel pass (bf16 channels_last on the CPU)."""
+    """Whether :func:`_norm_relu` runs as one C kernel pass (bf16 or float32 channels_last on
+    the CPU)."""
     return native.supports_norm_relu(x, out) and native.available()
 
 
