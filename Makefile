@@ -9,12 +9,14 @@ STAMP := $(VENV)/.installed
 # Re-install whenever the package metadata changes.
 # PyTorch's wheels come to several GB: pip unpacks them under the venv rather than in /tmp (which
 # may be a small separate disk), keeps no second copy in its cache, and its scratch goes after.
+PIP_SCRATCH := $(abspath $(VENV))/pip-tmp
+PIP_INSTALL := TMPDIR=$(PIP_SCRATCH) $(BIN)/python -m pip install --quiet --no-cache-dir
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	mkdir -p $(VENV)/pip-tmp
-	TMPDIR=$(abspath $(VENV))/pip-tmp $(BIN)/python -m pip install --quiet --no-cache-dir --upgrade pip
-	TMPDIR=$(abspath $(VENV))/pip-tmp $(BIN)/python -m pip install --quiet --no-cache-dir -e '.[all,test]'
-	rm -rf $(VENV)/pip-tmp
+	mkdir -p $(PIP_SCRATCH)
+	$(PIP_INSTALL) --upgrade pip
+	$(PIP_INSTALL) -e '.[all,test]'
+	rm -rf $(PIP_SCRATCH)
 	touch $(STAMP)
 
 run: $(STAMP)
