@@ -120,7 +120,7 @@ def available() -> bool:
 def supports_clamp(x: Tensor) -> bool:
     """Whether :func:`clamp_channels` and :func:`clamp_avg_pool2` take ``x``: a CPU bf16
     channels_last 4-D tensor, or a slice of one along channels, needing no gradient."""
-    return _norm_pixels(x, torch.bfloat16)
+    return _kernel_pixels(x, torch.bfloat16)
 
 
 def supports_max_pool(x: Tensor) -> bool:
@@ -136,7 +136,7 @@ def supports_max_pool(x: Tensor) -> bool:
 def supports_norm_relu(x: Tensor, out: Tensor) -> bool:
     """Whether :func:`norm_relu` takes these: CPU bf16 or float32 4-D tensors of one shape and
     dtype, ``x`` channels_last or a slice of one along channels, ``out`` dense channels_last."""
-    return _norm_pixels(x) and _dense_like(out, x)
+    return _kernel_pixels(x) and _dense_like(out, x)
 
 
 def norm_relu(x: Tensor, scale: Tensor, shift: Tensor, out: Tensor) -> Tensor:
@@ -164,7 +164,7 @@ def supports_norm_input_gradient(
     """Whether :func:`norm_input_gradient` takes these: CPU bf16 or float32 4-D tensors of one
     shape and dtype, grad (and relu_output) dense channels_last, target and x channels_last or
     slices of such along channels."""
-    same = target.shape == x.shape and _norm_pixels(x) and _norm_pixels(target, x.dtype)
+    same = target.shape == x.shape and _kernel_pixels(x) and _kernel_pixels(target, x.dtype)
     dense = relu_output is None or _dense_like(relu_output, target)
     return same and dense and _dense_like(grad, target)
 
@@ -511,7 +511,7 @@ def _plain_cpu_4d(x: Tensor) -> bool:
     return x.device.type == "cpu" and x.dim() == 4 and no_grad_needed
 
 
-def _norm_pixels(x: Tensor, dtype: torch.dtype | None = None) -> bool:
+def _kernel_pixels(x: Tensor, dtype: torch.dtype | None = None) -> bool:
     """A CPU channels_last 4-D tensor of ``dtype`` (or of any in KERNEL_DTYPES), or a slice of one
     along channels, needing no grad."""
     right_dtype = x.dtype == dtype if dtype is not None else x.dtype in KERNEL_DTYPES
@@ -519,9 +519,9 @@ def _norm_pixels(x: Tensor, dtype: torch.dtype | None = None) -> bool:
 
 
 def _dense_like(t: Tensor, like: Tensor) -> bool:
-    """A dense channels_last :func:`_norm_pixels` tensor of ``like``'s shape and dtype."""
+    """A dense channels_last :func:`_kernel_pixels` tensor of ``like``'s shape and dtype."""
     dense = t.is_contiguous(memory_format=torch.channels_last)
-    return dense and _norm_pixels(t, like.dtype) and t.shape == like.shape
+    return dense and _kernel_pixels(t, like.dtype) and t.shape == like.shape
 
 
 def _evenly_spaced_pixels(x: Tensor) -> bool:
