@@ -195,20 +195,6 @@ def test_norm_relu_computes_in_float_and_rounds_once(fresh_build, monkeypatch, t
     assert not native.supports_norm_relu(x.double(), out.double())
 
 
-def _norm_gradient_operands() -> tuple[torch.Tensor, ...]:
-    """A channel slice of a bf16 block gradient, dense bf16 grad and x, and float32 factors."""
-    generator = torch.Generator().manual_seed(4)
-
-    def channels_last(*shape: int) -> torch.Tensor:
-        values = torch.randn(*shape, generator=generator) * 4
-        return values.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
-
-    target = channels_last(3, 40, 5, 7)[:, :24]
-    grad, x = channels_last(3, 24, 5, 7), channels_last(3, 24, 5, 7)
-    factors = [torch.randn(24, generator=generator) for _ in range(3)]
-    return target, grad, x, *factors
-
-
 def _relu_backward_operands(
     channels: int = 24, dtype: torch.dtype = torch.bfloat16
 ) -> tuple[torch.Tensor, ...]:
@@ -225,6 +211,12 @@ def _relu_backward_operands(
     z[0, :3, 0, 0] = torch.tensor([0.0, -0.0, float("nan")])
     mean = torch.randn(channels, generator=generator)
     return grad, x[:, :channels], z, mean
+
+
+def _gradient_slice(dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """The first 24 channels of a block's gradient, shaped as :func:`_relu_backward_operands`."""
+    block = torch.randn(3, 40, 11, 13).to(dtype)
+    return block.contiguous(memory_format=torch.channels_last)[:, :24]
 
 
 def _through_relu(grad: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -244,8 +236,7 @@ def test_the_norm_input_gradient_is_computed_in_float_and_rounded_once(
     _split_over(monkeypatch, threads)
     grad, x, z, _ = _relu_backward_operands(dtype=dtype)
     relu_output = z if through_relu else None
-    target = torch.randn(3, 40, 11, 13).to(dtype)
-    target = target.contiguous(memory_format=torch.channels_last)[:, :24]
+    target = _gradient_slice(dtype)
     factors = [torch.randn(24) for _ in range(3)]
     scale_grad, scale_x, shift = (f.double().view(1, -1, 1, 1) for f in factors)
     g = _through_relu(grad, z) if through_relu else grad.double()
@@ -283,7 +274,8 @@ def test_the_norm_sums_match_float64_and_repeat_exactly(
 
 
 def test_the_norm_input_gradient_takes_only_matching_channels_last_tensors():
-    target, grad, x, *_ = _norm_gradient_operands()
+    grad, x, *_ = _relu_backward_operands()  # x a channel slice, as target
+    target = _gradient_slice()
     assert native.supports_norm_input_gradient(target, grad, x)
     dense_target = target.contiguous(memory_format=torch.channels_last)
     assert native.supports_norm_input_gradient(dense_target.float(), grad.float(), x.float())
