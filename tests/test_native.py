@@ -273,6 +273,35 @@ def test_the_norm_sums_match_float64_and_repeat_exactly(
     assert torch.equal(native.norm_sums(grad, x, mean, relu_output), sums)
 
 
+@needs_compiler
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_the_norm_stats_match_float64_far_from_zero_and_repeat_exactly(
+    fresh_build, monkeypatch, threads, dtype
+):
+    _split_over(monkeypatch, threads)
+    # 429 pixels (more than one summing block) of a 40-channel slice of a wider block tensor,
+    # around 1000 with spread 1 in some channels: a one-pass sum of squares would lose the variance.
+    generator = torch.Generator().manual_seed(7)
+    centres = torch.tensor([1000.0, -1000.0, 0.0, 3.0] * 10).view(1, -1, 1, 1)
+    values = torch.randn(3, 40, 11, 13, generator=generator) + centres
+    block = torch.cat([values, torch.randn(3, 16, 11, 13)], dim=1).to(dtype)
+    x = block.contiguous(memory_format=torch.channels_last)[:, :40]
+    assert native.available() and native.supports_norm_stats(x)
+    mean, var = native.norm_stats(x)
+    exact = x.double()
+    exact_mean, exact_var = exact.mean(dim=(0, 2, 3)), exact.var(dim=(0, 2, 3), unbiased=False)
+    assert mean.dtype == var.dtype == torch.float32 and mean.shape == var.shape == (40,)
+    # Float32 sums of 429 values: within 1e-5 of their magnitude for the mean, and of the
+    # variance itself for the variance (about the mean, not cancelling against it).
+    assert ((mean.double() - exact_mean).abs() <= 1e-5 * exact.abs().mean(dim=(0, 2, 3))).all()
+    assert ((var.double() - exact_var).abs() <= 1e-5 * exact_var).all()
+    again = native.norm_stats(x)
+    assert torch.equal(again[0], mean) and torch.equal(again[1], var)
+    assert not native.supports_norm_stats(x.contiguous())  # NCHW
+    assert not native.supports_norm_stats(x.double())
+
+
 def test_the_norm_input_gradient_takes_only_matching_channels_last_tensors():
     grad, x, *_ = _relu_backward_operands()  # x a channel slice, as target
     target = _gradient_slice()

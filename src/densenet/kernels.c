@@ -581,6 +581,55 @@ static inline void norm_sums_pixel_bf16(const uint16_t *g, const uint16_t *z, co
 NORM_PASSES(bf16, uint16_t)
 NORM_PASSES(float, float)
 
+/* Batch statistics for training: norm_stats gives the per-channel mean and biased variance of x's
+ * `rows` pixels (x_stride apart) in two passes, the sum of x, then the sum of (x - mean)^2, which
+ * keeps the variance of values far from zero exact where a one-pass sum of squares cancels. It
+ * only reads x, where BN's own training kernel also writes a normalised copy. Each pass sums in
+ * float over blocks of SUM_BLOCK_PIXELS pixels (plain loops the compiler vectorizes across
+ * channels), adds the blocks up in double on each thread (partial: [threads][channels]) and the
+ * threads' totals in order: the same result every time for a given thread count. */
+#define NORM_STATS(SUFFIX, T, WIDEN)                                                             \
+    static void channel_sums_##SUFFIX(const T *restrict x, int64_t x_stride, int64_t rows,     \
+                                      int64_t channels, const float *restrict centre,           \
+                                      double *restrict partial, double *restrict sums,          \
+                                      int threads) {                                            \
+        PARALLEL_ROWS                                                                           \
+        for (int t = 0; t < threads; t++) {                                                     \
+            double *total = partial + t * channels;                                             \
+            float block[channels];                                                              \
+            memset(total, 0, channels * sizeof(double));                                        \
+            int64_t end = rows * (t + 1) / threads;                                             \
+            for (int64_t first = rows * t / threads; first < end; first += SUM_BLOCK_PIXELS) {  \
+                memset(block, 0, sizeof block);                                                 \
+                int64_t last = first + SUM_BLOCK_PIXELS < end ? first + SUM_BLOCK_PIXELS : end; \
+                for (int64_t r = first; r < last; r++) {                                        \
+                    const T *in = x + r * x_stride;                                             \
+                    if (centre)                                                                 \
+                        for (int64_t c = 0; c < channels; c++) {                                \
+                            float d = WIDEN(in[c]) - centre[c];                                 \
+                            block[c] += d * d;                                                  \
+                        }                                                                       \
+                    else                                                                        \
+                        for (int64_t c = 0; c < channels; c++) block[c] += WIDEN(in[c]);        \
+                }                                                                               \
+                for (int64_t c = 0; c < channels; c++) total[c] += block[c];                    \
+            }                                                                                   \
+        }                                                                                       \
+        memset(sums, 0, channels * sizeof(double));                                             \
+        for (int t = 0; t < threads; t++)                                                       \
+            for (int64_t c = 0; c < channels; c++) sums[c] += partial[t * channels + c];        \
+    }                                                                                           \
+    void norm_stats_##SUFFIX(const T *x, int64_t x_stride, int64_t rows, int64_t channels,      \
+                             double *partial, double *sums, float *mean, float *var,            \
+                             int threads) {                                                     \
+        channel_sums_##SUFFIX(x, x_stride, rows, channels, NULL, partial, sums, threads);       \
+        for (int64_t c = 0; c < channels; c++) mean[c] = (float)(sums[c] / rows);               \
+        channel_sums_##SUFFIX(x, x_stride, rows, channels, mean, partial, sums, threads);       \
+        for (int64_t c = 0; c < channels; c++) var[c] = (float)(sums[c] / rows);                \
+    }
+NORM_STATS(bf16, uint16_t, widen)
+NORM_STATS(float, float, same_float)
+
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
 /* On CPUs with AMX, a bottleneck layer on the tile unit, in float, rounding once:
  * - relu(clamp(x, low, high) @ W^T + bias), the layer's clamp and 1x1 convolution in one pass.

@@ -230,6 +230,34 @@ def norm_sums(grad: Tensor, x: Tensor, mean: Tensor, relu_output: Tensor | None 
     return sums
 
 
+def supports_norm_stats(x: Tensor) -> bool:
+    """Whether :func:`norm_stats` takes ``x``: a CPU bf16 or float32 channels_last 4-D tensor, or
+    a slice of one along channels."""
+    return _kernel_pixels(x)
+
+
+def norm_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Batch norm's training statistics of ``x``: the mean and biased variance of each channel
+    (float32), in two passes (the variance about the mean), summed in float over blocks of pixels
+    and in double over the blocks, for an ``x`` that :func:`supports_norm_stats`. The same result
+    every time for a given thread count."""
+    library = _checked(supports_norm_stats(x))
+    n, channels, height, width = x.shape
+    rows = n * height * width
+    threads = _threads(rows * channels)
+    partial = torch.empty(threads.value, channels, dtype=torch.float64)
+    sums = torch.empty(channels, dtype=torch.float64)
+    mean, var = torch.empty(channels), torch.empty(channels)
+    getattr(library, f"norm_stats_{KERNEL_DTYPES[x.dtype]}")(
+        _at(x),
+        ctypes.c_int64(x.stride(3)),
+        *(ctypes.c_int64(v) for v in (rows, channels)),
+        *(_at(t) for t in (partial, sums, mean, var)),
+        threads,
+    )
+    return mean, var
+
+
 def clamp_channels(x: Tensor, low: Tensor, high: Tensor) -> Tensor:
     """``torch.clamp(x, low, high)`` with float32 per-channel bounds ``low``, ``high`` (shape
     ``[C]``), for an ``x`` that :func:`supports_clamp`; a dense channels_last result."""
@@ -585,7 +613,7 @@ def _library() -> ctypes.CDLL | None:
         *(f"max_pool_3x3s2_{t}" for t in KERNEL_DTYPES.values()),
         *(
             f"{kind}_{t}"
-            for kind in ("norm_relu", "norm_input_gradient", "norm_sums")
+            for kind in ("norm_relu", "norm_input_gradient", "norm_sums", "norm_stats")
             for t in KERNEL_DTYPES.values()
         ),
     ):

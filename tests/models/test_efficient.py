@@ -62,7 +62,7 @@ def assert_same_step(standard: nn.Module, efficient: nn.Module, x: Tensor, weigh
         assert max_diff(grad, reference[name]) <= 1e-5, name
 
 
-NORM_KERNELS = ("norm_relu", "norm_input_gradient", "norm_sums")
+NORM_KERNELS = ("norm_relu", "norm_input_gradient", "norm_sums", "norm_stats")
 
 
 # The two layouts take different routes through the 1x1 convolutions' backward (matrix products

@@ -132,12 +132,17 @@ class _Statistics:
 
     def of(self, x: Tensor) -> tuple[Tensor, Tensor, int]:
         """Per-channel float32 mean, biased variance, and how many values each covers."""
-        # BN's own training kernel is several times faster than torch.var_mean on channels_last
-        # tensors. With eps=0 its inverse standard deviation gives back the variance to a few ulp.
-        _, mean, invstd = torch.ops.aten._native_batch_norm_legit.no_stats(
-            x, None, None, True, 0.0, 0.0
-        )
-        mean, var, count = mean.float(), invstd.float().pow(-2), x.numel() // x.shape[1]
+        count = x.numel() // x.shape[1]
+        if _statistics_run_natively(x):
+            mean, var = native.norm_stats(x)
+        else:
+            # BN's own training kernel is several times faster than torch.var_mean on
+            # channels_last tensors. With eps=0 its inverse standard deviation gives back the
+            # variance to a few ulp.
+            _, mean, invstd = torch.ops.aten._native_batch_norm_legit.no_stats(
+                x, None, None, True, 0.0, 0.0
+            )
+            mean, var = mean.float(), invstd.float().pow(-2)
         if not self.synchronized:
             return mean, var, count
         parts = torch.cat([mean, var, torch.tensor([float(count)], device=x.device)])
@@ -145,18 +150,19 @@ class _Statistics:
         dist.all_gather(gathered, parts)
         return combine_batch_stats(torch.stack(gathered), x.shape[1])
 
-    def normalize(
+    def norm_relu(
         self, x: Tensor, eps: float, weight: Tensor, bias: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """batch_norm(x) in training mode (running statistics untouched), x's mean and variance."""
-        if self.synchronized:
+        """relu(batch_norm(x)) in training mode (running statistics untouched), x's mean and
+        variance."""
+        if self.synchronized or _statistics_run_natively(x):
             mean, var, _ = self.of(x)
-            return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, False), mean, var
+            return _norm_relu(x, mean, var, eps, weight, bias), mean, var
         # One pass for the statistics and the normalisation instead of two.
         out, mean, invstd = torch.ops.aten._native_batch_norm_legit.no_stats(
             x, weight, bias, True, 0.0, eps
         )
-        return out, mean.float(), (invstd.float().pow(-2) - eps).clamp_(min=0)
+        return out.relu_(), mean.float(), (invstd.float().pow(-2) - eps).clamp_(min=0)
 
     def norm_backward(
         self,
@@ -342,6 +348,12 @@ def _norm_relu_runs_natively(x: Tensor, out: Tensor) -> bool:
     """Whether :func:`_norm_relu` runs as one C kernel pass (bf16 or float32 channels_last on
     the CPU)."""
     return native.supports_norm_relu(x, out) and native.available()
+
+
+def _statistics_run_natively(x: Tensor) -> bool:
+    """Whether :meth:`_Statistics.of` computes x's statistics in one C kernel call (bf16 or
+    float32 channels_last on the CPU): it only reads x, where BN's kernel also writes."""
+    return native.supports_norm_stats(x) and native.available()
 
 
 def _dropout(x: Tensor, p: float) -> tuple[Tensor, Tensor | None]:
@@ -582,11 +594,11 @@ class _DenseBlock(torch.autograd.Function):
             if layer.bottleneck:
                 bottleneck = memory.keep_bottleneck(index, out)
                 norm_weight, norm_bias, conv_weight = layer_params[3:]
-                z, b_mean, b_var = statistics.normalize(
+                z, b_mean, b_var = statistics.norm_relu(
                     bottleneck, layer.norm2.eps, norm_weight, norm_bias
                 )
                 update_running_stats(layer.norm2, b_mean, b_var, count)
-                out, noise2 = _dropout(_conv(z.relu_().to(dtype), conv_weight), layer.drop_rate)
+                out, noise2 = _dropout(_conv(z.to(dtype), conv_weight), layer.drop_rate)
                 del z
             memory.append(out, *statistics.of(out)[:2])
             saved += [noise1, bottleneck, b_mean, b_var, noise2]
