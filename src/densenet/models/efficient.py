@@ -357,36 +357,26 @@ def _statistics_run_natively(x: Tensor) -> bool:
 
 
 def _dropout(x: Tensor, p: float) -> tuple[Tensor, Tensor | None]:
-    """F.dropout(x, p) and the mask it applied (the same draws as F.dropout on the CPU and GPU)."""
+    """F.dropout(x, p) in x's memory, and the mask it applied (the same draws as F.dropout on the
+    CPU and GPU)."""
     if p == 0:
         return x, None
     noise = torch.empty_like(x).bernoulli_(1 - p).div_(1 - p)
-    return x * noise, noise
+    return x.mul_(noise), noise
 
 
-def _norm_relu_conv(
-    x: Tensor,
-    mean: Tensor,
-    var: Tensor,
-    eps: float,
-    norm_weight: Tensor,
-    norm_bias: Tensor,
-    conv_weight: Tensor,
-    dtype: torch.dtype,
-    pooled: bool = False,
-    out: Tensor | None = None,
-) -> Tensor:
-    """conv([avg_pool](relu(batch_norm(x)))) with given batch statistics.
-
-    ``out``, if given, is where relu(batch_norm(x)) goes.
-    """
-    z = _norm_relu(x, mean, var, eps, norm_weight, norm_bias, out).to(dtype)
-    return _conv(F.avg_pool2d(z, 2) if pooled else z, conv_weight)
-
-
-def _conv(z: Tensor, weight: Tensor) -> Tensor:
-    """A DenseNet convolution of z: stride 1, same padding, no bias, in z's dtype."""
-    return F.conv2d(z, weight.to(z.dtype), padding=weight.shape[-1] // 2)
+def _conv(z: Tensor, weight: Tensor, out: Tensor | None = None) -> Tensor:
+    """A DenseNet convolution of z: stride 1, same padding, no bias, in z's dtype; written into
+    ``out`` (dense, z's layout and dtype) if given."""
+    weight = weight.to(z.dtype)
+    if out is not None and weight.shape[-1] == 1 and _layout(z) == torch.channels_last:
+        # A matrix product over pixel rows, straight into out's memory: as fast on the CPU as the
+        # convolution, without its output's copy.
+        rows_out = out.permute(0, 2, 3, 1).view(-1, out.shape[1])  # a view, or an error
+        torch.mm(_pixel_rows(z), weight.view(weight.shape[:2]).t(), out=rows_out)
+        return out
+    result = F.conv2d(z, weight, padding=weight.shape[-1] // 2)
+    return result if out is None else out.copy_(result)
 
 
 def _conv_backward(
@@ -520,10 +510,10 @@ class _BlockMemory:
         memory.filled = features.shape[1]
         return memory
 
-    def keep_bottleneck(self, index: int, bottleneck: Tensor) -> Tensor:
-        """Layer ``index``'s bottleneck output (its 1x1 convolution's), copied to the store."""
+    def bottleneck(self, index: int, channels: int) -> Tensor:
+        """Room in the store for layer ``index``'s bottleneck output (its 1x1 convolution's)."""
         assert self.bottlenecks is not None, "a block of bottleneck layers has a store"
-        return self._dense(self.bottlenecks[index], bottleneck.shape[1]).copy_(bottleneck)
+        return self._dense(self.bottlenecks[index], channels)
 
     def append(self, feature: Tensor, mean: Tensor, var: Tensor) -> None:
         start, end = self.filled, self.filled + feature.shape[1]
@@ -585,14 +575,16 @@ class _DenseBlock(torch.autograd.Function):
             channels = memory.filled
             mean, var = memory.mean[:channels], memory.var[:channels]
             update_running_stats(layer.norm1, mean, var, count)
-            out = _norm_relu_conv(
-                memory.norm_input(channels), mean, var, layer.norm1.eps, *layer_params[:3], dtype,
+            z = _norm_relu(
+                memory.norm_input(channels), mean, var, layer.norm1.eps, *layer_params[:2],
                 out=memory.activations(channels),
             )  # fmt: skip
-            out, noise1 = _dropout(out, layer.drop_rate)
+            # A bottleneck output is kept for backward: it goes straight to the block's store.
+            kept = memory.bottleneck(index, layer_params[2].shape[0]) if layer.bottleneck else None
+            out, noise1 = _dropout(_conv(z.to(dtype), layer_params[2], kept), layer.drop_rate)
             bottleneck = b_mean = b_var = noise2 = None
             if layer.bottleneck:
-                bottleneck = memory.keep_bottleneck(index, out)
+                bottleneck = out
                 norm_weight, norm_bias, conv_weight = layer_params[3:]
                 z, b_mean, b_var = statistics.norm_relu(
                     bottleneck, layer.norm2.eps, norm_weight, norm_bias
@@ -690,8 +682,8 @@ class _Transition(torch.autograd.Function):
         dtype = _compute_dtype(x)
         ctx.statistics, ctx.eps, ctx.dtype, ctx.count = statistics, eps, dtype, count
         ctx.save_for_backward(x, mean, var, norm_weight, norm_bias, conv_weight)
-        params = (norm_weight, norm_bias, conv_weight)
-        return _norm_relu_conv(x, mean, var, eps, *params, dtype, pooled=True)
+        z = _norm_relu(x, mean, var, eps, norm_weight, norm_bias).to(dtype)
+        return _conv(F.avg_pool2d(z, 2), conv_weight)
 
     @staticmethod
     @once_differentiable
