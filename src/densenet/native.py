@@ -36,7 +36,7 @@ within float32 rounding of them (the same error against float64), and the networ
 faster in bf16 and 1.45x in float32 at batch 1 than with oneDNN's convolutions (medians of 15
 alternating in-process rounds; see docs/inference.md).
 
-Memory-efficient training (:mod:`densenet.models.efficient`) uses three more, in bf16 and float32,
+Memory-efficient training (:mod:`densenet.models.efficient`) uses four more, in bf16 and float32,
 each computing in float (and rounding once to bf16):
 
 - :func:`norm_relu`, BN with given statistics and ReLU in one pass that reads a layer's input
@@ -49,7 +49,9 @@ each computing in float (and rounding once to bf16):
   second rounding;
 - :func:`norm_sums`, BN's two per-channel backward sums, with the ReLU's backward folded in:
   one pass over the gradient, the ReLU's output and the input slice, where ATen first writes the
-  ReLU's gradient and copies the slice to a dense tensor.
+  ReLU's gradient and copies the slice to a dense tensor;
+- :func:`norm_stats`, a new feature map's batch mean and variance in two read-only passes, where
+  BN's training kernel also writes a normalised copy (and, in bf16, rounds the statistics to bf16).
 
 Each kernel splits its pixels across torch's thread count with OpenMP, built with ``-fopenmp``
 against the ``libgomp.so.1`` that PyTorch's Linux wheels have already loaded: the kernels run on

@@ -12,9 +12,11 @@ the same function in training mode with these changes:
 * Each BN-ReLU-Conv keeps only its input and per-channel statistics; backward recomputes the cheap
   BN-ReLU, never a convolution. What the block keeps is linear in depth: the block tensor, and for
   each bottleneck layer its 4k-channel 1x1 output (plus dropout masks when dropout is on). The
-  bottleneck outputs share one allocation per block, which glibc returns whole when it is freed.
+  bottleneck outputs share one allocation per block, which glibc returns whole when it is freed;
+  in channels_last the 1x1 convolution writes its output there directly, as a matrix product.
 * In training mode BN normalises with batch statistics, and a channel's statistics are the same in
-  every later layer that reads it: they are computed once, when the channel is produced.
+  every later layer that reads it: they are computed once, when the channel is produced (by a C
+  kernel that only reads it on channels_last CPU tensors).
 * Backward accumulates the gradient of every feature map in one block-sized tensor, in place. In
   float32, and in bf16 through a C kernel (:mod:`densenet.native`) on channels_last CPU tensors,
   BN's input gradient is added to it straight from per-channel coefficients (the C kernels, in
