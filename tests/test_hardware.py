@@ -10,7 +10,7 @@ from densenet.hardware import (
     resolve_precision_and_format,
     why_precision,
 )
-from densenet.tools.bench import machine_description, machine_kind
+from densenet.tools.bench import CPU_LIMITS, machine_description, machine_kind
 
 CPU = torch.device("cpu")
 
@@ -72,3 +72,12 @@ def test_an_amx_cpu_is_named_in_the_reason_and_the_results_kind(monkeypatch, amx
     assert ("with AMX" in why_precision(CPU, "bf16")) is amx
     assert (machine_kind(CPU) == "amx") is amx
     assert ("with AMX" in next(machine_description(CPU))) is amx
+
+
+def test_a_result_made_under_another_cpus_code_paths_says_so(monkeypatch):
+    for name in CPU_LIMITS:
+        monkeypatch.delenv(name, raising=False)
+    assert not any("limited" in line for line in machine_description(CPU))
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+    lines = list(machine_description(CPU))
+    assert any("limited: ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16" in line for line in lines)

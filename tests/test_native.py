@@ -38,7 +38,7 @@ needs_bf16_onednn = pytest.mark.skipif(
 
 def _forget_the_library() -> None:
     native._library.cache_clear()
-    native._layer_library.cache_clear()
+    native._layer_kernels.cache_clear()
 
 
 @pytest.fixture
@@ -454,21 +454,47 @@ def test_the_kernels_build_for_another_cpu_when_asked(fresh_build, monkeypatch):
     assert _same_bits(native.clamp_channels(x, low, high), _torch_clamp(x, low, high))
 
 
-LAYER_DTYPES = [
-    pytest.param(
-        torch.bfloat16,
-        marks=pytest.mark.skipif(
-            not native.layer_kernels_available(torch.bfloat16), reason="no AMX kernels on this CPU"
-        ),
-    ),
-    pytest.param(
-        torch.float32,
-        marks=pytest.mark.skipif(
-            not native.layer_kernels_available(torch.float32),
-            reason="no AVX-512 kernels on this CPU",
-        ),
-    ),
-]
+def _layer_kernels_built(kind: str) -> bool:
+    """Whether the library has this kind of layer kernels (whether or not they run by default:
+    on AMX CPUs the vdpbf16ps kernels are built too)."""
+    if kind == "amx":
+        kernels = native._layer_kernels(torch.bfloat16)
+        return kernels is not None and kernels[1] == "amx"  # the tiles granted to this process
+    return native.available() and hasattr(native._library(), f"conv3x3_{kind}")
+
+
+# The layer kernels by kind (see native.LAYER_KERNELS) and their dtype, with the CPU each needs.
+LAYER_KINDS = {
+    "amx": (torch.bfloat16, "AMX"),
+    "dpbf16": (torch.bfloat16, "AVX512_BF16"),
+    "float": (torch.float32, "AVX-512"),
+}
+
+
+def _layer_params(*kinds: str) -> list:
+    return [
+        pytest.param(
+            kind,
+            marks=pytest.mark.skipif(
+                not _layer_kernels_built(kind), reason=f"no {LAYER_KINDS[kind][1]} kernels here"
+            ),
+        )
+        for kind in kinds
+    ]
+
+
+LAYER_DTYPES = _layer_params(*LAYER_KINDS)
+BF16_LAYER_DTYPES = _layer_params("amx", "dpbf16")
+
+
+@pytest.fixture
+def dtype(request, monkeypatch):
+    """The dtype of a kind of layer kernels (a parameter), with that kind running its layers."""
+    dtype = LAYER_KINDS[request.param][0]
+    monkeypatch.setitem(native.LAYER_KERNELS, dtype, (request.param,))
+    native._layer_kernels.cache_clear()
+    yield dtype
+    native._layer_kernels.cache_clear()
 
 
 def _close_to_exact(actual: torch.Tensor, exact: torch.Tensor) -> bool:
@@ -487,7 +513,7 @@ def _1x1_weights(
     return weight, torch.randn(out_channels, generator=generator)
 
 
-@pytest.mark.parametrize("dtype", LAYER_DTYPES)
+@pytest.mark.parametrize("dtype", LAYER_DTYPES, indirect=True)
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("in_channels, out_channels", [(64, 128), (40, 48)])
 def test_the_clamp_and_1x1_convolution_kernel_matches_float64(
@@ -511,7 +537,7 @@ def test_the_clamp_and_1x1_convolution_kernel_matches_float64(
     assert _close_to_exact(actual, exact)
 
 
-@pytest.mark.parametrize("dtype", LAYER_DTYPES)
+@pytest.mark.parametrize("dtype", LAYER_DTYPES, indirect=True)
 def test_the_fused_clamp_lets_nan_of_either_sign_through_and_clamps_infinities(dtype):
     # NaN in a channel with a lower bound, one with an upper bound, and one in the last, partial
     # 32 channels: all its pixel's outputs are NaN, as torch's clamp and convolution make them.
@@ -536,7 +562,7 @@ def test_the_fused_clamp_lets_nan_of_either_sign_through_and_clamps_infinities(d
     assert _close_to_exact(actual[~nan_pixels], exact[~nan_pixels])
 
 
-@pytest.mark.parametrize("dtype", LAYER_DTYPES)
+@pytest.mark.parametrize("dtype", LAYER_DTYPES, indirect=True)
 @pytest.mark.parametrize("threads", [1, 2])
 def test_the_transition_kernel_clamps_pools_and_convolves_in_one_pass(monkeypatch, dtype, threads):
     # Odd height and width (the last row and column dropped, as avg_pool2d does), no ReLU, and
@@ -557,7 +583,7 @@ def test_the_transition_kernel_clamps_pools_and_convolves_in_one_pass(monkeypatc
     assert _close_to_exact(actual, exact)
 
 
-@pytest.mark.parametrize("dtype", LAYER_DTYPES)
+@pytest.mark.parametrize("dtype", LAYER_DTYPES, indirect=True)
 def test_the_1x1_convolution_kernel_writes_inside_a_zero_border_for_the_3x3(dtype):
     generator = torch.Generator().manual_seed(3)
     x = torch.randn(2, 40, 5, 7, generator=generator).to(dtype)
@@ -569,8 +595,8 @@ def test_the_1x1_convolution_kernel_writes_inside_a_zero_border_for_the_3x3(dtyp
     bordered = native.clamp_conv1x1(
         x, low, high, packed, bias, 48, bordered=native.bordered_buffer(2, 48, 5, 7, dtype)
     )
-    # Spare pixels for the 3x3 kernel's last tiles; in bf16, channels rounded up to the tiles' 32.
-    channels = 64 if dtype == torch.bfloat16 else 48
+    # Spare pixels for the 3x3 kernel's last tiles; on AMX, channels rounded up to the tiles' 32.
+    channels = 64 if native._layer_kernels(dtype)[1] == "amx" else 48
     assert bordered.shape == (2 * 7 * 9 + native.BORDERED_SPARE_PIXELS, channels)
     images = bordered[: 2 * 7 * 9].view(2, 7, 9, channels)
     assert _same_bits(images[:, 1:-1, 1:-1, :48], dense.permute(0, 2, 3, 1))
@@ -579,7 +605,7 @@ def test_the_1x1_convolution_kernel_writes_inside_a_zero_border_for_the_3x3(dtyp
     assert not images[~inside].any() and not bordered[2 * 7 * 9 :].any()
 
 
-@pytest.mark.parametrize("dtype", LAYER_DTYPES)
+@pytest.mark.parametrize("dtype", LAYER_DTYPES, indirect=True)
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize(
     "in_channels, out_channels, height, width",
@@ -613,7 +639,7 @@ def _tiny_network(dtype: torch.dtype) -> torch.nn.Module:
     return optimize_for_inference(model, dtype=dtype)
 
 
-@pytest.mark.parametrize("dtype", LAYER_DTYPES)
+@pytest.mark.parametrize("dtype", LAYER_DTYPES, indirect=True)
 @pytest.mark.parametrize("threads", [1, 2])
 def test_the_network_runs_its_bottlenecks_and_transitions_through_the_layer_kernels(
     monkeypatch, dtype, threads
@@ -631,7 +657,7 @@ def test_the_network_runs_its_bottlenecks_and_transitions_through_the_layer_kern
         torch.testing.assert_close(fast, network(x), rtol=tolerance, atol=tolerance)
 
 
-@pytest.mark.parametrize("dtype", LAYER_DTYPES)
+@pytest.mark.parametrize("dtype", LAYER_DTYPES, indirect=True)
 def test_a_block_runs_layers_with_more_channels_than_its_kernels_take_unfused(monkeypatch, dtype):
     network = _tiny_network(dtype)
     x = torch.randn(2, 3, 64, 64)
@@ -643,26 +669,22 @@ def test_a_block_runs_layers_with_more_channels_than_its_kernels_take_unfused(mo
     torch.testing.assert_close(fast, unfused_late, rtol=tolerance, atol=tolerance)
 
 
-needs_amx = pytest.mark.skipif(
-    not native.layer_kernels_available(torch.bfloat16), reason="no AMX kernels on this CPU"
-)
-
-
-@needs_amx
-def test_a_plain_layers_bn_relu_is_written_inside_a_zero_border_for_the_3x3():
+@pytest.mark.parametrize("dtype", BF16_LAYER_DTYPES, indirect=True)
+def test_a_plain_layers_bn_relu_is_written_inside_a_zero_border_for_the_3x3(dtype):
     # A slice of a block tensor holding NaN, infinities and signed zeros; every element of the
     # new buffer written: the inside rounded once from float, the border, the padding channels
-    # (24 rounded up to the tiles' 32) and the spare pixels zeros.
-    x = _block_slice(24)
+    # (on AMX, 24 rounded up to the tiles' 32) and the spare pixels zeros.
+    x = _block_slice(24, dtype)
+    padded = 32 if native._layer_kernels(dtype)[1] == "amx" else 24
     generator = torch.Generator().manual_seed(9)
     scale, shift = torch.randn(24, generator=generator), torch.randn(24, generator=generator)
     n, _, height, width = x.shape
-    shape = (n * (height + 2) * (width + 2) + native.BORDERED_SPARE_PIXELS, 32)
+    shape = (n * (height + 2) * (width + 2) + native.BORDERED_SPARE_PIXELS, padded)
     garbage = torch.full(shape, float("nan"), dtype=torch.bfloat16)
     del garbage  # memory for the new buffer to reuse, NaN where nothing is written
     bordered = native.norm_relu_bordered(x, scale, shift)
     assert bordered.shape == shape
-    images = bordered[: n * (height + 2) * (width + 2)].view(n, height + 2, width + 2, 32)
+    images = bordered[: n * (height + 2) * (width + 2)].view(n, height + 2, width + 2, padded)
     channel = (1, -1, 1, 1)
     exact = torch.relu(x.double() * scale.double().view(channel) + shift.double().view(channel))
     exact = exact.permute(0, 2, 3, 1)
@@ -681,11 +703,13 @@ def _tiny_plain_network(dtype: torch.dtype) -> torch.nn.Module:
     return optimize_for_inference(randomize_batchnorm(model).eval(), dtype=dtype)
 
 
-@needs_amx
+@pytest.mark.parametrize("dtype", BF16_LAYER_DTYPES, indirect=True)
 @pytest.mark.parametrize("threads", [1, 2])
-def test_a_plain_network_runs_its_blocks_through_the_layer_kernels_in_bf16(monkeypatch, threads):
+def test_a_plain_network_runs_its_blocks_through_the_layer_kernels_in_bf16(
+    monkeypatch, dtype, threads
+):
     _split_over(monkeypatch, threads)
-    network = _tiny_plain_network(torch.bfloat16)
+    network = _tiny_plain_network(dtype)
     assert sum(isinstance(m, NativePlainDenseBlock) for m in network.modules()) == 2
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
@@ -721,7 +745,7 @@ def test_a_cpu_level_the_compiler_doesnt_know_is_named_in_the_warning(fresh_buil
         assert not native.available()
 
 
-@pytest.mark.parametrize("dtype", LAYER_DTYPES)
+@pytest.mark.parametrize("dtype", LAYER_DTYPES, indirect=True)
 def test_a_copied_network_runs_its_blocks_on_its_own_weights(dtype):
     # A block hands its weights' addresses to C: a copy must take its own, not the original's.
     network = _tiny_network(dtype)
@@ -736,3 +760,23 @@ def test_a_copied_network_runs_its_blocks_on_its_own_weights(dtype):
         assert not torch.equal(network(x), expected)
         for clone in clones:
             assert torch.equal(clone(x), expected)
+
+
+@pytest.mark.parametrize("dtype", LAYER_DTYPES, indirect=True)
+def test_weights_packed_for_other_layer_kernels_never_reach_these(monkeypatch, dtype):
+    # A network built where one kind of kernels ran (AMX's tiles, say) and unpickled where another
+    # runs (AVX512_BF16's): its weights are laid out for the first, so it runs without them.
+    network = _tiny_network(dtype)
+    x = torch.randn(2, 3, 64, 64)
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("weights packed for other kernels were handed to these")
+
+    with torch.no_grad():
+        expected = network(x)
+        monkeypatch.setattr(native, "layer_kernels_kind", lambda dtype: "other")
+        for name in ("dense_block", "clamp_conv1x1", "conv3x3"):
+            monkeypatch.setattr(native, name, must_not_run)
+        elsewhere = network(x)
+    tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(elsewhere, expected, rtol=tolerance, atol=tolerance)

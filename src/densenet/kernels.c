@@ -630,6 +630,211 @@ NORM_PASSES(float, float)
 NORM_STATS(bf16, uint16_t, widen)
 NORM_STATS(float, float, same_float)
 
+#if defined(__AVX512BF16__)
+/* On CPUs with AVX512_BF16, bf16 bottleneck layers as the float32 kernels above run them, 12
+ * pixels x 32 output channels at a time, with vdpbf16ps: each instruction multiplies a pair of
+ * input channels (broadcast) by 16 output channels' pairs of weights and adds both products to
+ * float sums, so a pass over the inputs takes half the steps. Sums are float, rounded once. AMX
+ * CPUs run the tile kernels below instead; these are for those without tiles (AMD's Zen 4). The
+ * clamp helpers here serve both. */
+
+/* avg_pool2d(clamp(x, low, high), 2) rounded to bf16, for k channels of the 2x2 window at in (its
+ * pixels pixel_stride apart, its rows row_stride), in float as clamp_pixel_float computes it. */
+static inline void clamp_pool_pixel_bf16(const uint16_t *in, int64_t pixel_stride,
+                                         int64_t row_stride, uint16_t *dst, int64_t k,
+                                         const float *low, const float *high) {
+    const uint16_t *window[4] = {in, in + pixel_stride, in + row_stride,
+                                 in + row_stride + pixel_stride};
+    for (int64_t c = 0; c < k; c += 16) {
+        __mmask16 mask = first_lanes(k - c);
+        __m512 lo = _mm512_maskz_loadu_ps(mask, low + c);
+        __m512 hi = _mm512_maskz_loadu_ps(mask, high + c);
+        __m512 sum = _mm512_setzero_ps();
+        for (int w = 0; w < 4; w++) {
+            __m512 v = widen_16(window[w] + c, mask);
+            sum = _mm512_add_ps(sum, _mm512_min_ps(hi, _mm512_max_ps(lo, v)));
+        }
+        __m256bh rounded = _mm512_cvtneps_pbh(_mm512_div_ps(sum, _mm512_set1_ps(4.0f)));
+        _mm256_mask_storeu_epi16(dst + c, mask, (__m256i)rounded);
+    }
+}
+
+/* The clamp on bf16 bits, without widening them to float. Read as signed int16, the bits of
+ * non-negative bf16 values order as the values do; read as unsigned, those of negative values
+ * order by magnitude. So max(x, low) is a signed max for low >= 0 and an unsigned min for
+ * low < 0, and min(x, high) a signed min for high >= 0 and an unsigned max for high < 0. Each
+ * channel's bounds are given for both signs, the one that doesn't apply a no-op, so that 32
+ * channels take four instructions whatever their bounds: half the work of widening to float. */
+enum { LOW_IF_POSITIVE, LOW_IF_NEGATIVE, HIGH_IF_POSITIVE, HIGH_IF_NEGATIVE, BOUND_KINDS };
+
+/* bounds: [BOUND_KINDS][k_padded], from float bounds rounded to bf16 (a bf16 model's bounds are
+ * bf16 numbers). The channels from k on get bounds that let everything through (NaN bits). */
+static void split_bounds(const float *low, const float *high, int64_t k, int64_t k_padded,
+                         uint16_t *bounds) {
+    for (int64_t c = 0; c < k_padded; c++) {
+        uint16_t lo = c < k ? narrow_rounded(low[c]) : 0xFFFF;
+        uint16_t hi = c < k ? narrow_rounded(high[c]) : 0x7FFF;
+        bounds[LOW_IF_POSITIVE * k_padded + c] = lo & 0x8000 ? 0x8000 : lo;
+        bounds[LOW_IF_NEGATIVE * k_padded + c] = lo & 0x8000 ? lo : 0xFFFF;
+        bounds[HIGH_IF_POSITIVE * k_padded + c] = hi & 0x8000 ? 0x7FFF : hi;
+        bounds[HIGH_IF_NEGATIVE * k_padded + c] = hi & 0x8000 ? hi : 0;
+    }
+}
+
+/* clamp(x, low, high) for k channels from in, bounds from split_bounds, into k_padded channels
+ * at dst (zeros past k). NaN passes, as in torch.clamp: its lanes skip the four steps. */
+static inline void clamp_pixel_bits(const uint16_t *in, uint16_t *dst, int64_t k,
+                                    int64_t k_padded, const uint16_t *bounds) {
+    for (int64_t c = 0; c < k_padded; c += 32) {
+        __m512i x = k - c >= 32 ? _mm512_loadu_si512(in + c)
+                                : _mm512_maskz_loadu_epi16(first_channels(k - c), in + c);
+        __m512i magnitude = _mm512_and_si512(x, _mm512_set1_epi16(0x7FFF));
+        __mmask32 number = _mm512_cmple_epu16_mask(magnitude, _mm512_set1_epi16(0x7F80));
+        const uint16_t *b = bounds + c;
+        x = _mm512_mask_max_epi16(x, number, x, _mm512_load_si512(b + LOW_IF_POSITIVE * k_padded));
+        x = _mm512_mask_min_epu16(x, number, x, _mm512_load_si512(b + LOW_IF_NEGATIVE * k_padded));
+        x = _mm512_mask_min_epi16(x, number, x, _mm512_load_si512(b + HIGH_IF_POSITIVE * k_padded));
+        x = _mm512_mask_max_epu16(x, number, x, _mm512_load_si512(b + HIGH_IF_NEGATIVE * k_padded));
+        _mm512_store_si512(dst + c, x);
+    }
+}
+
+#define BF16_PIXELS 12
+#define ROUND_UP_2(v) (((v) + 1) / 2 * 2)
+
+/* w: [n_out][k] bf16 -> panels of 16 output channels, [n_out rounded up to 16 / 16][k / 2][16][2]:
+ * step c of a panel holds inputs 2c and 2c + 1 of each of its channels, as vdpbf16ps pairs them.
+ * k is even (a 3x3 convolution's weights: k = 9 taps x channels, tap-major, channels even);
+ * outputs past n_out are zeros. */
+void pack_weights_dpbf16(const uint16_t *w, int64_t n_out, int64_t k, uint16_t *packed) {
+    for (int64_t o = 0; o < (n_out + 15) / 16 * 16; o++)
+        for (int64_t c = 0; c < k; c++)
+            packed[((o / 16 * (k / 2) + c / 2) * 16 + o % 16) * 2 + c % 2] =
+                o < n_out ? w[o * k + c] : 0;
+}
+
+/* acc0[p] += the dot products of pixel p's `pairs` input pairs (a[p * a_stride ...], bf16) with
+ * panel w0, and acc1 with w1 if `both`; called with a constant `both`. */
+static inline void dot_pairs_pixels(__m512 acc0[BF16_PIXELS], __m512 acc1[BF16_PIXELS],
+                                    const uint16_t *a, int64_t a_stride, const uint16_t *w0,
+                                    const uint16_t *w1, int64_t pairs, int both) {
+    for (int64_t c = 0; c < pairs; c++) {
+        __m512bh v0 = (__m512bh)_mm512_loadu_si512(w0 + c * 32);
+        __m512bh v1 = both ? (__m512bh)_mm512_loadu_si512(w1 + c * 32) : v0;
+        for (int p = 0; p < BF16_PIXELS; p++) {
+            uint32_t pair;
+            memcpy(&pair, a + p * a_stride + 2 * c, sizeof pair);
+            __m512bh v = (__m512bh)_mm512_set1_epi32((int)pair);
+            acc0[p] = _mm512_dpbf16_ps(acc0[p], v, v0);
+            if (both) acc1[p] = _mm512_dpbf16_ps(acc1[p], v, v1);
+        }
+    }
+}
+
+/* The 12 pixels' sums for 32 output channels from nb (+ bias, then ReLU if `relu`), rounded to
+ * bf16 at out + at[p] + nb; pixels with at[p] < 0 dropped. max(0, v) keeps a NaN v. */
+static inline void store_pixels_bf16(const __m512 acc0[BF16_PIXELS],
+                                     const __m512 acc1[BF16_PIXELS], const float *bias,
+                                     int64_t relu, int64_t nb, int64_t n_out, const int64_t *at,
+                                     int64_t pixels, uint16_t *out) {
+    __mmask16 m0 = first_lanes(n_out - nb), m1 = first_lanes(n_out - nb - 16);
+    __m512 b0 = bias ? _mm512_maskz_loadu_ps(m0, bias + nb) : _mm512_setzero_ps();
+    __m512 b1 = bias ? _mm512_maskz_loadu_ps(m1, bias + nb + 16) : _mm512_setzero_ps();
+    __m512 floor = relu ? _mm512_setzero_ps() : _mm512_set1_ps(-INFINITY);
+    for (int64_t p = 0; p < pixels; p++)
+        if (at[p] >= 0)
+            store_rounded(out + at[p] + nb, first_channels(n_out - nb),
+                          _mm512_max_ps(floor, _mm512_add_ps(acc0[p], b0)),
+                          _mm512_max_ps(floor, _mm512_add_ps(acc1[p], b1)));
+}
+
+/* As clamp_conv1x1_float, in bf16 (weights from pack_weights_dpbf16): 12 pixels at a time are
+ * clamped (and pooled, rounded to bf16 as avg_pool2d's output is) into a buffer that stays in the
+ * thread's cache, k rounded up to 32 channels each (zeros past k). */
+void clamp_conv1x1_dpbf16(const uint16_t *x, int64_t pixel_stride, int64_t n, int64_t height,
+                          int64_t width, int64_t k, const float *low, const float *high,
+                          const uint16_t *packed, const float *bias, int64_t n_out,
+                          uint16_t *out, int64_t out_stride, int64_t border, int64_t pool,
+                          int64_t relu, const void *prefetch, int64_t prefetch_bytes,
+                          int threads) {
+    int64_t rows = n * (pool ? height / 2 * (width / 2) : height * width);
+    int64_t k_padded = ROUND_UP_32(k), pairs = ROUND_UP_2(k) / 2;
+    PARALLEL_REGION
+    {
+        uint16_t clamped[BF16_PIXELS * k_padded] __attribute__((aligned(64)));
+        uint16_t bounds[BOUND_KINDS * k_padded] __attribute__((aligned(64)));
+        if (!pool) split_bounds(low, high, k, k_padded, bounds); /* a transition clamps in float */
+        memset(clamped, 0, sizeof clamped);
+        PARALLEL_FOR
+        for (int64_t first = 0; first < rows; first += BF16_PIXELS) {
+            int64_t pixels = rows - first < BF16_PIXELS ? rows - first : BF16_PIXELS;
+            prefetch_part(prefetch, prefetch_bytes, first / BF16_PIXELS,
+                          (rows + BF16_PIXELS - 1) / BF16_PIXELS);
+            int64_t src[BF16_PIXELS], at[BF16_PIXELS];
+            locate_pixels(first, pixels, height, width, pixel_stride, pool, border, out_stride,
+                          src, at);
+            for (int64_t i = 0; i < pixels; i++)
+                if (pool)
+                    clamp_pool_pixel_bf16(x + src[i], pixel_stride, width * pixel_stride,
+                                          clamped + i * k_padded, k, low, high);
+                else
+                    clamp_pixel_bits(x + src[i], clamped + i * k_padded, k, k_padded, bounds);
+            for (int64_t nb = 0; nb < n_out; nb += 32) {
+                __m512 acc0[BF16_PIXELS], acc1[BF16_PIXELS];
+                for (int p = 0; p < BF16_PIXELS; p++) acc0[p] = acc1[p] = _mm512_setzero_ps();
+                const uint16_t *w = packed + nb * 2 * pairs;
+                if (n_out - nb > 16)
+                    dot_pairs_pixels(acc0, acc1, clamped, k_padded, w, w + 32 * pairs, pairs, 1);
+                else
+                    dot_pairs_pixels(acc0, acc1, clamped, k_padded, w, NULL, pairs, 0);
+                store_pixels_bf16(acc0, acc1, bias, relu, nb, n_out, at, pixels, out);
+            }
+        }
+    }
+}
+
+/* conv2d(x, w, stride 1, padding 1) for x held inside a zero border, as for conv3x3_amx, with k
+ * (even) channels; packed: pack_weights_dpbf16 of w as [n_out][9 taps][k]. */
+void conv3x3_dpbf16(const uint16_t *bordered, int64_t n, int64_t height, int64_t width,
+                    int64_t k, const uint16_t *packed, int64_t n_out, uint16_t *out,
+                    int64_t out_stride, const void *prefetch, int64_t prefetch_bytes,
+                    int threads) {
+    int64_t row = width + 2, image_pixels = (height + 2) * row;
+    int64_t first = row + 1, last = height * row + width; /* the first and last inside pixel */
+    int64_t tiles = (last - first) / BF16_PIXELS + 1;
+    PARALLEL_REGION
+    {
+        PARALLEL_FOR
+        for (int64_t item = 0; item < n * tiles; item++) {
+            prefetch_part(prefetch, prefetch_bytes, item, n * tiles);
+            int64_t image = item / tiles, start = first + item % tiles * BF16_PIXELS;
+            const uint16_t *centre = bordered + (image * image_pixels + start) * k;
+            int64_t at[BF16_PIXELS], y = start / row - 1, x = start % row - 1;
+            for (int64_t i = 0; i < BF16_PIXELS; i++) {
+                int inside = start + i <= last && x >= 0 && x < width;
+                at[i] = inside ? ((image * height + y) * width + x) * out_stride : -1;
+                if (++x == width + 1) x = -1, y++;
+            }
+            for (int64_t nb = 0; nb < n_out; nb += 32) {
+                __m512 acc0[BF16_PIXELS], acc1[BF16_PIXELS];
+                for (int p = 0; p < BF16_PIXELS; p++) acc0[p] = acc1[p] = _mm512_setzero_ps();
+                for (int tap = 0; tap < 9; tap++) {
+                    const uint16_t *a = centre + ((tap / 3 - 1) * row + tap % 3 - 1) * k;
+                    const uint16_t *w = packed + (nb * 9 + tap * 16) * k;
+                    if (n_out - nb > 16)
+                        dot_pairs_pixels(acc0, acc1, a, k, w, w + 9 * 16 * k, k / 2, 1);
+                    else
+                        dot_pairs_pixels(acc0, acc1, a, k, w, NULL, k / 2, 0);
+                }
+                store_pixels_bf16(acc0, acc1, NULL, 0, nb, n_out, at, BF16_PIXELS, out);
+            }
+        }
+    }
+}
+DENSE_BLOCK(dense_block_dpbf16, uint16_t, uint16_t, clamp_conv1x1_dpbf16, conv3x3_dpbf16,
+            ROUND_UP_2)
+#endif
+
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
 /* On CPUs with AMX, a bottleneck layer on the tile unit, in float, rounding once:
  * - relu(clamp(x, low, high) @ W^T + bias), the layer's clamp and 1x1 convolution in one pass.
@@ -731,67 +936,6 @@ static inline void store_row(const float *sums, __m512 bias_low, __m512 bias_hig
         high = _mm512_max_ps(_mm512_setzero_ps(), high);
     }
     _mm512_mask_storeu_epi16(dst, channels, (__m512i)_mm512_cvtne2ps_pbh(high, low));
-}
-
-/* avg_pool2d(clamp(x, low, high), 2) rounded to bf16, for k channels of the 2x2 window at in (its
- * pixels pixel_stride apart, its rows row_stride), in float as clamp_pixel_float computes it. */
-static inline void clamp_pool_pixel_bf16(const uint16_t *in, int64_t pixel_stride,
-                                         int64_t row_stride, uint16_t *dst, int64_t k,
-                                         const float *low, const float *high) {
-    const uint16_t *window[4] = {in, in + pixel_stride, in + row_stride,
-                                 in + row_stride + pixel_stride};
-    for (int64_t c = 0; c < k; c += 16) {
-        __mmask16 mask = first_lanes(k - c);
-        __m512 lo = _mm512_maskz_loadu_ps(mask, low + c);
-        __m512 hi = _mm512_maskz_loadu_ps(mask, high + c);
-        __m512 sum = _mm512_setzero_ps();
-        for (int w = 0; w < 4; w++) {
-            __m512 v = widen_16(window[w] + c, mask);
-            sum = _mm512_add_ps(sum, _mm512_min_ps(hi, _mm512_max_ps(lo, v)));
-        }
-        __m256bh rounded = _mm512_cvtneps_pbh(_mm512_div_ps(sum, _mm512_set1_ps(4.0f)));
-        _mm256_mask_storeu_epi16(dst + c, mask, (__m256i)rounded);
-    }
-}
-
-/* The clamp on bf16 bits, without widening them to float. Read as signed int16, the bits of
- * non-negative bf16 values order as the values do; read as unsigned, those of negative values
- * order by magnitude. So max(x, low) is a signed max for low >= 0 and an unsigned min for
- * low < 0, and min(x, high) a signed min for high >= 0 and an unsigned max for high < 0. Each
- * channel's bounds are given for both signs, the one that doesn't apply a no-op, so that 32
- * channels take four instructions whatever their bounds: half the work of widening to float. */
-enum { LOW_IF_POSITIVE, LOW_IF_NEGATIVE, HIGH_IF_POSITIVE, HIGH_IF_NEGATIVE, BOUND_KINDS };
-
-/* bounds: [BOUND_KINDS][k_padded], from float bounds rounded to bf16 (a bf16 model's bounds are
- * bf16 numbers). The channels from k on get bounds that let everything through (NaN bits). */
-static void split_bounds(const float *low, const float *high, int64_t k, int64_t k_padded,
-                         uint16_t *bounds) {
-    for (int64_t c = 0; c < k_padded; c++) {
-        uint16_t lo = c < k ? narrow_rounded(low[c]) : 0xFFFF;
-        uint16_t hi = c < k ? narrow_rounded(high[c]) : 0x7FFF;
-        bounds[LOW_IF_POSITIVE * k_padded + c] = lo & 0x8000 ? 0x8000 : lo;
-        bounds[LOW_IF_NEGATIVE * k_padded + c] = lo & 0x8000 ? lo : 0xFFFF;
-        bounds[HIGH_IF_POSITIVE * k_padded + c] = hi & 0x8000 ? 0x7FFF : hi;
-        bounds[HIGH_IF_NEGATIVE * k_padded + c] = hi & 0x8000 ? hi : 0;
-    }
-}
-
-/* clamp(x, low, high) for k channels from in, bounds from split_bounds, into k_padded channels
- * at dst (zeros past k). NaN passes, as in torch.clamp: its lanes skip the four steps. */
-static inline void clamp_pixel_bits(const uint16_t *in, uint16_t *dst, int64_t k,
-                                    int64_t k_padded, const uint16_t *bounds) {
-    for (int64_t c = 0; c < k_padded; c += 32) {
-        __m512i x = k - c >= 32 ? _mm512_loadu_si512(in + c)
-                                : _mm512_maskz_loadu_epi16(first_channels(k - c), in + c);
-        __m512i magnitude = _mm512_and_si512(x, _mm512_set1_epi16(0x7FFF));
-        __mmask32 number = _mm512_cmple_epu16_mask(magnitude, _mm512_set1_epi16(0x7F80));
-        const uint16_t *b = bounds + c;
-        x = _mm512_mask_max_epi16(x, number, x, _mm512_load_si512(b + LOW_IF_POSITIVE * k_padded));
-        x = _mm512_mask_min_epu16(x, number, x, _mm512_load_si512(b + LOW_IF_NEGATIVE * k_padded));
-        x = _mm512_mask_min_epi16(x, number, x, _mm512_load_si512(b + HIGH_IF_POSITIVE * k_padded));
-        x = _mm512_mask_max_epu16(x, number, x, _mm512_load_si512(b + HIGH_IF_NEGATIVE * k_padded));
-        _mm512_store_si512(dst + c, x);
-    }
 }
 
 /* As clamp_conv1x1_float, in bf16 on the tile unit: 32 pixels at a time are clamped (and pooled)

@@ -14,13 +14,13 @@ memory (see :mod:`densenet.deploy.optimize`), each slower in ATen than it needs 
 
 Each gives the same bits as the ATen operations it replaces (tests compare them).
 
-Where the compiler targets AVX-512 (float32) or AMX (bf16), three more run the dense layers'
-and transitions' convolutions themselves, summing in float32 (bf16: rounding once, as oneDNN
-does):
+Where the compiler targets AVX-512 (float32) or AVX512_BF16 (bf16: on AMX's tile unit where it
+targets AMX, else with vdpbf16ps, for AMD's Zen 4 say), three more run the dense layers' and
+transitions' convolutions themselves, summing in float32 (bf16: rounding once, as oneDNN does):
 
 - :func:`clamp_conv1x1`, a bottleneck's clamp together with its 1x1 convolution, bias and ReLU,
   or a transition's clamp, 2x2 average pooling and 1x1 convolution: each thread clamps a few
-  pixels (12 in float32, 32 on AMX) into a buffer that stays in its cache and multiplies them
+  pixels (12, or 32 on AMX) into a buffer that stays in its cache and multiplies them
   there, so the clamped input, which oneDNN's convolution would read back from memory, is never
   written;
 - :func:`conv3x3`, a layer's 3x3 convolution, which reads the 1x1's output from a buffer with a
@@ -80,6 +80,7 @@ import shlex
 import shutil
 import subprocess
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,12 +102,13 @@ PARALLEL_MIN_MULTIPLY_ADDS = 1 << 20
 # The dtypes that the max pooling and memory-efficient training's BN kernels take: the endings of
 # their names in kernels.c.
 KERNEL_DTYPES = {torch.bfloat16: "bf16", torch.float32: "float"}
-# The kernels that run a bottleneck layer's convolutions, by dtype: their names' endings in
-# kernels.c. The most input channels clamp_conv1x1 takes: its buffer of clamped pixels lives
-# on each OpenMP thread's stack (256 KiB at most, and 32 KiB of bounds in bf16). And the most
+# The kernels that run a bottleneck layer's convolutions, by dtype, the fastest first: their names'
+# endings in kernels.c (bf16 on AMX's tile unit, else with AVX512_BF16's vdpbf16ps). The most
+# input channels clamp_conv1x1 takes: its buffer of clamped pixels lives on each OpenMP thread's
+# stack (256 KiB at most, and 32 KiB of bounds in bf16). And the most
 # pixels past the end of a bordered buffer that the kernels' last tiles read (AMX_PIXELS, the
 # larger tile, in kernels.c).
-LAYER_KERNELS = {torch.bfloat16: "amx", torch.float32: "float"}
+LAYER_KERNELS = {torch.bfloat16: ("amx", "dpbf16"), torch.float32: ("float",)}
 LAYER_MAX_CHANNELS = 4096
 BORDERED_SPARE_PIXELS = 32
 # The layer kernels' last arguments but one: weights to read ahead while they compute (dense_block
@@ -299,9 +301,18 @@ def clamp_avg_pool2(x: Tensor, low: Tensor, high: Tensor) -> Tensor:
 
 def layer_kernels_available(dtype: torch.dtype) -> bool:
     """Whether :func:`clamp_conv1x1` and :func:`conv3x3` run here in ``dtype``: bf16 where
-    the library was built for a CPU with AMX and Linux let this process use the tile registers,
-    float32 where it was built for a CPU with AVX-512."""
-    return dtype in LAYER_KERNELS and _layer_library(dtype) is not None
+    the library was built for a CPU with AVX512_BF16 (on AMX's tiles where it was built for AMX
+    and Linux let this process use the tile registers), float32 where it was built for a CPU with
+    AVX-512."""
+    return _layer_kernels(dtype) is not None
+
+
+def layer_kernels_kind(dtype: torch.dtype) -> str | None:
+    """Which layer kernels run here in ``dtype`` (an entry of ``LAYER_KERNELS``), None where none
+    do. :func:`pack_weights` lays weights out for one kind: a network built where another kind ran
+    (and unpickled here) must not hand them to these."""
+    kernels = _layer_kernels(dtype)
+    return None if kernels is None else kernels[1]
 
 
 def supports_layer(x: Tensor) -> bool:
@@ -318,10 +329,10 @@ def supports_layer(x: Tensor) -> bool:
 
 def pack_weights(weight: Tensor) -> Tensor:
     """A 1x1 or 3x3 convolution's weights (``[out, in, k, k]``, bf16 or float32) in the layout
-    :func:`clamp_conv1x1` and :func:`conv3x3` read in that dtype; a 3x3 convolution's input
-    channels padded to those of :func:`bordered_buffer`."""
-    library = _layer_library(weight.dtype)
-    assert library is not None, "check layer_kernels_available() first"
+    :func:`clamp_conv1x1` and :func:`conv3x3` read in that dtype, here (see
+    :func:`layer_kernels_kind`); a 3x3 convolution's input channels padded to those of
+    :func:`bordered_buffer`."""
+    library, kind = _checked_layer_kernels(weight.dtype)
     n_out, channels, kernel, _ = weight.shape
     dense = weight.detach().permute(0, 2, 3, 1)  # [out, taps, in]: tap by tap, as the kernels run
     if kernel > 1:
@@ -331,9 +342,13 @@ def pack_weights(weight: Tensor) -> Tensor:
     if weight.dtype == torch.float32:  # panels of 16 outputs: [outputs / 16][inputs][16]
         padded = torch.nn.functional.pad(dense.t(), (0, -n_out % 16))
         return padded.view(dense.shape[1], -1, 16).transpose(0, 1).contiguous()
-    dense = dense.contiguous()
-    packed = torch.empty(_round_up_32(n_out) * _round_up_32(dense.shape[1]), dtype=torch.bfloat16)
-    library.pack_weights_amx(
+    if kind == "amx":
+        size = _round_up_32(n_out) * _round_up_32(dense.shape[1])
+    else:  # input channels in pairs, outputs in panels of 16
+        dense = torch.nn.functional.pad(dense, (0, dense.shape[1] % 2))
+        size = (n_out + 15) // 16 * 16 * dense.shape[1]
+    dense, packed = dense.contiguous(), torch.empty(size, dtype=torch.bfloat16)
+    getattr(library, f"pack_weights_{kind}")(
         _at(dense), ctypes.c_int64(n_out), ctypes.c_int64(dense.shape[1]), _at(packed)
     )
     return packed
@@ -367,7 +382,7 @@ def clamp_conv1x1(
         assert bordered.shape == _bordered_shape(n, out_channels, out_height, out_width, x.dtype)
         assert bordered.dtype == x.dtype
         out, out_stride, border = bordered, bordered.shape[1], 1
-    getattr(_layer_library(x.dtype), f"clamp_conv1x1_{LAYER_KERNELS[x.dtype]}")(
+    _layer_kernel(x.dtype, "clamp_conv1x1")(
         _at(x),
         *(ctypes.c_int64(v) for v in (x.stride(3), n, height, width, channels)),
         _at(low),
@@ -385,8 +400,8 @@ def clamp_conv1x1(
 
 def bordered_buffer(n: int, channels: int, height: int, width: int, dtype: torch.dtype) -> Tensor:
     """Zeros to hold :func:`conv3x3`'s input: ``n`` images of ``height`` x ``width`` pixels inside
-    a border of one pixel, ``channels`` each (in bf16 rounded up to 32), and the spare pixels the
-    kernels' last tiles read past the end."""
+    a border of one pixel, ``channels`` each (in bf16 rounded up to 32 on AMX, else to an even
+    number), and the spare pixels the kernels' last tiles read past the end."""
     return torch.zeros(_bordered_shape(n, channels, height, width, dtype), dtype=dtype)
 
 
@@ -398,8 +413,10 @@ def _bordered_shape(
 
 
 def _bordered_channels(channels: int, dtype: torch.dtype) -> int:
-    """On AMX the channels of a 3x3 convolution's input fill whole tiles, 32 wide."""
-    return _round_up_32(channels) if dtype == torch.bfloat16 else channels
+    """On AMX the channels of a 3x3 convolution's input fill whole tiles, 32 wide; vdpbf16ps
+    takes them in pairs."""
+    kind = _checked_layer_kernels(dtype)[1]
+    return {"amx": _round_up_32(channels), "dpbf16": channels + channels % 2}.get(kind, channels)
 
 
 def norm_relu_bordered(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
@@ -410,7 +427,7 @@ def norm_relu_bordered(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     assert supports_layer(x) and x.dtype == torch.bfloat16, "check supports_layer(x) first"
     n, channels, height, width = x.shape
     bordered = torch.empty(_bordered_shape(n, channels, height, width, x.dtype), dtype=x.dtype)
-    _layer_library(x.dtype).norm_relu_bordered_bf16(
+    _checked_layer_kernels(x.dtype)[0].norm_relu_bordered_bf16(
         _at(x),
         *(ctypes.c_int64(v) for v in (x.stride(3), n, height, width, channels)),
         _at(scale),
@@ -429,7 +446,7 @@ def conv3x3(bordered: Tensor, packed: Tensor, out: Tensor) -> Tensor:
     assert supports_layer(out) and bordered.dtype == out.dtype, "check supports_layer() first"
     n, out_channels, height, width = out.shape
     assert bordered.shape[0] == _bordered_shape(n, 1, height, width, out.dtype)[0]
-    getattr(_layer_library(out.dtype), f"conv3x3_{LAYER_KERNELS[out.dtype]}")(
+    _layer_kernel(out.dtype, "conv3x3")(
         _at(bordered),
         *(ctypes.c_int64(v) for v in (n, height, width, bordered.shape[1])),
         _at(packed),
@@ -485,7 +502,7 @@ def dense_block(
     assert bordered.dtype == block.dtype
     assert bordered.shape == _bordered_shape(n, bottleneck, height, width, block.dtype)
     low, high, packed_1x1, bias, packed_3x3 = pointers
-    getattr(_layer_library(block.dtype), f"dense_block_{LAYER_KERNELS[block.dtype]}")(
+    _layer_kernel(block.dtype, "dense_block")(
         _at(block),
         *(ctypes.c_int64(v) for v in (n, height, width, channels, in_channels, growth, layers)),
         low,
@@ -504,20 +521,34 @@ def _round_up_32(value: int) -> int:
 
 
 @functools.cache
-def _layer_library(dtype: torch.dtype) -> ctypes.CDLL | None:
+def _layer_kernels(dtype: torch.dtype) -> tuple[ctypes.CDLL, str] | None:
+    """The library and the kind of layer kernels (see LAYER_KERNELS) that run here in ``dtype``."""
     library = _library()
-    kernels = LAYER_KERNELS[dtype]
-    if library is None or not hasattr(library, f"conv3x3_{kernels}"):
-        return None  # built for a CPU without the instructions
-    if kernels == "amx":
-        library.amx_request.restype = ctypes.c_int
-        if library.amx_request() != 0:  # a Linux without tile support, or one that refuses it
-            return None
-        library.pack_weights_amx.restype = None
-        library.norm_relu_bordered_bf16.restype = None
-    for name in (f"clamp_conv1x1_{kernels}", f"conv3x3_{kernels}", f"dense_block_{kernels}"):
-        getattr(library, name).restype = None
-    return library
+    for kind in LAYER_KERNELS.get(dtype, ()):
+        if library is None or not hasattr(library, f"conv3x3_{kind}"):
+            continue  # built for a CPU without the instructions
+        if kind == "amx":
+            library.amx_request.restype = ctypes.c_int
+            if library.amx_request() != 0:  # a Linux without tile support, or one that refuses
+                continue
+        for name in ("clamp_conv1x1", "conv3x3", "dense_block", "pack_weights"):
+            if hasattr(library, f"{name}_{kind}"):
+                getattr(library, f"{name}_{kind}").restype = None
+        if dtype == torch.bfloat16:
+            library.norm_relu_bordered_bf16.restype = None
+        return library, kind
+    return None
+
+
+def _checked_layer_kernels(dtype: torch.dtype) -> tuple[ctypes.CDLL, str]:
+    kernels = _layer_kernels(dtype)
+    assert kernels is not None, "check layer_kernels_available() first"
+    return kernels
+
+
+def _layer_kernel(dtype: torch.dtype, name: str) -> Callable[..., None]:
+    library, kind = _checked_layer_kernels(dtype)
+    return getattr(library, f"{name}_{kind}")
 
 
 def max_pool_3x3s2(x: Tensor) -> Tensor:

@@ -24,10 +24,10 @@ call (``conv_backend="onednn"``, chosen by default where it is supported). ``F.c
 reorders the weights on every call and, at batch 1, sends small 3x3 convolutions to PyTorch's slow
 native kernels (torch.compile of this network, which does its own oneDNN lowering, was slower at
 batch 1 and 32 on a 2-core AVX2 CPU). Where :mod:`densenet.native`'s C kernels build for a CPU
-with AVX-512 (float32) or AMX (bf16), they take over the dense layers' and transitions'
-convolutions from oneDNN, each fused with the clamp before it, and run a whole block in one call
-(:class:`NativeDenseBlock`). ``conv_backend="aten"`` keeps plain ``nn.Conv2d`` modules, which
-export to ONNX/TorchScript and move between devices.
+with AVX-512 (float32) or AVX512_BF16 (bf16, on AMX's tiles where it has them), they take over
+the dense layers' and transitions' convolutions from oneDNN, each fused with the clamp before it,
+and run a whole block in one call (:class:`NativeDenseBlock`). ``conv_backend="aten"`` keeps plain
+``nn.Conv2d`` modules, which export to ONNX/TorchScript and move between devices.
 """
 
 from __future__ import annotations
@@ -115,9 +115,9 @@ class NativeClampedReLU(nn.Module):
 
 class NativeClampConv1x1(nn.Module):
     """A clamp (with 2x2 average pooling after it in a transition) and the 1x1 convolution that
-    reads it, as one pass through :mod:`densenet.native` (bf16 on AMX, float32 on AVX-512) that
-    never writes the clamped input to memory; ``unfused`` (the clamp, and pooling) and ``conv``
-    for inputs the kernel doesn't take."""
+    reads it, as one pass through :mod:`densenet.native` (bf16 on AMX or AVX512_BF16, float32 on
+    AVX-512) that never writes the clamped input to memory; ``unfused`` (the clamp, and pooling)
+    and ``conv`` for inputs the kernel doesn't take."""
 
     def __init__(
         self,
@@ -132,11 +132,12 @@ class NativeClampConv1x1(nn.Module):
         self.low32 = clamp.low.float().flatten().contiguous()
         self.high32 = clamp.high.float().flatten().contiguous()
         self.packed = native.pack_weights(conv.weight)
+        self.kernels = native.layer_kernels_kind(conv.weight.dtype)  # the layout of `packed`
         self.bias32 = conv.bias.float().contiguous()
         self.out_channels = conv.weight.shape[0]
 
     def forward(self, x: Tensor) -> Tensor:
-        if not native.supports_layer(x) or x.dtype != self.packed.dtype:
+        if not native.supports_layer(x) or native.layer_kernels_kind(x.dtype) != self.kernels:
             return self.conv(self.unfused(x))
         return native.clamp_conv1x1(
             x,
@@ -266,10 +267,10 @@ def onednn_supports(device: torch.device, dtype: torch.dtype) -> bool:
 
 def _use_onednn(network: nn.Module, dtype: torch.dtype) -> None:
     """oneDNN for the convolutions; where the C kernels build, they take the stem's max pooling,
-    in bf16 the clamps (a transition's with its average pooling), and on AMX (bf16) or AVX-512
-    (float32) each bottleneck layer (its clamp with its 1x1 convolution, then its 3x3) and each
-    transition (its clamp, pooling and convolution in one pass), and on AMX each plain layer (its
-    BN-ReLU, then its 3x3)."""
+    in bf16 the clamps (a transition's with its average pooling), and on AMX or AVX512_BF16 (bf16)
+    or AVX-512 (float32) each bottleneck layer (its clamp with its 1x1 convolution, then its 3x3)
+    and each transition (its clamp, pooling and convolution in one pass), and in bf16 each plain
+    layer (its BN-ReLU, then its 3x3)."""
     for parent in list(network.modules()):
         for name, child in parent.named_children():
             if isinstance(child, Conv2dReLU):
@@ -448,10 +449,10 @@ class FastDenseBlock(nn.Module):
 
 
 class NativeDenseBlock(FastDenseBlock):
-    """A block of bottleneck layers through :mod:`densenet.native` (bf16 on AMX, float32 on
-    AVX-512): each layer's clamp and 1x1 convolution write inside a buffer with a zero border,
-    from which its 3x3 convolution reads its padding for free and writes straight into the block
-    tensor (no copy). The layers themselves (oneDNN) for inputs the kernels don't take."""
+    """A block of bottleneck layers through :mod:`densenet.native` (bf16 on AMX or AVX512_BF16,
+    float32 on AVX-512): each layer's clamp and 1x1 convolution write inside a buffer with a zero
+    border, from which its 3x3 convolution reads its padding for free and writes straight into the
+    block tensor (no copy). The layers themselves (oneDNN) for inputs the kernels don't take."""
 
     def __init__(self, block: FastDenseBlock) -> None:
         nn.Module.__init__(self)
@@ -469,6 +470,7 @@ class NativeDenseBlock(FastDenseBlock):
             )
             for layer in self.layers
         ]
+        self.kernels = self.layers[0].conv1.kernels
         self._pointers: tuple | None = None  # the weights' addresses, for one C call per block
 
     @staticmethod
@@ -485,7 +487,7 @@ class NativeDenseBlock(FastDenseBlock):
         return {**self.__dict__, "_pointers": None}  # a copy's weights live at other addresses
 
     def forward(self, x: Tensor) -> Tensor:
-        if not native.supports_layer(x) or x.dtype != self.weights[0].packed_3x3.dtype:
+        if not native.supports_layer(x) or native.layer_kernels_kind(x.dtype) != self.kernels:
             return super().forward(x)
         out = self._block_tensor(x)
         n, _, h, w = x.shape
@@ -515,11 +517,11 @@ class NativeDenseBlock(FastDenseBlock):
 
 class NativePlainDenseBlock(FastDenseBlock):
     """A block of plain layers (BN-ReLU -> Conv3x3, the paper's DenseNets without bottlenecks)
-    in bf16 through :mod:`densenet.native`'s AMX kernels: each layer's BN-ReLU is written inside a
-    buffer with a zero border, its padding, from which its 3x3 convolution writes straight into
-    the block tensor. The layers themselves (oneDNN) for inputs the kernels don't take. (In
-    float32, oneDNN's 3x3 convolution with k = 12 outputs ran twice as fast as the AVX-512 kernel,
-    so float32 blocks stay with it.)"""
+    in bf16 through :mod:`densenet.native`'s kernels (AMX or AVX512_BF16): each layer's BN-ReLU
+    is written inside a buffer with a zero border, its padding, from which its 3x3 convolution
+    writes straight into the block tensor. The layers themselves (oneDNN) for inputs the kernels
+    don't take. (In float32, oneDNN's 3x3 convolution with k = 12 outputs ran twice as fast as the
+    AVX-512 kernel, so float32 blocks stay with it.)"""
 
     def __init__(self, block: FastDenseBlock) -> None:
         nn.Module.__init__(self)
@@ -531,6 +533,7 @@ class NativePlainDenseBlock(FastDenseBlock):
             for layer in self.layers
         ]
         self.packed = [native.pack_weights(layer.conv.weight) for layer in self.layers]
+        self.kernels = native.layer_kernels_kind(self.packed[0].dtype)
 
     @staticmethod
     def takes(block: FastDenseBlock) -> bool:
@@ -540,7 +543,7 @@ class NativePlainDenseBlock(FastDenseBlock):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        if not native.supports_layer(x) or x.dtype != self.packed[0].dtype:
+        if not native.supports_layer(x) or native.layer_kernels_kind(x.dtype) != self.kernels:
             return super().forward(x)
         out = self._block_tensor(x)
         channels = self.in_channels

@@ -9,6 +9,7 @@ the fastest and slowest round, so that one slow call does not skew a result and 
 from __future__ import annotations
 
 import copy
+import os
 import platform
 import statistics
 import time
@@ -36,6 +37,9 @@ from densenet.models.densenet import DenseNet
 TORCHVISION_DEFAULT = "torchvision (fp32, NCHW)"  # the model as torchvision's users run it
 OURS_PLAIN = "ours, eager"  # our plain model, run as torchvision's is
 T = TypeVar("T")
+# Environment variables under which this CPU runs the code another would: ATen's and oneDNN's
+# kernel sets, and the CPU densenet's C kernels are built for.
+CPU_LIMITS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DENSENET_KERNEL_MARCH")
 
 
 @dataclass(frozen=True)
@@ -271,3 +275,7 @@ def machine_description(device: torch.device) -> Iterator[str]:
         f"torch {torch.__version__}, torchvision {torchvision.__version__}, "
         f"python {platform.python_version()}"
     )
+    # Settings that make this CPU run another CPU's code paths (as `make test-kernels` does).
+    limits = [f"{name}={os.environ[name]}" for name in CPU_LIMITS if os.environ.get(name)]
+    if limits:
+        yield f"code paths limited: {', '.join(limits)} (the CPU above runs another CPU's code)"
