@@ -27,8 +27,9 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 # The suite again with the kernels of other CPUs: ATen and oneDNN limited to AVX2 (an AVX2-only
-# CPU, no native bf16), then to scalar/SSE4.1 code, and our C kernels built for the same CPUs.
-# Tolerances must hold on every CPU kind.
+# CPU, no native bf16), then to scalar/SSE4.1 code, and our C kernels built for the same CPUs; and,
+# on a CPU with AVX512_BF16, oneDNN without AMX and our kernels built for a CPU without tiles (the
+# code AMD's Zen 4 runs). Tolerances must hold on every CPU kind.
 # Each set gets inductor caches of its own: their keys don't include these settings, and kernels
 # compiled for one set give wrong results under another.
 test-kernels: $(STAMP)
@@ -38,6 +39,11 @@ test-kernels: $(STAMP)
 	TORCHINDUCTOR_CACHE_DIR=$$(mktemp -d) ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 \
 		DENSENET_KERNEL_MARCH=x86-64-v2 \
 		$(BIN)/python -m pytest -q -p no:cacheprovider
+	if grep -qw avx512_bf16 /proc/cpuinfo; then \
+		TORCHINDUCTOR_CACHE_DIR=$$(mktemp -d) ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 \
+		DENSENET_KERNEL_MARCH=cooperlake \
+		$(BIN)/python -m pytest -q -p no:cacheprovider; \
+	fi
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
