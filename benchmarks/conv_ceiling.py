@@ -35,7 +35,7 @@ from torch import nn
 import densenet
 from densenet.deploy import optimize
 from densenet.hardware import DTYPES
-from densenet.tools.bench import machine_description
+from densenet.tools.bench import results_head
 
 # A convolution as (in channels, out channels, kernel, stride, input shape N, C, H, W).
 ConvShape = tuple[int, int, int, int, tuple[int, ...]]
@@ -140,9 +140,8 @@ def main(argv: list[str]) -> int:
 
     rates = [flops / seconds for seconds in network_seconds]
     shares = [rate / ceiling for rate, ceiling in zip(rates, ceilings, strict=True)]
-    lines = [f"# DenseNet-121 inference against the convolution ceiling, {args.dtype}", ""]
-    lines.append(f"- command: `python benchmarks/conv_ceiling.py {' '.join(argv)}`".rstrip())
-    lines += [f"- {line}" for line in machine_description(torch.device("cpu"))]
+    title = f"DenseNet-121 inference against the convolution ceiling, {args.dtype}"
+    lines = results_head(title, "benchmarks/conv_ceiling.py", argv)
     lines += [
         f"- batch {args.batch}, 224 px, channels_last; {len(shapes)} distinct convolution shapes, "
         f"{flops / args.batch / 1e9:.2f} GFLOP per image after the exact rewrites",

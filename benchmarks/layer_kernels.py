@@ -28,7 +28,7 @@ import torch
 import densenet
 from densenet import native
 from densenet.hardware import DTYPES
-from densenet.tools.bench import machine_description
+from densenet.tools.bench import results_head
 
 
 def _without_layer_kernels(model: densenet.DenseNet, dtype: torch.dtype) -> torch.nn.Module:
@@ -83,9 +83,8 @@ def main(argv: list[str]) -> int:
         "oneDNN": _without_layer_kernels(model, dtype),
         kernels: densenet.optimize_for_inference(model, dtype=dtype),
     }
-    lines = [f"# optimize_for_inference with and without the layer kernels, {args.model}", ""]
-    lines.append(f"- command: `python benchmarks/layer_kernels.py {' '.join(argv)}`".rstrip())
-    lines += [f"- {line}" for line in machine_description(torch.device("cpu"))]
+    title = f"optimize_for_inference with and without the layer kernels, {args.model}"
+    lines = results_head(title, "benchmarks/layer_kernels.py", argv)
     lines += [
         f"- {args.dtype}, {size} px, channels_last; layer kernels: {kernels}; medians over "
         f"{args.rounds} rounds of one call each, taking turns (range in brackets)",

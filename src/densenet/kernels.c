@@ -203,6 +203,21 @@ static inline void locate_pixels(int64_t first, int64_t pixels, int64_t height, 
     }
 }
 
+/* For a 3x3 convolution's input held with a zero border (rows of width + 2 pixels): where the
+ * output of each of the `pixels` bordered positions from `start` of an image goes, or -1 for
+ * positions on the border or past `last` (the image's last inside position), whose results are
+ * computed and dropped. */
+static inline void locate_bordered(int64_t image, int64_t start, int64_t last, int64_t pixels,
+                                   int64_t height, int64_t width, int64_t out_stride,
+                                   int64_t *at) {
+    int64_t y = start / (width + 2) - 1, x = start % (width + 2) - 1;
+    for (int64_t i = 0; i < pixels; i++) {
+        int inside = start + i <= last && x >= 0 && x < width;
+        at[i] = inside ? ((image * height + y) * width + x) * out_stride : -1;
+        if (++x == width + 1) x = -1, y++;
+    }
+}
+
 /* A dense block's first `layers` bottleneck layers, in place: layer l reads the block's first
  * in_channels + l * growth channels (block's pixels are block_channels apart) and writes the
  * next `growth`, through the zero-bordered buffer of `bottleneck` channels (on AMX rounded up to
@@ -238,7 +253,7 @@ static inline void locate_pixels(int64_t first, int64_t pixels, int64_t height, 
  * in float32 over the input channels in order, tap by tap. */
 #include <immintrin.h>
 
-#define FLOAT_PIXELS 12
+#define PIXELS 12 /* the float32 and vdpbf16ps layer kernels' pixels at a time */
 
 /* Part `part` of `parts` of the `bytes` at `next` (the next kernel's weights), asked into L2 while
  * this kernel computes: at small batches a layer's weights come from memory, and DenseNet-121's
@@ -267,13 +282,13 @@ static inline __m512 widen_16(const uint16_t *in, __mmask16 mask) {
 /* acc0[p] += sum over c < k of a[p * a_stride + c] * w0[c][0:16], and the same for acc1 and w1
  * if `both` (32 output channels; 16 where fewer are left, as in DenseNet-BC's k = 12). Called with
  * a constant `both`, so that each use compiles to the loop it needs. */
-static inline void multiply_add_pixels(__m512 acc0[FLOAT_PIXELS], __m512 acc1[FLOAT_PIXELS],
-                                       const float *a, int64_t a_stride, const float *w0,
-                                       const float *w1, int64_t k, int both) {
+static inline void multiply_float(__m512 acc0[PIXELS], __m512 acc1[PIXELS], const float *a,
+                                  int64_t a_stride, const float *w0, const float *w1, int64_t k,
+                                  int both) {
     for (int64_t c = 0; c < k; c++) {
         __m512 v0 = _mm512_loadu_ps(w0 + c * 16);
         __m512 v1 = both ? _mm512_loadu_ps(w1 + c * 16) : _mm512_setzero_ps();
-        for (int p = 0; p < FLOAT_PIXELS; p++) {
+        for (int p = 0; p < PIXELS; p++) {
             __m512 v = _mm512_set1_ps(a[p * a_stride + c]);
             acc0[p] = _mm512_fmadd_ps(v, v0, acc0[p]);
             if (both) acc1[p] = _mm512_fmadd_ps(v, v1, acc1[p]);
@@ -305,102 +320,147 @@ static inline void clamp_pixel_float(const float *in, int64_t pool, int64_t pixe
     }
 }
 
-/* clamp(x, low, high) @ W^T + bias, then ReLU if `relu`, for n images of height x width pixels, k
- * channels each, x's pixels pixel_stride apart; with `pool`, avg_pool2d(clamp(x), 2) instead of
- * clamp(x) (a transition). packed: W^T in panels of 16 output channels,
- * [n_out rounded up to 16 / 16][k][16], each panel's weights one contiguous stream. Outputs as
- * locate_pixels says: border 1 writes the inside of a zero-bordered buffer for conv3x3_float. */
-void clamp_conv1x1_float(const float *x, int64_t pixel_stride, int64_t n, int64_t height,
-                         int64_t width, int64_t k, const float *low, const float *high,
-                         const float *packed, const float *bias, int64_t n_out, float *out,
-                         int64_t out_stride, int64_t border, int64_t pool, int64_t relu,
-                         const void *prefetch, int64_t prefetch_bytes, int threads) {
-    int64_t rows = n * (pool ? height / 2 * (width / 2) : height * width);
-    PARALLEL_REGION
-    {
-        float clamped[FLOAT_PIXELS * k] __attribute__((aligned(64)));
-        memset(clamped, 0, sizeof clamped);
-        PARALLEL_FOR
-        for (int64_t first = 0; first < rows; first += FLOAT_PIXELS) {
-            int64_t pixels = rows - first < FLOAT_PIXELS ? rows - first : FLOAT_PIXELS;
-            prefetch_part(prefetch, prefetch_bytes, first / FLOAT_PIXELS,
-                          (rows + FLOAT_PIXELS - 1) / FLOAT_PIXELS);
-            int64_t src[FLOAT_PIXELS], at[FLOAT_PIXELS];
-            locate_pixels(first, pixels, height, width, pixel_stride, pool, border, out_stride,
-                          src, at);
-            for (int64_t i = 0; i < pixels; i++)
-                clamp_pixel_float(x + src[i], pool, pixel_stride, width * pixel_stride,
-                                  clamped + i * k, k, low, high);
-            for (int64_t nb = 0; nb < n_out; nb += 32) {
-                __m512 acc0[FLOAT_PIXELS], acc1[FLOAT_PIXELS];
-                for (int p = 0; p < FLOAT_PIXELS; p++) acc0[p] = acc1[p] = _mm512_setzero_ps();
-                const float *w = packed + nb * k;
-                if (n_out - nb > 16)
-                    multiply_add_pixels(acc0, acc1, clamped, k, w, w + 16 * k, k, 1);
-                else
-                    multiply_add_pixels(acc0, acc1, clamped, k, w, NULL, k, 0);
-                __mmask16 m0 = first_lanes(n_out - nb), m1 = first_lanes(n_out - nb - 16);
-                __m512 b0 = _mm512_maskz_loadu_ps(m0, bias + nb);
-                __m512 b1 = _mm512_maskz_loadu_ps(m1, bias + nb + 16);
-                /* max(0, v) keeps a NaN v, as v < 0 ? 0 : v does. */
-                __m512 floor = relu ? _mm512_setzero_ps() : _mm512_set1_ps(-INFINITY);
-                for (int64_t p = 0; p < pixels; p++) {
-                    float *dst = out + at[p] + nb;
-                    __m512 low_half = _mm512_max_ps(floor, _mm512_add_ps(acc0[p], b0));
-                    __m512 high_half = _mm512_max_ps(floor, _mm512_add_ps(acc1[p], b1));
-                    _mm512_mask_storeu_ps(dst, m0, low_half);
-                    _mm512_mask_storeu_ps(dst + 16, m1, high_half);
-                }
-            }
-        }
+/* The float kernels' clamp needs no more than the bounds themselves. */
+static inline void prepare_bounds_float(const float *low, const float *high, int64_t k,
+                                        int64_t k_padded, uint16_t *bounds) {
+    (void)low, (void)high, (void)k, (void)k_padded, (void)bounds;
+}
+
+static inline void clamp_into_float(const float *in, int64_t pool, int64_t pixel_stride,
+                                    int64_t row_stride, float *dst, int64_t k, int64_t k_padded,
+                                    const float *low, const float *high, const uint16_t *bounds) {
+    (void)k_padded, (void)bounds;
+    clamp_pixel_float(in, pool, pixel_stride, row_stride, dst, k, low, high);
+}
+
+/* Sums of 32 output channels from nb, + bias if given, then ReLU if `relu`. max(0, v) keeps a
+ * NaN v, as v < 0 ? 0 : v does. */
+static inline void finish_sums(__m512 *low, __m512 *high, const float *bias, int64_t relu,
+                               int64_t nb, int64_t n_out) {
+    if (bias) {
+        *low = _mm512_add_ps(*low, _mm512_maskz_loadu_ps(first_lanes(n_out - nb), bias + nb));
+        *high = _mm512_add_ps(*high,
+                              _mm512_maskz_loadu_ps(first_lanes(n_out - nb - 16), bias + nb + 16));
+    }
+    if (relu) {
+        *low = _mm512_max_ps(_mm512_setzero_ps(), *low);
+        *high = _mm512_max_ps(_mm512_setzero_ps(), *high);
     }
 }
 
-/* conv2d(x, w, stride 1, padding 1) for x held inside a zero border, as for conv3x3_amx;
- * packed: w in panels of 16 output channels, [n_out rounded up to 16 / 16][9 taps][k][16]. */
-void conv3x3_float(const float *bordered, int64_t n, int64_t height, int64_t width, int64_t k,
-                   const float *packed, int64_t n_out, float *out, int64_t out_stride,
-                   const void *prefetch, int64_t prefetch_bytes, int threads) {
-    int64_t row = width + 2, image_pixels = (height + 2) * row;
-    int64_t first = row + 1, last = height * row + width; /* the first and last inside pixel */
-    int64_t tiles = (last - first) / FLOAT_PIXELS + 1;
-    PARALLEL_REGION
-    {
-        PARALLEL_FOR
-        for (int64_t item = 0; item < n * tiles; item++) {
-            prefetch_part(prefetch, prefetch_bytes, item, n * tiles);
-            int64_t image = item / tiles, start = first + item % tiles * FLOAT_PIXELS;
-            const float *centre = bordered + (image * image_pixels + start) * k;
-            int64_t at[FLOAT_PIXELS], y = start / row - 1, x = start % row - 1;
-            for (int64_t i = 0; i < FLOAT_PIXELS; i++) {
-                int inside = start + i <= last && x >= 0 && x < width;
-                at[i] = inside ? ((image * height + y) * width + x) * out_stride : -1;
-                if (++x == width + 1) x = -1, y++;
-            }
-            for (int64_t nb = 0; nb < n_out; nb += 32) {
-                __m512 acc0[FLOAT_PIXELS], acc1[FLOAT_PIXELS];
-                for (int p = 0; p < FLOAT_PIXELS; p++) acc0[p] = acc1[p] = _mm512_setzero_ps();
-                for (int tap = 0; tap < 9; tap++) {
-                    const float *a = centre + ((tap / 3 - 1) * row + tap % 3 - 1) * k;
-                    const float *w = packed + (nb * 9 + tap * 16) * k;
-                    if (n_out - nb > 16)
-                        multiply_add_pixels(acc0, acc1, a, k, w, w + 9 * 16 * k, k, 1);
-                    else
-                        multiply_add_pixels(acc0, acc1, a, k, w, NULL, k, 0);
-                }
-                __mmask16 m0 = first_lanes(n_out - nb), m1 = first_lanes(n_out - nb - 16);
-                for (int p = 0; p < FLOAT_PIXELS; p++)
-                    if (at[p] >= 0) {
-                        _mm512_mask_storeu_ps(out + at[p] + nb, m0, acc0[p]);
-                        _mm512_mask_storeu_ps(out + at[p] + nb + 16, m1, acc1[p]);
-                    }
-            }
-        }
-    }
+/* The first `channels` of 32 sums into dst. */
+static inline void write_float(float *dst, int64_t channels, __m512 low, __m512 high) {
+    _mm512_mask_storeu_ps(dst, first_lanes(channels), low);
+    _mm512_mask_storeu_ps(dst + 16, first_lanes(channels - 16), high);
 }
+
+/* The pixels' sums for 32 output channels from nb, finished, written at out + at[p] + nb by
+ * WRITE; pixels with at[p] < 0 dropped. */
+#define STORE_PIXELS(WRITE, acc0, acc1, bias, relu, nb, n_out, at, pixels, out)                   \
+    for (int64_t p = 0; p < (pixels); p++) {                                                    \
+        if ((at)[p] < 0) continue;                                                              \
+        __m512 low = (acc0)[p], high = (acc1)[p];                                               \
+        finish_sums(&low, &high, bias, relu, nb, n_out);                                        \
+        WRITE((out) + (at)[p] + (nb), (n_out) - (nb), low, high);                               \
+    }
+
+/* The bounds of the clamp on bf16 bits, by kind (see clamp_pixel_bits). */
+enum { LOW_IF_POSITIVE, LOW_IF_NEGATIVE, HIGH_IF_POSITIVE, HIGH_IF_NEGATIVE, BOUND_KINDS };
+
+/* A bottleneck layer's two passes, 12 pixels x 32 output channels at a time, for T = float
+ * (SUFFIX float) and bf16 (SUFFIX dpbf16): clamp_into_SUFFIX clamps a pixel, multiply_SUFFIX
+ * adds a run of STEP-channel steps of inputs times two panels of 16 outputs' weights to the sums,
+ * write_SUFFIX writes them; STEP input channels per step, weights in panels of 16 outputs,
+ * [n_out rounded up to 16 / 16][steps][16 x STEP]. BORDERED_CHANNELS: the 3x3's input channels.
+ *
+ * clamp_conv1x1_SUFFIX: clamp(x, low, high) @ W^T + bias, then ReLU if `relu`, for n images of
+ * height x width pixels, k channels each, x's pixels pixel_stride apart; with `pool`,
+ * avg_pool2d(clamp(x), 2) instead of clamp(x) (a transition). Outputs as locate_pixels says:
+ * border 1 writes the inside of a zero-bordered buffer for conv3x3_SUFFIX. The clamped pixels
+ * (k rounded up to 32 channels, zeros past k) stay in the thread's cache.
+ * conv3x3_SUFFIX: conv2d(x, w, stride 1, padding 1) for x held inside a zero border, as for
+ * conv3x3_amx, weights as w's [n_out][9 taps][k]. */
+#define PIXEL_LAYER_KERNELS(SUFFIX, T, STEP, BORDERED_CHANNELS)                                  \
+    void clamp_conv1x1_##SUFFIX(const T *x, int64_t pixel_stride, int64_t n, int64_t height,   \
+                                int64_t width, int64_t k, const float *low, const float *high, \
+                                const T *packed, const float *bias, int64_t n_out, T *out,     \
+                                int64_t out_stride, int64_t border, int64_t pool,              \
+                                int64_t relu, const void *prefetch, int64_t prefetch_bytes,    \
+                                int threads) {                                                 \
+        int64_t rows = n * (pool ? height / 2 * (width / 2) : height * width);                  \
+        int64_t k_padded = ROUND_UP_32(k), steps = (k + STEP - 1) / STEP;                       \
+        PARALLEL_REGION                                                                         \
+        {                                                                                       \
+            T clamped[PIXELS * k_padded] __attribute__((aligned(64)));                          \
+            uint16_t bounds[BOUND_KINDS * k_padded] __attribute__((aligned(64)));               \
+            if (!pool) prepare_bounds_##SUFFIX(low, high, k, k_padded, bounds);                 \
+            memset(clamped, 0, sizeof clamped);                                                 \
+            PARALLEL_FOR                                                                        \
+            for (int64_t first = 0; first < rows; first += PIXELS) {                            \
+                int64_t pixels = rows - first < PIXELS ? rows - first : PIXELS;                 \
+                prefetch_part(prefetch, prefetch_bytes, first / PIXELS,                         \
+                              (rows + PIXELS - 1) / PIXELS);                                    \
+                int64_t src[PIXELS], at[PIXELS];                                                \
+                locate_pixels(first, pixels, height, width, pixel_stride, pool, border,         \
+                              out_stride, src, at);                                             \
+                for (int64_t i = 0; i < pixels; i++)                                            \
+                    clamp_into_##SUFFIX(x + src[i], pool, pixel_stride, width * pixel_stride,   \
+                                        clamped + i * k_padded, k, k_padded, low, high,         \
+                                        bounds);                                                \
+                for (int64_t nb = 0; nb < n_out; nb += 32) {                                    \
+                    __m512 acc0[PIXELS], acc1[PIXELS];                                          \
+                    for (int p = 0; p < PIXELS; p++) acc0[p] = acc1[p] = _mm512_setzero_ps();   \
+                    const T *w = packed + nb * STEP * steps;                                    \
+                    if (n_out - nb > 16)                                                        \
+                        multiply_##SUFFIX(acc0, acc1, clamped, k_padded, w,                     \
+                                          w + 16 * STEP * steps, steps, 1);                     \
+                    else                                                                        \
+                        multiply_##SUFFIX(acc0, acc1, clamped, k_padded, w, NULL, steps, 0);    \
+                    STORE_PIXELS(write_##SUFFIX, acc0, acc1, bias, relu, nb, n_out, at, pixels, \
+                                 out)                                                           \
+                }                                                                               \
+            }                                                                                   \
+        }                                                                                       \
+    }                                                                                           \
+                                                                                                \
+    void conv3x3_##SUFFIX(const T *bordered, int64_t n, int64_t height, int64_t width,         \
+                          int64_t k, const T *packed, int64_t n_out, T *out, int64_t out_stride, \
+                          const void *prefetch, int64_t prefetch_bytes, int threads) {         \
+        int64_t row = width + 2, image_pixels = (height + 2) * row;                             \
+        int64_t first = row + 1, last = height * row + width; /* first, last inside pixel */    \
+        int64_t tiles = (last - first) / PIXELS + 1;                                            \
+        PARALLEL_REGION                                                                         \
+        {                                                                                       \
+            PARALLEL_FOR                                                                        \
+            for (int64_t item = 0; item < n * tiles; item++) {                                  \
+                prefetch_part(prefetch, prefetch_bytes, item, n * tiles);                       \
+                int64_t image = item / tiles, start = first + item % tiles * PIXELS;            \
+                const T *centre = bordered + (image * image_pixels + start) * k;                \
+                int64_t at[PIXELS];                                                             \
+                locate_bordered(image, start, last, PIXELS, height, width, out_stride, at);     \
+                for (int64_t nb = 0; nb < n_out; nb += 32) {                                    \
+                    __m512 acc0[PIXELS], acc1[PIXELS];                                          \
+                    for (int p = 0; p < PIXELS; p++) acc0[p] = acc1[p] = _mm512_setzero_ps();   \
+                    for (int tap = 0; tap < 9; tap++) {                                         \
+                        const T *a = centre + ((tap / 3 - 1) * row + tap % 3 - 1) * k;          \
+                        const T *w = packed + (nb * 9 + tap * 16) * k;                          \
+                        if (n_out - nb > 16)                                                    \
+                            multiply_##SUFFIX(acc0, acc1, a, k, w, w + 9 * 16 * k, k / STEP,    \
+                                              1);                                               \
+                        else                                                                    \
+                            multiply_##SUFFIX(acc0, acc1, a, k, w, NULL, k / STEP, 0);          \
+                    }                                                                           \
+                    STORE_PIXELS(write_##SUFFIX, acc0, acc1, NULL, 0, nb, n_out, at, PIXELS,    \
+                                 out)                                                           \
+                }                                                                               \
+            }                                                                                   \
+        }                                                                                       \
+    }                                                                                           \
+    DENSE_BLOCK(dense_block_##SUFFIX, T, T, clamp_conv1x1_##SUFFIX, conv3x3_##SUFFIX,           \
+                BORDERED_CHANNELS)
+
 #define FLOAT_BORDERED_CHANNELS(channels) (channels)
-DENSE_BLOCK(dense_block_float, float, float, clamp_conv1x1_float, conv3x3_float,
-            FLOAT_BORDERED_CHANNELS)
+PIXEL_LAYER_KERNELS(float, float, 1, FLOAT_BORDERED_CHANNELS)
 #endif
 
 #if defined(__AVX512BF16__)
@@ -665,7 +725,6 @@ static inline void clamp_pool_pixel_bf16(const uint16_t *in, int64_t pixel_strid
  * low < 0, and min(x, high) a signed min for high >= 0 and an unsigned max for high < 0. Each
  * channel's bounds are given for both signs, the one that doesn't apply a no-op, so that 32
  * channels take four instructions whatever their bounds: half the work of widening to float. */
-enum { LOW_IF_POSITIVE, LOW_IF_NEGATIVE, HIGH_IF_POSITIVE, HIGH_IF_NEGATIVE, BOUND_KINDS };
 
 /* bounds: [BOUND_KINDS][k_padded], from float bounds rounded to bf16 (a bf16 model's bounds are
  * bf16 numbers). The channels from k on get bounds that let everything through (NaN bits). */
@@ -699,7 +758,6 @@ static inline void clamp_pixel_bits(const uint16_t *in, uint16_t *dst, int64_t k
     }
 }
 
-#define BF16_PIXELS 12
 #define ROUND_UP_2(v) (((v) + 1) / 2 * 2)
 
 /* w: [n_out][k] bf16 -> panels of 16 output channels, [n_out rounded up to 16 / 16][k / 2][16][2]:
@@ -713,15 +771,15 @@ void pack_weights_dpbf16(const uint16_t *w, int64_t n_out, int64_t k, uint16_t *
                 o < n_out ? w[o * k + c] : 0;
 }
 
-/* acc0[p] += the dot products of pixel p's `pairs` input pairs (a[p * a_stride ...], bf16) with
- * panel w0, and acc1 with w1 if `both`; called with a constant `both`. */
-static inline void dot_pairs_pixels(__m512 acc0[BF16_PIXELS], __m512 acc1[BF16_PIXELS],
-                                    const uint16_t *a, int64_t a_stride, const uint16_t *w0,
-                                    const uint16_t *w1, int64_t pairs, int both) {
+/* As multiply_float, for `pairs` steps of two input channels: each pair of pixel p broadcast
+ * against panel w0's (and w1's) pairs, both products added to the float sums by vdpbf16ps. */
+static inline void multiply_dpbf16(__m512 acc0[PIXELS], __m512 acc1[PIXELS], const uint16_t *a,
+                                   int64_t a_stride, const uint16_t *w0, const uint16_t *w1,
+                                   int64_t pairs, int both) {
     for (int64_t c = 0; c < pairs; c++) {
         __m512bh v0 = (__m512bh)_mm512_loadu_si512(w0 + c * 32);
         __m512bh v1 = both ? (__m512bh)_mm512_loadu_si512(w1 + c * 32) : v0;
-        for (int p = 0; p < BF16_PIXELS; p++) {
+        for (int p = 0; p < PIXELS; p++) {
             uint32_t pair;
             memcpy(&pair, a + p * a_stride + 2 * c, sizeof pair);
             __m512bh v = (__m512bh)_mm512_set1_epi32((int)pair);
@@ -731,108 +789,28 @@ static inline void dot_pairs_pixels(__m512 acc0[BF16_PIXELS], __m512 acc1[BF16_P
     }
 }
 
-/* The 12 pixels' sums for 32 output channels from nb (+ bias, then ReLU if `relu`), rounded to
- * bf16 at out + at[p] + nb; pixels with at[p] < 0 dropped. max(0, v) keeps a NaN v. */
-static inline void store_pixels_bf16(const __m512 acc0[BF16_PIXELS],
-                                     const __m512 acc1[BF16_PIXELS], const float *bias,
-                                     int64_t relu, int64_t nb, int64_t n_out, const int64_t *at,
-                                     int64_t pixels, uint16_t *out) {
-    __mmask16 m0 = first_lanes(n_out - nb), m1 = first_lanes(n_out - nb - 16);
-    __m512 b0 = bias ? _mm512_maskz_loadu_ps(m0, bias + nb) : _mm512_setzero_ps();
-    __m512 b1 = bias ? _mm512_maskz_loadu_ps(m1, bias + nb + 16) : _mm512_setzero_ps();
-    __m512 floor = relu ? _mm512_setzero_ps() : _mm512_set1_ps(-INFINITY);
-    for (int64_t p = 0; p < pixels; p++)
-        if (at[p] >= 0)
-            store_rounded(out + at[p] + nb, first_channels(n_out - nb),
-                          _mm512_max_ps(floor, _mm512_add_ps(acc0[p], b0)),
-                          _mm512_max_ps(floor, _mm512_add_ps(acc1[p], b1)));
+static inline void prepare_bounds_dpbf16(const float *low, const float *high, int64_t k,
+                                         int64_t k_padded, uint16_t *bounds) {
+    split_bounds(low, high, k, k_padded, bounds);
 }
 
-/* As clamp_conv1x1_float, in bf16 (weights from pack_weights_dpbf16): 12 pixels at a time are
- * clamped (and pooled, rounded to bf16 as avg_pool2d's output is) into a buffer that stays in the
- * thread's cache, k rounded up to 32 channels each (zeros past k). */
-void clamp_conv1x1_dpbf16(const uint16_t *x, int64_t pixel_stride, int64_t n, int64_t height,
-                          int64_t width, int64_t k, const float *low, const float *high,
-                          const uint16_t *packed, const float *bias, int64_t n_out,
-                          uint16_t *out, int64_t out_stride, int64_t border, int64_t pool,
-                          int64_t relu, const void *prefetch, int64_t prefetch_bytes,
-                          int threads) {
-    int64_t rows = n * (pool ? height / 2 * (width / 2) : height * width);
-    int64_t k_padded = ROUND_UP_32(k), pairs = ROUND_UP_2(k) / 2;
-    PARALLEL_REGION
-    {
-        uint16_t clamped[BF16_PIXELS * k_padded] __attribute__((aligned(64)));
-        uint16_t bounds[BOUND_KINDS * k_padded] __attribute__((aligned(64)));
-        if (!pool) split_bounds(low, high, k, k_padded, bounds); /* a transition clamps in float */
-        memset(clamped, 0, sizeof clamped);
-        PARALLEL_FOR
-        for (int64_t first = 0; first < rows; first += BF16_PIXELS) {
-            int64_t pixels = rows - first < BF16_PIXELS ? rows - first : BF16_PIXELS;
-            prefetch_part(prefetch, prefetch_bytes, first / BF16_PIXELS,
-                          (rows + BF16_PIXELS - 1) / BF16_PIXELS);
-            int64_t src[BF16_PIXELS], at[BF16_PIXELS];
-            locate_pixels(first, pixels, height, width, pixel_stride, pool, border, out_stride,
-                          src, at);
-            for (int64_t i = 0; i < pixels; i++)
-                if (pool)
-                    clamp_pool_pixel_bf16(x + src[i], pixel_stride, width * pixel_stride,
-                                          clamped + i * k_padded, k, low, high);
-                else
-                    clamp_pixel_bits(x + src[i], clamped + i * k_padded, k, k_padded, bounds);
-            for (int64_t nb = 0; nb < n_out; nb += 32) {
-                __m512 acc0[BF16_PIXELS], acc1[BF16_PIXELS];
-                for (int p = 0; p < BF16_PIXELS; p++) acc0[p] = acc1[p] = _mm512_setzero_ps();
-                const uint16_t *w = packed + nb * 2 * pairs;
-                if (n_out - nb > 16)
-                    dot_pairs_pixels(acc0, acc1, clamped, k_padded, w, w + 32 * pairs, pairs, 1);
-                else
-                    dot_pairs_pixels(acc0, acc1, clamped, k_padded, w, NULL, pairs, 0);
-                store_pixels_bf16(acc0, acc1, bias, relu, nb, n_out, at, pixels, out);
-            }
-        }
-    }
+/* A bottleneck's clamp on the bits, a transition's in float with its pooling, rounded once. */
+static inline void clamp_into_dpbf16(const uint16_t *in, int64_t pool, int64_t pixel_stride,
+                                     int64_t row_stride, uint16_t *dst, int64_t k,
+                                     int64_t k_padded, const float *low, const float *high,
+                                     const uint16_t *bounds) {
+    if (pool)
+        clamp_pool_pixel_bf16(in, pixel_stride, row_stride, dst, k, low, high);
+    else
+        clamp_pixel_bits(in, dst, k, k_padded, bounds);
 }
 
-/* conv2d(x, w, stride 1, padding 1) for x held inside a zero border, as for conv3x3_amx, with k
- * (even) channels; packed: pack_weights_dpbf16 of w as [n_out][9 taps][k]. */
-void conv3x3_dpbf16(const uint16_t *bordered, int64_t n, int64_t height, int64_t width,
-                    int64_t k, const uint16_t *packed, int64_t n_out, uint16_t *out,
-                    int64_t out_stride, const void *prefetch, int64_t prefetch_bytes,
-                    int threads) {
-    int64_t row = width + 2, image_pixels = (height + 2) * row;
-    int64_t first = row + 1, last = height * row + width; /* the first and last inside pixel */
-    int64_t tiles = (last - first) / BF16_PIXELS + 1;
-    PARALLEL_REGION
-    {
-        PARALLEL_FOR
-        for (int64_t item = 0; item < n * tiles; item++) {
-            prefetch_part(prefetch, prefetch_bytes, item, n * tiles);
-            int64_t image = item / tiles, start = first + item % tiles * BF16_PIXELS;
-            const uint16_t *centre = bordered + (image * image_pixels + start) * k;
-            int64_t at[BF16_PIXELS], y = start / row - 1, x = start % row - 1;
-            for (int64_t i = 0; i < BF16_PIXELS; i++) {
-                int inside = start + i <= last && x >= 0 && x < width;
-                at[i] = inside ? ((image * height + y) * width + x) * out_stride : -1;
-                if (++x == width + 1) x = -1, y++;
-            }
-            for (int64_t nb = 0; nb < n_out; nb += 32) {
-                __m512 acc0[BF16_PIXELS], acc1[BF16_PIXELS];
-                for (int p = 0; p < BF16_PIXELS; p++) acc0[p] = acc1[p] = _mm512_setzero_ps();
-                for (int tap = 0; tap < 9; tap++) {
-                    const uint16_t *a = centre + ((tap / 3 - 1) * row + tap % 3 - 1) * k;
-                    const uint16_t *w = packed + (nb * 9 + tap * 16) * k;
-                    if (n_out - nb > 16)
-                        dot_pairs_pixels(acc0, acc1, a, k, w, w + 9 * 16 * k, k / 2, 1);
-                    else
-                        dot_pairs_pixels(acc0, acc1, a, k, w, NULL, k / 2, 0);
-                }
-                store_pixels_bf16(acc0, acc1, NULL, 0, nb, n_out, at, BF16_PIXELS, out);
-            }
-        }
-    }
+/* As write_float, rounding the sums to bf16. */
+static inline void write_dpbf16(uint16_t *dst, int64_t channels, __m512 low, __m512 high) {
+    store_rounded(dst, first_channels(channels), low, high);
 }
-DENSE_BLOCK(dense_block_dpbf16, uint16_t, uint16_t, clamp_conv1x1_dpbf16, conv3x3_dpbf16,
-            ROUND_UP_2)
+
+PIXEL_LAYER_KERNELS(dpbf16, uint16_t, 2, ROUND_UP_2)
 #endif
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
@@ -1015,13 +993,8 @@ void conv3x3_amx(const uint16_t *bordered, int64_t n, int64_t height, int64_t wi
             prefetch_part(prefetch, prefetch_bytes, item, n * tiles);
             int64_t image = item / tiles, start = first + item % tiles * AMX_PIXELS;
             const uint16_t *centre = bordered + (image * image_pixels + start) * k;
-            /* Where each inside position goes (-1: on the border), found once. */
-            int64_t at[AMX_PIXELS], y = start / row - 1, x = start % row - 1;
-            for (int64_t i = 0; i < AMX_PIXELS; i++) {
-                int inside = start + i <= last && x >= 0 && x < width;
-                at[i] = inside ? ((image * height + y) * width + x) * out_stride : -1;
-                if (++x == width + 1) x = -1, y++;
-            }
+            int64_t at[AMX_PIXELS];
+            locate_bordered(image, start, last, AMX_PIXELS, height, width, out_stride, at);
             for (int64_t nb = 0; nb < ROUND_UP_32(n_out) / 16; nb += 2) {
                 const uint16_t *w = packed + nb * k_blocks * 512;
                 zero_sums();

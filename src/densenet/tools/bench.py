@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import os
 import platform
+import shlex
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -258,6 +259,14 @@ def machine_kind(device: torch.device) -> str:
     if fast_bf16(device):
         return "avx512bf16"
     return torch.backends.cpu.get_cpu_capability().lower()
+
+
+def results_head(title: str, script: str, argv: Sequence[str]) -> list[str]:
+    """The first lines of a benchmark script's results file: its title, the command that made it
+    and the CPU's description."""
+    command = f"python {script} {shlex.join(argv)}".rstrip()
+    lines = [f"# {title}", "", f"- command: `{command}`"]
+    return lines + [f"- {line}" for line in machine_description(torch.device("cpu"))]
 
 
 def machine_description(device: torch.device) -> Iterator[str]:
