@@ -1,9 +1,9 @@
 /* Memory-bound passes over channels_last data as plain loops: optimize_for_inference's clamps and
  * pools, and memory-efficient training's batch statistics, BN-ReLU, batch-norm backward sums and
  * input gradient in float and bf16 (bf16 with AVX-512 where the compiler targets AVX512_BF16);
- * and, where it targets AVX-512 (float32) or AMX (bf16), the dense layers' and transitions'
- * convolutions, each fused with the clamp (or a plain layer's BN-ReLU) before it, and a dense
- * block's layers in one call (at the end).
+ * and, where it targets AVX-512 (float32), AVX512_BF16 or AMX (bf16), the dense layers' and
+ * transitions' convolutions, each fused with the clamp (or a plain layer's BN-ReLU) before it,
+ * and a dense block's layers in one call (the last three sections).
  *
  * Pixels hold `channels` contiguous values; pixel r of an input starts at x + r * pixel_stride
  * (a channels_last slice of a wider block tensor has pixel_stride > channels); outputs are dense
