@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from densenet import native
 from densenet.errors import ConfigError
 from densenet.hardware import (
     DTYPES,
@@ -81,3 +82,10 @@ def test_a_result_made_under_another_cpus_code_paths_says_so(monkeypatch):
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
     lines = list(machine_description(CPU))
     assert any("limited: ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16" in line for line in lines)
+
+
+def test_a_result_names_the_layer_kernels_that_ran(monkeypatch):
+    kinds = {torch.float32: "float", torch.bfloat16: None}
+    monkeypatch.setattr(native, "layer_kernels_kind", kinds.get)
+    lines = list(machine_description(CPU))
+    assert "densenet's layer kernels: fp32 float, bf16 none (oneDNN)" in lines

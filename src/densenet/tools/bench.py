@@ -275,14 +275,18 @@ def machine_description(device: torch.device) -> Iterator[str]:
         major, minor = torch.cuda.get_device_capability(device)
         yield f"device: {torch.cuda.get_device_name(device)} (compute capability {major}.{minor})"
     cpu = cpu_info().get("model name") or platform.processor() or "unknown CPU"
-    native = "native bf16" if fast_bf16(torch.device("cpu")) else "no native bf16"
+    bf16 = "native bf16" if fast_bf16(torch.device("cpu")) else "no native bf16"
     yield (
-        f"cpu: {cpu}, kernels {cpu_kernels()}, {native} in oneDNN, "
+        f"cpu: {cpu}, kernels {cpu_kernels()}, {bf16} in oneDNN, "
         f"torch threads: {torch.get_num_threads()}"
     )
     yield (
         f"torch {torch.__version__}, torchvision {torchvision.__version__}, "
         f"python {platform.python_version()}"
+    )
+    kernels = {name: native.layer_kernels_kind(DTYPES[name]) for name in ("fp32", "bf16")}
+    yield "densenet's layer kernels: " + ", ".join(
+        f"{name} {kind or 'none (oneDNN)'}" for name, kind in kernels.items()
     )
     # Settings that make this CPU run another CPU's code paths (as `make test-kernels` does).
     limits = [f"{name}={os.environ[name]}" for name in CPU_LIMITS if os.environ.get(name)]
