@@ -12,7 +12,6 @@ optimize_for_inference and torchvision's default, timed in turns in one run.
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 import time
 
@@ -24,7 +23,7 @@ import densenet
 from densenet.tools.bench import (
     TORCHVISION_DEFAULT,
     Candidate,
-    machine_description,
+    results_head,
     time_candidates,
     torchvision_twin,
 )
@@ -84,11 +83,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--output")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    device = torch.device("cpu")
 
-    lines = ["# int8 next to float32 (DenseNet-121 speed; top-1 agreement)", ""]
-    lines += [f"- {line}" for line in machine_description(device)]
-    lines += [f"- command: `python benchmarks/int8.py {shlex.join(argv)}`"]
+    title = "int8 next to float32 (DenseNet-121 speed; top-1 agreement)"
+    lines = results_head(title, "benchmarks/int8.py", argv)
     lines += digits_agreement()
     print("\n".join(lines), flush=True)
 

@@ -76,9 +76,7 @@ def main() -> None:
         child(args.batch, args.calls)
         return
 
-    import torch
-
-    from densenet.tools.bench import machine_description, rotated
+    from densenet.tools.bench import results_head, rotated
 
     results: dict[str, list[dict]] = {name: [] for name in SETTINGS}
     for round_index in range(args.rounds):
@@ -88,10 +86,9 @@ def main() -> None:
             env = {**os.environ, **SETTINGS[name]}
             output = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
             results[name].append(json.loads(output.stdout.strip().splitlines()[-1]))
-    lines = [f"# DenseNet-121 bf16 inference, batch {args.batch}, under malloc settings", ""]
-    lines += [f"- {line}" for line in machine_description(torch.device("cpu"))]
+    title = f"DenseNet-121 bf16 inference, batch {args.batch}, under malloc settings"
+    lines = results_head(title, "benchmarks/malloc_settings.py", sys.argv[1:])
     lines += [
-        f"- command: `python benchmarks/malloc_settings.py {' '.join(sys.argv[1:])}`",
         f"- a fresh process per setting and round, {args.rounds} rounds taking turns, each "
         f"figure the median over rounds of a process's median of {args.calls} calls",
         "",
