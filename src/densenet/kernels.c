@@ -333,14 +333,21 @@ static inline void clamp_into_float(const float *in, int64_t pool, int64_t pixel
     clamp_pixel_float(in, pool, pixel_stride, row_stride, dst, k, low, high);
 }
 
-/* Sums of 32 output channels from nb, + bias if given, then ReLU if `relu`. max(0, v) keeps a
+/* The bias of 32 output channels from nb (zeros past n_out, and without a bias). */
+static inline void load_bias(const float *bias, int64_t nb, int64_t n_out, __m512 *low,
+                             __m512 *high) {
+    *low = bias ? _mm512_maskz_loadu_ps(first_lanes(n_out - nb), bias + nb) : _mm512_setzero_ps();
+    *high = bias ? _mm512_maskz_loadu_ps(first_lanes(n_out - nb - 16), bias + nb + 16)
+                 : _mm512_setzero_ps();
+}
+
+/* Sums of 32 output channels, + their bias if `biased`, then ReLU if `relu`. max(0, v) keeps a
  * NaN v, as v < 0 ? 0 : v does. */
-static inline void finish_sums(__m512 *low, __m512 *high, const float *bias, int64_t relu,
-                               int64_t nb, int64_t n_out) {
-    if (bias) {
-        *low = _mm512_add_ps(*low, _mm512_maskz_loadu_ps(first_lanes(n_out - nb), bias + nb));
-        *high = _mm512_add_ps(*high,
-                              _mm512_maskz_loadu_ps(first_lanes(n_out - nb - 16), bias + nb + 16));
+static inline void finish_sums(__m512 *low, __m512 *high, int biased, __m512 bias_low,
+                               __m512 bias_high, int64_t relu) {
+    if (biased) {
+        *low = _mm512_add_ps(*low, bias_low);
+        *high = _mm512_add_ps(*high, bias_high);
     }
     if (relu) {
         *low = _mm512_max_ps(_mm512_setzero_ps(), *low);
@@ -355,13 +362,17 @@ static inline void write_float(float *dst, int64_t channels, __m512 low, __m512 
 }
 
 /* The pixels' sums for 32 output channels from nb, finished, written at out + at[p] + nb by
- * WRITE; pixels with at[p] < 0 dropped. */
+ * WRITE; pixels with at[p] < 0 dropped. The bias is loaded once for all of them. */
 #define STORE_PIXELS(WRITE, acc0, acc1, bias, relu, nb, n_out, at, pixels, out)                   \
-    for (int64_t p = 0; p < (pixels); p++) {                                                    \
-        if ((at)[p] < 0) continue;                                                              \
-        __m512 low = (acc0)[p], high = (acc1)[p];                                               \
-        finish_sums(&low, &high, bias, relu, nb, n_out);                                        \
-        WRITE((out) + (at)[p] + (nb), (n_out) - (nb), low, high);                               \
+    {                                                                                           \
+        __m512 bias_low, bias_high;                                                             \
+        load_bias(bias, nb, n_out, &bias_low, &bias_high);                                      \
+        for (int64_t p = 0; p < (pixels); p++) {                                                \
+            if ((at)[p] < 0) continue;                                                          \
+            __m512 low = (acc0)[p], high = (acc1)[p];                                           \
+            finish_sums(&low, &high, (bias) != NULL, bias_low, bias_high, relu);                \
+            WRITE((out) + (at)[p] + (nb), (n_out) - (nb), low, high);                           \
+        }                                                                                       \
     }
 
 /* The bounds of the clamp on bf16 bits, by kind (see clamp_pixel_bits). */
@@ -907,13 +918,9 @@ static inline void store_sums(float *sums) {
  * quiets NaN, as PyTorch's does (it reads float denormals as zero, as oneDNN's does). */
 static inline void store_row(const float *sums, __m512 bias_low, __m512 bias_high, int relu,
                              __mmask32 channels, uint16_t *dst) {
-    __m512 low = _mm512_add_ps(_mm512_load_ps(sums), bias_low);
-    __m512 high = _mm512_add_ps(_mm512_load_ps(sums + 16), bias_high);
-    if (relu) {
-        low = _mm512_max_ps(_mm512_setzero_ps(), low);
-        high = _mm512_max_ps(_mm512_setzero_ps(), high);
-    }
-    _mm512_mask_storeu_epi16(dst, channels, (__m512i)_mm512_cvtne2ps_pbh(high, low));
+    __m512 low = _mm512_load_ps(sums), high = _mm512_load_ps(sums + 16);
+    finish_sums(&low, &high, 1, bias_low, bias_high, relu);
+    store_rounded(dst, channels, low, high);
 }
 
 /* As clamp_conv1x1_float, in bf16 on the tile unit: 32 pixels at a time are clamped (and pooled)
@@ -960,9 +967,8 @@ void clamp_conv1x1_amx(const uint16_t *x, int64_t pixel_stride, int64_t n, int64
                     multiply_tiles(clamped, a_stride, w, k_blocks * 512, k_blocks, 0);
                 store_sums(sums);
                 __mmask32 channels = first_channels(n_out - nb * 16);
-                __m512 bias_low = _mm512_maskz_loadu_ps((__mmask16)channels, bias + nb * 16);
-                __m512 bias_high =
-                    _mm512_maskz_loadu_ps((__mmask16)(channels >> 16), bias + nb * 16 + 16);
+                __m512 bias_low, bias_high;
+                load_bias(bias, nb * 16, n_out, &bias_low, &bias_high);
                 for (int64_t i = 0; i < pixels; i++)
                     store_row(sums + i * 32, bias_low, bias_high, (int)relu, channels,
                               out + at[i] + nb * 16);
