@@ -11,6 +11,7 @@ from densenet.hardware import (
     resolve_precision_and_format,
     why_precision,
 )
+from densenet.tools import bench
 from densenet.tools.bench import CPU_LIMITS, machine_description, machine_kind
 
 CPU = torch.device("cpu")
@@ -89,3 +90,9 @@ def test_a_result_names_the_layer_kernels_that_ran(monkeypatch):
     monkeypatch.setattr(native, "layer_kernels_kind", kinds.get)
     lines = list(machine_description(CPU))
     assert "densenet's layer kernels: fp32 float, bf16 none (oneDNN)" in lines
+
+
+def test_a_result_names_the_cpus_family_and_model(monkeypatch):
+    fields = {"model name": "AMD EPYC", "cpu family": "25", "model": "17"}
+    monkeypatch.setattr(bench, "cpu_info", lambda: fields)
+    assert next(machine_description(CPU)).startswith("cpu: AMD EPYC (family 25, model 17), ")

@@ -274,7 +274,12 @@ def machine_description(device: torch.device) -> Iterator[str]:
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         yield f"device: {torch.cuda.get_device_name(device)} (compute capability {major}.{minor})"
-    cpu = cpu_info().get("model name") or platform.processor() or "unknown CPU"
+    info = cpu_info()
+    cpu = info.get("model name") or platform.processor() or "unknown CPU"
+    # Virtual machines often show a bare "AMD EPYC": the family and model tell its generation
+    # (25/17 is Zen 4, 26 is Zen 5), and with it how wide its vector units run.
+    if "cpu family" in info and "model" in info:
+        cpu += f" (family {info['cpu family']}, model {info['model']})"
     bf16 = "native bf16" if fast_bf16(torch.device("cpu")) else "no native bf16"
     yield (
         f"cpu: {cpu}, kernels {cpu_kernels()}, {bf16} in oneDNN, "
