@@ -26,6 +26,7 @@ from densenet.deploy.optimize import (
     NativePlainDenseBlock,
     onednn_supports,
 )
+from densenet.hardware import cpu_flags
 
 INF = float("inf")
 needs_compiler = pytest.mark.skipif(
@@ -467,7 +468,7 @@ def _layer_kernels_built(kind: str) -> bool:
 LAYER_KINDS = {
     "amx": (torch.bfloat16, "AMX"),
     "dpbf16": (torch.bfloat16, "AVX512_BF16"),
-    "float": (torch.float32, "AVX-512"),
+    "float": (torch.float32, "AVX-512 or AVX2"),
 }
 
 
@@ -720,6 +721,35 @@ def test_a_plain_network_runs_its_blocks_through_the_layer_kernels_in_bf16(
         unfused = network(x)
     torch.testing.assert_close(fast, unfused, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(late_layers_unfused, unfused, rtol=2e-2, atol=2e-2)
+
+
+@needs_compiler
+@pytest.mark.skipif(not {"avx2", "fma"} <= cpu_flags(), reason="no AVX2 here")
+def test_the_avx2_float32_layer_kernels_give_the_bits_of_this_cpus_own(fresh_build, monkeypatch):
+    # Most CPUs that run this suite have AVX-512: built for x86-64-v3 the AVX2 kernels run here
+    # too. They sum in the same order with the same fused multiply-adds as the AVX-512 ones, so
+    # the whole network must agree bit for bit. Bottlenecks of 48 outputs take several passes of
+    # 16 (AVX2) or 32 (AVX-512) outputs; 12- and 24-channel inputs end in partial vectors.
+    generator = torch.Generator().manual_seed(13)
+    model = DenseNet(growth_rate=12, block_config=(2, 3), num_init_features=24, num_classes=5)
+    model = randomize_batchnorm(model).eval()
+    x = torch.randn(2, 3, 32, 32, generator=generator)
+
+    def logits() -> torch.Tensor:
+        _forget_the_library()
+        network = optimize_for_inference(model, dtype=torch.float32)
+        assert any(isinstance(m, NativeDenseBlock) for m in network.modules())
+        with torch.no_grad():
+            return network(x)
+
+    monkeypatch.setenv("DENSENET_KERNEL_MARCH", "native")  # whatever `make test-kernels` set
+    own = logits()
+    monkeypatch.setenv("DENSENET_KERNEL_MARCH", "x86-64-v3")
+    avx2 = logits()
+    assert len(list(fresh_build.glob("kernels-*.so"))) == 2  # two builds, not one cached
+    assert _same_bits(avx2, own)
+    with torch.no_grad():
+        torch.testing.assert_close(avx2, model(x), rtol=1e-4, atol=1e-4)
 
 
 def test_plain_float32_blocks_stay_with_onednn():

@@ -1,7 +1,7 @@
 /* Memory-bound passes over channels_last data as plain loops: optimize_for_inference's clamps and
  * pools, and memory-efficient training's batch statistics, BN-ReLU, batch-norm backward sums and
  * input gradient in float and bf16 (bf16 with AVX-512 where the compiler targets AVX512_BF16);
- * and, where it targets AVX-512 (float32), AVX512_BF16 or AMX (bf16), the dense layers' and
+ * and, where it targets AVX-512 or AVX2 (float32), AVX512_BF16 or AMX (bf16), the dense layers' and
  * transitions' convolutions, each fused with the clamp (or a plain layer's BN-ReLU) before it,
  * and a dense block's layers in one call (the last three sections).
  *
@@ -244,16 +244,16 @@ static inline void locate_bordered(int64_t image, int64_t start, int64_t last, i
         }                                                                                       \
     }
 
-#if defined(__AVX512F__)
-/* On CPUs with AVX-512, a float32 bottleneck layer in two passes, as the AMX kernels below do it
- * in bf16 (see there): its clamp, 1x1 convolution, bias and ReLU, written inside a zero-bordered
- * buffer, and its 3x3 convolution read from that buffer and written into the block tensor. Each
- * computes 12 pixels x 32 output channels at a time in 24 vector registers, every input value
- * broadcast once against two vectors of weights: two fused multiply-adds per load. Sums run
- * in float32 over the input channels in order, tap by tap. */
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+/* On CPUs with AVX-512 or AVX2, a float32 bottleneck layer in two passes, as the AMX kernels below
+ * do it in bf16 (see there): its clamp, 1x1 convolution, bias and ReLU, written inside a
+ * zero-bordered buffer, and its 3x3 convolution read from that buffer and written into the block
+ * tensor. Each computes PIXELS pixels x 16 * PANELS output channels at a time, every input value
+ * broadcast once against the weights of all of them: with AVX-512, 12 pixels x 32 outputs in 24
+ * of its 32 registers (two fused multiply-adds per load); with AVX2, whose 16 registers hold 8
+ * lanes, 6 pixels x 16 outputs in 12. Sums run in float32 over the input channels in order, tap
+ * by tap, with the same fused multiply-adds on both: the same sums, bit for bit. */
 #include <immintrin.h>
-
-#define PIXELS 12 /* the float32 and vdpbf16ps layer kernels' pixels at a time */
 
 /* Part `part` of `parts` of the `bytes` at `next` (the next kernel's weights), asked into L2 while
  * this kernel computes: at small batches a layer's weights come from memory, and DenseNet-121's
@@ -264,6 +264,14 @@ static inline void prefetch_part(const void *next, int64_t bytes, int64_t part, 
     for (int64_t line = part * per_part; line < end; line++)
         _mm_prefetch((const char *)next + line * 64, _MM_HINT_T1);
 }
+
+#if defined(__AVX512F__)
+#define PIXELS 12 /* the float32 and vdpbf16ps layer kernels' pixels at a time */
+#define PANELS 2  /* and their panels of 16 output channels */
+
+typedef __m512 vec16; /* 16 float lanes */
+
+static inline vec16 zeros16(void) { return _mm512_setzero_ps(); }
 
 static inline __mmask16 first_lanes(int64_t lanes) {
     return lanes >= 16 ? 0xFFFF : lanes <= 0 ? 0 : (__mmask16)((1u << lanes) - 1);
@@ -320,19 +328,6 @@ static inline void clamp_pixel_float(const float *in, int64_t pool, int64_t pixe
     }
 }
 
-/* The float kernels' clamp needs no more than the bounds themselves. */
-static inline void prepare_bounds_float(const float *low, const float *high, int64_t k,
-                                        int64_t k_padded, uint16_t *bounds) {
-    (void)low, (void)high, (void)k, (void)k_padded, (void)bounds;
-}
-
-static inline void clamp_into_float(const float *in, int64_t pool, int64_t pixel_stride,
-                                    int64_t row_stride, float *dst, int64_t k, int64_t k_padded,
-                                    const float *low, const float *high, const uint16_t *bounds) {
-    (void)k_padded, (void)bounds;
-    clamp_pixel_float(in, pool, pixel_stride, row_stride, dst, k, low, high);
-}
-
 /* The bias of 32 output channels from nb (zeros past n_out, and without a bias). */
 static inline void load_bias(const float *bias, int64_t nb, int64_t n_out, __m512 *low,
                              __m512 *high) {
@@ -361,26 +356,161 @@ static inline void write_float(float *dst, int64_t channels, __m512 low, __m512 
     _mm512_mask_storeu_ps(dst + 16, first_lanes(channels - 16), high);
 }
 
-/* The pixels' sums for 32 output channels from nb, finished, written at out + at[p] + nb by
- * WRITE; pixels with at[p] < 0 dropped. The bias is loaded once for all of them. */
+#else /* AVX2: the same functions on pairs of 8-lane registers */
+#define PIXELS 6
+#define PANELS 1
+
+typedef struct {
+    __m256 low, high;
+} vec16;
+
+static inline vec16 zeros16(void) { return (vec16){_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+
+/* Lanes below `lanes` set (AVX2's masked loads and stores skip the others: no fault past them). */
+static inline __m256i first_lanes_8(int64_t lanes) {
+    int count = lanes >= 8 ? 8 : lanes <= 0 ? 0 : (int)lanes;
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(count), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+/* The first `lanes` of 8 floats at p (zeros past them), and the first `lanes` of v into p. */
+static inline __m256 load_8(const float *p, int64_t lanes) {
+    return lanes >= 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, first_lanes_8(lanes));
+}
+
+static inline void store_8(float *p, int64_t lanes, __m256 v) {
+    if (lanes >= 8)
+        _mm256_storeu_ps(p, v);
+    else
+        _mm256_maskstore_ps(p, first_lanes_8(lanes), v);
+}
+
+static inline vec16 load_16(const float *p, int64_t lanes) {
+    return (vec16){load_8(p, lanes), load_8(p + 8, lanes - 8)};
+}
+
+static inline void store_16(float *p, int64_t lanes, vec16 v) {
+    store_8(p, lanes, v.low);
+    if (lanes > 8) store_8(p + 8, lanes - 8, v.high);
+}
+
+static inline vec16 add_16(vec16 a, vec16 b) {
+    return (vec16){_mm256_add_ps(a.low, b.low), _mm256_add_ps(a.high, b.high)};
+}
+
+/* max(0, v) per lane, keeping a NaN v. */
+static inline vec16 relu_16(vec16 v) {
+    __m256 zero = _mm256_setzero_ps();
+    return (vec16){_mm256_max_ps(zero, v.low), _mm256_max_ps(zero, v.high)};
+}
+
+/* As the AVX-512 multiply_float: acc0[p] += sum over c < k of a[p * a_stride + c] * w0[c][0:16],
+ * and acc1 with w1 if `both`. The sums are summed in arrays of registers of their own: GCC keeps
+ * those in registers, where it would store an array of vec16 back to memory at every step. */
+static inline void multiply_float(vec16 acc0[PIXELS], vec16 acc1[PIXELS], const float *a,
+                                  int64_t a_stride, const float *w0, const float *w1, int64_t k,
+                                  int both) {
+    __m256 sums[2 * PANELS][PIXELS][2];
+    for (int p = 0; p < PIXELS; p++) {
+        sums[0][p][0] = acc0[p].low, sums[0][p][1] = acc0[p].high;
+        if (both) sums[1][p][0] = acc1[p].low, sums[1][p][1] = acc1[p].high;
+    }
+    for (int64_t c = 0; c < k; c++) {
+        const float *w[2] = {w0 + c * 16, both ? w1 + c * 16 : w0 + c * 16};
+        for (int panel = 0; panel < 1 + both; panel++) {
+            __m256 low = _mm256_loadu_ps(w[panel]), high = _mm256_loadu_ps(w[panel] + 8);
+            for (int p = 0; p < PIXELS; p++) {
+                __m256 v = _mm256_broadcast_ss(a + p * a_stride + c);
+                sums[panel][p][0] = _mm256_fmadd_ps(v, low, sums[panel][p][0]);
+                sums[panel][p][1] = _mm256_fmadd_ps(v, high, sums[panel][p][1]);
+            }
+        }
+    }
+    for (int p = 0; p < PIXELS; p++) {
+        acc0[p] = (vec16){sums[0][p][0], sums[0][p][1]};
+        if (both) acc1[p] = (vec16){sums[1][p][0], sums[1][p][1]};
+    }
+}
+
+/* As the AVX-512 clamp_pixel_float, 8 channels at a time. */
+static inline void clamp_pixel_float(const float *in, int64_t pool, int64_t pixel_stride,
+                                     int64_t row_stride, float *dst, int64_t k, const float *low,
+                                     const float *high) {
+    for (int64_t c = 0; c < k; c += 8) {
+        __m256 lo = load_8(low + c, k - c), hi = load_8(high + c, k - c);
+        __m256 v = _mm256_min_ps(hi, _mm256_max_ps(lo, load_8(in + c, k - c)));
+        if (pool) {
+            const float *next[3] = {in + pixel_stride, in + row_stride,
+                                    in + row_stride + pixel_stride};
+            for (int w = 0; w < 3; w++) {
+                __m256 u = load_8(next[w] + c, k - c);
+                v = _mm256_add_ps(v, _mm256_min_ps(hi, _mm256_max_ps(lo, u)));
+            }
+            v = _mm256_div_ps(v, _mm256_set1_ps(4.0f));
+        }
+        store_8(dst + c, k - c, v);
+    }
+}
+
+static inline void load_bias(const float *bias, int64_t nb, int64_t n_out, vec16 *low,
+                             vec16 *high) {
+    *low = bias ? load_16(bias + nb, n_out - nb) : zeros16();
+    *high = bias ? load_16(bias + nb + 16, n_out - nb - 16) : zeros16();
+}
+
+static inline void finish_sums(vec16 *low, vec16 *high, int biased, vec16 bias_low,
+                               vec16 bias_high, int64_t relu) {
+    if (biased) {
+        *low = add_16(*low, bias_low);
+        *high = add_16(*high, bias_high);
+    }
+    if (relu) {
+        *low = relu_16(*low);
+        *high = relu_16(*high);
+    }
+}
+
+static inline void write_float(float *dst, int64_t channels, vec16 low, vec16 high) {
+    store_16(dst, channels, low);
+    if (channels > 16) store_16(dst + 16, channels - 16, high);
+}
+#endif
+
+/* The float kernels' clamp needs no more than the bounds themselves. */
+static inline void prepare_bounds_float(const float *low, const float *high, int64_t k,
+                                        int64_t k_padded, uint16_t *bounds) {
+    (void)low, (void)high, (void)k, (void)k_padded, (void)bounds;
+}
+
+static inline void clamp_into_float(const float *in, int64_t pool, int64_t pixel_stride,
+                                    int64_t row_stride, float *dst, int64_t k, int64_t k_padded,
+                                    const float *low, const float *high, const uint16_t *bounds) {
+    (void)k_padded, (void)bounds;
+    clamp_pixel_float(in, pool, pixel_stride, row_stride, dst, k, low, high);
+}
+
+/* The pixels' sums for the 16 * PANELS output channels from nb (those below n_out), finished,
+ * written at out + at[p] + nb by WRITE; pixels with at[p] < 0 dropped. The bias is loaded once
+ * for all of them. */
+#define OUTPUTS_FROM(nb, n_out) ((n_out) - (nb) < 16 * PANELS ? (n_out) - (nb) : 16 * PANELS)
 #define STORE_PIXELS(WRITE, acc0, acc1, bias, relu, nb, n_out, at, pixels, out)                   \
     {                                                                                           \
-        __m512 bias_low, bias_high;                                                             \
+        vec16 bias_low, bias_high;                                                              \
         load_bias(bias, nb, n_out, &bias_low, &bias_high);                                      \
         for (int64_t p = 0; p < (pixels); p++) {                                                \
             if ((at)[p] < 0) continue;                                                          \
-            __m512 low = (acc0)[p], high = (acc1)[p];                                           \
+            vec16 low = (acc0)[p], high = (acc1)[p];                                            \
             finish_sums(&low, &high, (bias) != NULL, bias_low, bias_high, relu);                \
-            WRITE((out) + (at)[p] + (nb), (n_out) - (nb), low, high);                           \
+            WRITE((out) + (at)[p] + (nb), OUTPUTS_FROM(nb, n_out), low, high);                  \
         }                                                                                       \
     }
 
 /* The bounds of the clamp on bf16 bits, by kind (see clamp_pixel_bits). */
 enum { LOW_IF_POSITIVE, LOW_IF_NEGATIVE, HIGH_IF_POSITIVE, HIGH_IF_NEGATIVE, BOUND_KINDS };
 
-/* A bottleneck layer's two passes, 12 pixels x 32 output channels at a time, for T = float
- * (SUFFIX float) and bf16 (SUFFIX dpbf16): clamp_into_SUFFIX clamps a pixel, multiply_SUFFIX
- * adds a run of STEP-channel steps of inputs times two panels of 16 outputs' weights to the sums,
+/* A bottleneck layer's two passes, PIXELS pixels x 16 * PANELS output channels at a time, for
+ * T = float (SUFFIX float) and bf16 (SUFFIX dpbf16): clamp_into_SUFFIX clamps a pixel,
+ * multiply_SUFFIX adds a run of STEP-channel steps of inputs times PANELS panels of 16 outputs'
+ * weights to the sums,
  * write_SUFFIX writes them; STEP input channels per step, weights in panels of 16 outputs,
  * [n_out rounded up to 16 / 16][steps][16 x STEP]. BORDERED_CHANNELS: the 3x3's input channels.
  *
@@ -418,11 +548,11 @@ enum { LOW_IF_POSITIVE, LOW_IF_NEGATIVE, HIGH_IF_POSITIVE, HIGH_IF_NEGATIVE, BOU
                     clamp_into_##SUFFIX(x + src[i], pool, pixel_stride, width * pixel_stride,   \
                                         clamped + i * k_padded, k, k_padded, low, high,         \
                                         bounds);                                                \
-                for (int64_t nb = 0; nb < n_out; nb += 32) {                                    \
-                    __m512 acc0[PIXELS], acc1[PIXELS];                                          \
-                    for (int p = 0; p < PIXELS; p++) acc0[p] = acc1[p] = _mm512_setzero_ps();   \
+                for (int64_t nb = 0; nb < n_out; nb += 16 * PANELS) {                           \
+                    vec16 acc0[PIXELS], acc1[PIXELS];                                           \
+                    for (int p = 0; p < PIXELS; p++) acc0[p] = acc1[p] = zeros16();             \
                     const T *w = packed + nb * STEP * steps;                                    \
-                    if (n_out - nb > 16)                                                        \
+                    if (PANELS == 2 && n_out - nb > 16)                                         \
                         multiply_##SUFFIX(acc0, acc1, clamped, k_padded, w,                     \
                                           w + 16 * STEP * steps, steps, 1);                     \
                     else                                                                        \
@@ -449,13 +579,13 @@ enum { LOW_IF_POSITIVE, LOW_IF_NEGATIVE, HIGH_IF_POSITIVE, HIGH_IF_NEGATIVE, BOU
                 const T *centre = bordered + (image * image_pixels + start) * k;                \
                 int64_t at[PIXELS];                                                             \
                 locate_bordered(image, start, last, PIXELS, height, width, out_stride, at);     \
-                for (int64_t nb = 0; nb < n_out; nb += 32) {                                    \
-                    __m512 acc0[PIXELS], acc1[PIXELS];                                          \
-                    for (int p = 0; p < PIXELS; p++) acc0[p] = acc1[p] = _mm512_setzero_ps();   \
+                for (int64_t nb = 0; nb < n_out; nb += 16 * PANELS) {                           \
+                    vec16 acc0[PIXELS], acc1[PIXELS];                                           \
+                    for (int p = 0; p < PIXELS; p++) acc0[p] = acc1[p] = zeros16();             \
                     for (int tap = 0; tap < 9; tap++) {                                         \
                         const T *a = centre + ((tap / 3 - 1) * row + tap % 3 - 1) * k;          \
                         const T *w = packed + (nb * 9 + tap * 16) * k;                          \
-                        if (n_out - nb > 16)                                                    \
+                        if (PANELS == 2 && n_out - nb > 16)                                     \
                             multiply_##SUFFIX(acc0, acc1, a, k, w, w + 9 * 16 * k, k / STEP,    \
                                               1);                                               \
                         else                                                                    \

@@ -14,8 +14,8 @@ memory (see :mod:`densenet.deploy.optimize`), each slower in ATen than it needs 
 
 Each gives the same bits as the ATen operations it replaces (tests compare them).
 
-Where the compiler targets AVX-512 (float32) or AVX512_BF16 (bf16: on AMX's tile unit where it
-targets AMX, else with vdpbf16ps, for AMD's Zen 4 say), three more run the dense layers' and
+Where the compiler targets AVX-512 or AVX2 (float32) or AVX512_BF16 (bf16: on AMX's tile unit where
+it targets AMX, else with vdpbf16ps, for AMD's Zen 4 say), three more run the dense layers' and
 transitions' convolutions themselves, summing in float32 (bf16: rounding once, as oneDNN does):
 
 - :func:`clamp_conv1x1`, a bottleneck's clamp together with its 1x1 convolution, bias and ReLU,
@@ -303,7 +303,7 @@ def layer_kernels_available(dtype: torch.dtype) -> bool:
     """Whether :func:`clamp_conv1x1` and :func:`conv3x3` run here in ``dtype``: bf16 where
     the library was built for a CPU with AVX512_BF16 (on AMX's tiles where it was built for AMX
     and Linux let this process use the tile registers), float32 where it was built for a CPU with
-    AVX-512."""
+    AVX-512 or AVX2 (with FMA)."""
     return _layer_kernels(dtype) is not None
 
 

@@ -23,8 +23,8 @@ into the blocked layout its kernels read, and with the ReLU that follows it fuse
 call (``conv_backend="onednn"``, chosen by default where it is supported). ``F.conv2d`` instead
 reorders the weights on every call and, at batch 1, sends small 3x3 convolutions to PyTorch's slow
 native kernels (torch.compile of this network, which does its own oneDNN lowering, was slower at
-batch 1 and 32 on a 2-core AVX2 CPU). Where :mod:`densenet.native`'s C kernels build for a CPU
-with AVX-512 (float32) or AVX512_BF16 (bf16, on AMX's tiles where it has them), they take over
+batch 1 and 32 on a 2-core AVX2 CPU). Where :mod:`densenet.native`'s C kernels build for a CPU with
+AVX-512 or AVX2 (float32) or AVX512_BF16 (bf16, on AMX's tiles where it has them), they take over
 the dense layers' and transitions' convolutions from oneDNN, each fused with the clamp before it,
 and run a whole block in one call (:class:`NativeDenseBlock`). ``conv_backend="aten"`` keeps plain
 ``nn.Conv2d`` modules, which export to ONNX/TorchScript and move between devices.
@@ -116,8 +116,8 @@ class NativeClampedReLU(nn.Module):
 class NativeClampConv1x1(nn.Module):
     """A clamp (with 2x2 average pooling after it in a transition) and the 1x1 convolution that
     reads it, as one pass through :mod:`densenet.native` (bf16 on AMX or AVX512_BF16, float32 on
-    AVX-512) that never writes the clamped input to memory; ``unfused`` (the clamp, and pooling)
-    and ``conv`` for inputs the kernel doesn't take."""
+    AVX-512 or AVX2) that never writes the clamped input to memory; ``unfused`` (the clamp, and
+    pooling) and ``conv`` for inputs the kernel doesn't take."""
 
     def __init__(
         self,
@@ -266,11 +266,11 @@ def onednn_supports(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def _use_onednn(network: nn.Module, dtype: torch.dtype) -> None:
-    """oneDNN for the convolutions; where the C kernels build, they take the stem's max pooling,
-    in bf16 the clamps (a transition's with its average pooling), and on AMX or AVX512_BF16 (bf16)
-    or AVX-512 (float32) each bottleneck layer (its clamp with its 1x1 convolution, then its 3x3)
-    and each transition (its clamp, pooling and convolution in one pass), and in bf16 each plain
-    layer (its BN-ReLU, then its 3x3)."""
+    """oneDNN for the convolutions; where the C kernels build, they take the stem's max pooling, in
+    bf16 the clamps (a transition's with its average pooling), and on AMX or AVX512_BF16 (bf16) or
+    AVX-512 or AVX2 (float32) each bottleneck layer (its clamp with its 1x1 convolution, then its
+    3x3) and each transition (its clamp, pooling and convolution in one pass), and in bf16 each
+    plain layer (its BN-ReLU, then its 3x3)."""
     for parent in list(network.modules()):
         for name, child in parent.named_children():
             if isinstance(child, Conv2dReLU):
@@ -450,9 +450,9 @@ class FastDenseBlock(nn.Module):
 
 class NativeDenseBlock(FastDenseBlock):
     """A block of bottleneck layers through :mod:`densenet.native` (bf16 on AMX or AVX512_BF16,
-    float32 on AVX-512): each layer's clamp and 1x1 convolution write inside a buffer with a zero
-    border, from which its 3x3 convolution reads its padding for free and writes straight into the
-    block tensor (no copy). The layers themselves (oneDNN) for inputs the kernels don't take."""
+    float32 on AVX-512 or AVX2): each layer's clamp and 1x1 convolution write inside a buffer with a
+    zero border, from which its 3x3 convolution reads its padding for free and writes straight into
+    the block tensor (no copy). The layers themselves (oneDNN) for inputs the kernels don't take."""
 
     def __init__(self, block: FastDenseBlock) -> None:
         nn.Module.__init__(self)
