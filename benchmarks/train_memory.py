@@ -108,17 +108,23 @@ def child(spec: dict) -> None:
 
     for _ in range(spec["warmup"]):
         step()
+    before = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
     for _ in range(spec["steps"]):
         step()
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    peak = after.ru_maxrss * 1024
     print(
         json.dumps(
             {
                 "img_per_s": spec["batch"] * spec["steps"] / seconds,
                 "peak_rss_gb": peak / 1e9,
                 "rss_before_first_step_gb": rss_before / 1e9,
+                # Memory the allocator gave back and took again: each new page is zeroed by the
+                # kernel, in system time.
+                "page_faults_per_step": (after.ru_minflt - before.ru_minflt) / spec["steps"],
+                "system_s_per_step": (after.ru_stime - before.ru_stime) / spec["steps"],
                 # Other work on the machine slows the timing (not the memory): keep it on record.
                 "load_average_1min": os.getloadavg()[0],
             }
@@ -129,6 +135,11 @@ def child(spec: dict) -> None:
 
 def measure(spec: dict) -> dict:
     env = dict(os.environ)
+    if spec["keep_freed_memory"]:
+        # No block from mmap, and no heap trimmed: freed memory is reused, never given back and
+        # faulted in again; the price is the heaps' fragmentation, kept for good.
+        env["MALLOC_MMAP_MAX_"] = "0"
+        env["MALLOC_TRIM_THRESHOLD_"] = str(2**62)
     if spec["mmap_threshold"]:
         # glibc serves blocks under its (adaptive, up to 32 MiB) mmap threshold from heaps that
         # keep freed memory: a fixed threshold returns every freed activation to the OS at once.
@@ -159,6 +170,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         cap_gb=args.cap_gb,
         threads=args.threads,
         mmap_threshold=args.mmap_threshold,
+        keep_freed_memory=args.keep_freed_memory,
     )
     if args.preset:
         cases = [(args.preset, dict(base, preset=args.preset, fields=None))]
@@ -223,6 +235,8 @@ def _summary(rounds: list[dict]) -> dict:
         ),
         # Other work on the machine slows the timing (not the memory): keep it on record.
         "load_average_1min_max": max(r["load_average_1min"] for r in rounds),
+        "page_faults_per_step": statistics.median(r["page_faults_per_step"] for r in rounds),
+        "system_s_per_step": statistics.median(r["system_s_per_step"] for r in rounds),
     }
 
 
@@ -251,7 +265,8 @@ def _projected(previous: tuple[int, float, float], depth: int) -> float:
 def _format_round(model: str, implementation: str, round_index: int, result: dict) -> str:
     return (
         f"{model:>22} {implementation:>15} round {round_index + 1}: "
-        f"{result['img_per_s']:8.2f} img/s {result['peak_rss_gb']:6.2f} GB peak RSS"
+        f"{result['img_per_s']:8.2f} img/s {result['peak_rss_gb']:6.2f} GB peak RSS "
+        f"{result['page_faults_per_step']:9,.0f} page faults/step"
     )
 
 
@@ -261,12 +276,13 @@ def markdown(rows: list[dict], header: str) -> str:
         "",
         "| model | implementation | img/s: median (range) | peak RSS GB: median (range) "
         "| RSS before 1st step (GB) | speed / tv default: median (worst round) "
-        "| memory / tv memory_efficient: median (worst round) | highest load average |",
-        "|---|---|---|---|---|---|---|---|",
+        "| memory / tv memory_efficient: median (worst round) "
+        "| page faults per step (median) | system s per step (median) | highest load average |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         if "error" in row:
-            lines.append(f"| {row['model']} | {row['implementation']} | {row['error']} ||||||")
+            lines.append(f"| {row['model']} | {row['implementation']} | {row['error']} ||||||||")
             continue
         lines.append(
             f"| {row['model']} | {row['implementation']} "
@@ -274,6 +290,7 @@ def markdown(rows: list[dict], header: str) -> str:
             f"| {row['peak_rss_gb']:.2f} ({row['peak_rss_gb_min']:.2f}-"
             f"{row['peak_rss_gb_max']:.2f}) | {row['rss_before_first_step_gb']:.2f} "
             f"| {_ratio(row, 'speed_vs_tv_default')} | {_ratio(row, 'memory_vs_tv_me')} "
+            f"| {row['page_faults_per_step']:,.0f} | {row['system_s_per_step']:.2f} "
             f"| {row['load_average_1min_max']:.1f} |"
         )
     return "\n".join(lines) + "\n"
@@ -332,6 +349,12 @@ def main() -> None:
         type=int,
         help="bytes: glibc's MALLOC_MMAP_THRESHOLD_ for every configuration (default: glibc's own)",
     )
+    parser.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="glibc keeps freed memory for reuse (MALLOC_MMAP_MAX_=0, no trimming) in every "
+        "configuration, instead of returning it to the system and faulting it in again",
+    )
     parser.add_argument("--out", type=Path, help="write OUT.csv, OUT.md (and OUT.png for a sweep)")
     args = parser.parse_args()
     if args.child:
@@ -356,6 +379,11 @@ def main() -> None:
             f"MALLOC_MMAP_THRESHOLD_={args.mmap_threshold}"
             if args.mmap_threshold
             else "its default (adaptive) mmap threshold"
+        )
+        + (
+            ", keeping freed memory (MALLOC_MMAP_MAX_=0, MALLOC_TRIM_THRESHOLD_=2**62)"
+            if args.keep_freed_memory
+            else ""
         )
         + f".\nCommand: `{command}`"
     )

@@ -404,8 +404,8 @@ static inline vec16 relu_16(vec16 v) {
 }
 
 /* As the AVX-512 multiply_float: acc0[p] += sum over c < k of a[p * a_stride + c] * w0[c][0:16],
- * and acc1 with w1 if `both`. The sums are summed in arrays of registers of their own: GCC keeps
- * those in registers, where it would store an array of vec16 back to memory at every step. */
+ * and acc1 with w1 if `both`. The sums live in a local array of 8-lane vectors meanwhile: GCC keeps
+ * that in registers, where it would store the array of vec16 back to memory at every step. */
 static inline void multiply_float(vec16 acc0[PIXELS], vec16 acc1[PIXELS], const float *a,
                                   int64_t a_stride, const float *w0, const float *w1, int64_t k,
                                   int both) {
