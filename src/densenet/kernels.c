@@ -356,7 +356,7 @@ static inline void write_float(float *dst, int64_t channels, __m512 low, __m512 
     _mm512_mask_storeu_ps(dst + 16, first_lanes(channels - 16), high);
 }
 
-#else /* AVX2: the same functions on pairs of 8-lane registers */
+#else /* AVX2: the same functions on pairs of 8-lane registers, for one panel of 16 outputs */
 #define PIXELS 6
 #define PANELS 1
 
@@ -403,32 +403,25 @@ static inline vec16 relu_16(vec16 v) {
     return (vec16){_mm256_max_ps(zero, v.low), _mm256_max_ps(zero, v.high)};
 }
 
-/* As the AVX-512 multiply_float: acc0[p] += sum over c < k of a[p * a_stride + c] * w0[c][0:16],
- * and acc1 with w1 if `both`. The sums live in a local array of 8-lane vectors meanwhile: GCC keeps
- * that in registers, where it would store the array of vec16 back to memory at every step. */
+/* As the AVX-512 multiply_float for one panel: acc0[p] += sum over c < k of
+ * a[p * a_stride + c] * w0[c][0:16]. With PANELS 1 the kernels never ask for a second one (acc1,
+ * w1, both). The sums live in a local array of 8-lane vectors meanwhile: GCC keeps that in
+ * registers, where it would store the array of vec16 back to memory at every step. */
 static inline void multiply_float(vec16 acc0[PIXELS], vec16 acc1[PIXELS], const float *a,
                                   int64_t a_stride, const float *w0, const float *w1, int64_t k,
                                   int both) {
-    __m256 sums[2 * PANELS][PIXELS][2];
-    for (int p = 0; p < PIXELS; p++) {
-        sums[0][p][0] = acc0[p].low, sums[0][p][1] = acc0[p].high;
-        if (both) sums[1][p][0] = acc1[p].low, sums[1][p][1] = acc1[p].high;
-    }
+    (void)acc1, (void)w1, (void)both;
+    __m256 sums[PIXELS][2];
+    for (int p = 0; p < PIXELS; p++) sums[p][0] = acc0[p].low, sums[p][1] = acc0[p].high;
     for (int64_t c = 0; c < k; c++) {
-        const float *w[2] = {w0 + c * 16, both ? w1 + c * 16 : w0 + c * 16};
-        for (int panel = 0; panel < 1 + both; panel++) {
-            __m256 low = _mm256_loadu_ps(w[panel]), high = _mm256_loadu_ps(w[panel] + 8);
-            for (int p = 0; p < PIXELS; p++) {
-                __m256 v = _mm256_broadcast_ss(a + p * a_stride + c);
-                sums[panel][p][0] = _mm256_fmadd_ps(v, low, sums[panel][p][0]);
-                sums[panel][p][1] = _mm256_fmadd_ps(v, high, sums[panel][p][1]);
-            }
+        __m256 low = _mm256_loadu_ps(w0 + c * 16), high = _mm256_loadu_ps(w0 + c * 16 + 8);
+        for (int p = 0; p < PIXELS; p++) {
+            __m256 v = _mm256_broadcast_ss(a + p * a_stride + c);
+            sums[p][0] = _mm256_fmadd_ps(v, low, sums[p][0]);
+            sums[p][1] = _mm256_fmadd_ps(v, high, sums[p][1]);
         }
     }
-    for (int p = 0; p < PIXELS; p++) {
-        acc0[p] = (vec16){sums[0][p][0], sums[0][p][1]};
-        if (both) acc1[p] = (vec16){sums[1][p][0], sums[1][p][1]};
-    }
+    for (int p = 0; p < PIXELS; p++) acc0[p] = (vec16){sums[p][0], sums[p][1]};
 }
 
 /* As the AVX-512 clamp_pixel_float, 8 channels at a time. */
@@ -451,27 +444,24 @@ static inline void clamp_pixel_float(const float *in, int64_t pool, int64_t pixe
     }
 }
 
+/* As the AVX-512 load_bias, finish_sums and write_float, for the one panel (low; high unused). */
 static inline void load_bias(const float *bias, int64_t nb, int64_t n_out, vec16 *low,
                              vec16 *high) {
     *low = bias ? load_16(bias + nb, n_out - nb) : zeros16();
-    *high = bias ? load_16(bias + nb + 16, n_out - nb - 16) : zeros16();
+    *high = zeros16();
 }
 
 static inline void finish_sums(vec16 *low, vec16 *high, int biased, vec16 bias_low,
                                vec16 bias_high, int64_t relu) {
-    if (biased) {
-        *low = add_16(*low, bias_low);
-        *high = add_16(*high, bias_high);
-    }
-    if (relu) {
-        *low = relu_16(*low);
-        *high = relu_16(*high);
-    }
+    (void)high, (void)bias_high;
+    if (biased) *low = add_16(*low, bias_low);
+    if (relu) *low = relu_16(*low);
 }
 
+/* The first `channels` (at most 16: OUTPUTS_FROM below) of the sums into dst. */
 static inline void write_float(float *dst, int64_t channels, vec16 low, vec16 high) {
+    (void)high;
     store_16(dst, channels, low);
-    if (channels > 16) store_16(dst + 16, channels - 16, high);
 }
 #endif
 
