@@ -274,6 +274,56 @@ def test_the_norm_sums_match_float64_and_repeat_exactly(
     assert torch.equal(native.norm_sums(grad, x, mean, relu_output), sums)
 
 
+def _relu_recompute_operands(dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """:func:`_relu_backward_operands` over 40 channels, x holding NaN, infinities, signed zeros
+    and a denormal, and BN factors (scale, shift) under which channel 6 comes out denormal."""
+    grad, x, _, mean = _relu_backward_operands(channels=40, dtype=dtype)
+    x[0, :6, 0, 0] = torch.tensor([float("nan"), INF, -INF, 0.0, -0.0, 1e-40]).to(dtype)
+    generator = torch.Generator().manual_seed(8)
+    scale, shift = torch.randn(40, generator=generator), torch.randn(40, generator=generator)
+    scale[6], shift[6] = 1e-39, 0.0
+    return grad, x, mean, scale, shift
+
+
+@needs_compiler
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_norm_relu_sums_give_norm_relus_output_and_the_sums_through_it(
+    fresh_build, monkeypatch, threads, dtype
+):
+    # The one pass must compute what norm_relu, then norm_sums over its output, do: bit for bit,
+    # the ReLU's zeros (rounded ones included) and NaN alike.
+    _split_over(monkeypatch, threads)
+    grad, x, mean, scale, shift = _relu_recompute_operands(dtype)
+    z = native.norm_relu(x, scale, shift, torch.empty_like(grad))
+    assert (z == 0).any() and z.isnan().any() and (z > 0).any()
+    out = torch.full_like(grad, 7.0)
+    sums = native.norm_relu_sums(grad, x, mean, scale, shift, out)
+    assert _same_bits(out, z)
+    assert _same_bits(sums, native.norm_sums(grad, x, mean, z))
+
+
+@needs_compiler
+@pytest.mark.parametrize("accumulate", [True, False], ids=["added", "over-grad"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_the_norm_input_gradient_recomputes_the_relu_as_norm_relu_computes_it(
+    fresh_build, monkeypatch, accumulate, dtype
+):
+    _split_over(monkeypatch, 2)
+    grad, x, _, scale, shift = _relu_recompute_operands(dtype)
+    z = native.norm_relu(x, scale, shift, torch.empty_like(grad))
+    factors = [torch.randn(40) for _ in range(3)]
+    block = torch.randn(3, 56, 11, 13).to(dtype).contiguous(memory_format=torch.channels_last)
+    results = []
+    for relu in ({"relu_output": z}, {"relu_norm": (scale, shift)}):
+        target = block.clone()[:, :40] if accumulate else grad.clone()
+        incoming = grad if accumulate else target
+        results.append(
+            native.norm_input_gradient(target, incoming, x, *factors, accumulate, **relu)
+        )
+    assert _same_bits(results[1], results[0])
+
+
 @needs_compiler
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])

@@ -141,35 +141,60 @@ static inline float same_float(float v) { return v; }
 MAX_POOL_3X3S2(max_pool_3x3s2_bf16, uint16_t, int16_t, max_key, key_bits, INT16_MIN)
 MAX_POOL_3X3S2(max_pool_3x3s2_float, float, float, same_float, same_float, -INFINITY)
 
+/* The ReLU after a BN, in the backward passes: its gradient goes through where the ReLU's output
+ * z is positive or NaN, as threshold_backward decides. z is read from `output` (dense), or where
+ * there is none recomputed from the BN's input x as relu(x * scale + shift), exactly as norm_relu
+ * rounds it (and stored into `written`, dense, if set): the pass that needs it then reads x
+ * once for both. Neither: no ReLU. */
+#define RELU_SOURCE(T)                                                                           \
+    struct {                                                                                    \
+        const T *output;                                                                        \
+        const float *scale, *shift;                                                             \
+        T *written;                                                                             \
+    }
+typedef RELU_SOURCE(float) relu_float;
+typedef RELU_SOURCE(uint16_t) relu_bf16;
+
 /* The BN passes' work on one pixel of T values, widened to float and narrowed back (see
  * NORM_PASSES below): plain loops, which the compiler vectorizes for the CPU it targets. */
 #define NORM_PIXELS(SUFFIX, T, WIDEN, NARROW)                                                    \
+    static inline T norm_relu_value_##SUFFIX(T in, float scale, float shift) {                  \
+        float value = WIDEN(in) * scale + shift;                                                \
+        return NARROW(value < 0.0f ? 0.0f : value);                                             \
+    }                                                                                           \
     static inline void norm_relu_pixel_##SUFFIX(const T *in, T *dst, int64_t channels,          \
                                                 const float *scale, const float *shift) {       \
-        for (int64_t c = 0; c < channels; c++) {                                                \
-            float value = WIDEN(in[c]) * scale[c] + shift[c];                                   \
-            dst[c] = NARROW(value < 0.0f ? 0.0f : value);                                       \
-        }                                                                                       \
+        for (int64_t c = 0; c < channels; c++)                                                  \
+            dst[c] = norm_relu_value_##SUFFIX(in[c], scale[c], shift[c]);                       \
     }                                                                                           \
-    /* g where the ReLU's output z is positive or NaN, else 0 (relu's backward, as              \
-     * threshold_backward computes it); g itself where there is no z. */                        \
-    static inline float relu_gradient_##SUFFIX(float g, const T *z, int64_t c) {                \
-        return z && WIDEN(z[c]) <= 0.0f ? 0.0f : g;                                             \
+    /* g through the ReLU (see RELU_SOURCE) at channel c of a pixel whose BN input is in. */    \
+    static inline float relu_gradient_##SUFFIX(float g, relu_##SUFFIX relu, const T *in,        \
+                                               int64_t c) {                                     \
+        T z;                                                                                    \
+        if (relu.output) {                                                                      \
+            z = relu.output[c];                                                                 \
+        } else if (relu.scale) {                                                                \
+            z = norm_relu_value_##SUFFIX(in[c], relu.scale[c], relu.shift[c]);                  \
+            if (relu.written) relu.written[c] = z;                                              \
+        } else {                                                                                \
+            return g;                                                                           \
+        }                                                                                       \
+        return WIDEN(z) <= 0.0f ? 0.0f : g;                                                     \
     }                                                                                           \
     static inline void norm_input_gradient_pixel_##SUFFIX(                                      \
-        T *dst, const T *g, const T *z, const T *in, int64_t channels, const float *scale_grad, \
-        const float *scale_x, const float *shift, int accumulate) {                             \
+        T *dst, const T *g, relu_##SUFFIX relu, const T *in, int64_t channels,                  \
+        const float *scale_grad, const float *scale_x, const float *shift, int accumulate) {    \
         for (int64_t c = 0; c < channels; c++) {                                                \
             float from_x = scale_x[c] * WIDEN(in[c]) + shift[c];                                \
-            float from_grad = scale_grad[c] * relu_gradient_##SUFFIX(WIDEN(g[c]), z, c);        \
+            float from_grad = scale_grad[c] * relu_gradient_##SUFFIX(WIDEN(g[c]), relu, in, c); \
             dst[c] = NARROW((accumulate ? WIDEN(dst[c]) + from_grad : from_grad) + from_x);     \
         }                                                                                       \
     }                                                                                           \
-    static inline void norm_sums_pixel_##SUFFIX(const T *g, const T *z, const T *in,            \
+    static inline void norm_sums_pixel_##SUFFIX(const T *g, relu_##SUFFIX relu, const T *in,    \
                                                 int64_t channels, const float *mean,            \
                                                 float *sum_grad, float *sum_grad_centred) {     \
         for (int64_t c = 0; c < channels; c++) {                                                \
-            float grad = relu_gradient_##SUFFIX(WIDEN(g[c]), z, c);                             \
+            float grad = relu_gradient_##SUFFIX(WIDEN(g[c]), relu, in, c);                      \
             sum_grad[c] += grad;                                                                \
             sum_grad_centred[c] += grad * (WIDEN(in[c]) - mean[c]);                             \
         }                                                                                       \
@@ -605,6 +630,14 @@ static inline void store_rounded(uint16_t *dst, __mmask32 mask, __m512 low, __m5
     _mm512_mask_storeu_epi16(dst, mask, (__m512i)_mm512_cvtne2ps_pbh(high, low));
 }
 
+/* relu(x * scale + shift) in float for the 16 values at in (the lanes of mask; zeros elsewhere). */
+static inline __m512 norm_relu_16(const uint16_t *in, const float *scale, const float *shift,
+                                  __mmask16 mask) {
+    __m512 v = _mm512_fmadd_ps(widen_16(in, mask), _mm512_maskz_loadu_ps(mask, scale),
+                               _mm512_maskz_loadu_ps(mask, shift));
+    return _mm512_max_ps(_mm512_setzero_ps(), v); /* keeps a NaN v */
+}
+
 /* relu(x * scale + shift) for the `channels` values of one pixel at in, into `width` channels
  * at dst: zeros past `channels`. */
 static inline void norm_relu_padded(const uint16_t *in, uint16_t *dst, int64_t channels,
@@ -613,11 +646,7 @@ static inline void norm_relu_padded(const uint16_t *in, uint16_t *dst, int64_t c
         __m512 half[2];
         for (int h = 0; h < 2; h++) {
             int64_t at = c + 16 * h;
-            __mmask16 mask = first_lanes(channels - at);
-            __m512 v = _mm512_fmadd_ps(widen_16(in + at, mask),
-                                       _mm512_maskz_loadu_ps(mask, scale + at),
-                                       _mm512_maskz_loadu_ps(mask, shift + at));
-            half[h] = _mm512_max_ps(_mm512_setzero_ps(), v); /* keeps a NaN v */
+            half[h] = norm_relu_16(in + at, scale + at, shift + at, first_lanes(channels - at));
         }
         store_rounded(dst + c, first_channels(width - c), half[0], half[1]);
     }
@@ -656,16 +685,27 @@ void norm_relu_bordered_bf16(const uint16_t *x, int64_t pixel_stride, int64_t n,
     memset(bordered + n * (height + 2) * row_values, 0, spare * pixel_bytes);
 }
 
-/* 16 values of g (the lanes of mask) where the ReLU's output z is positive or NaN, else 0 (relu's
- * backward, as threshold_backward computes it); g itself where there is no z. */
-static inline __m512 relu_gradient_16(const uint16_t *g, const uint16_t *z, __mmask16 mask) {
-    if (z)
-        mask = _mm512_mask_cmp_ps_mask(mask, widen_16(z, mask), _mm512_setzero_ps(), _CMP_NLE_UQ);
-    return widen_16(g, mask);
+/* 16 values of g (the lanes of mask) through the ReLU (see RELU_SOURCE), at channel `at` of a
+ * pixel whose BN input is in; z recomputed is rounded by the same conversion as in norm_relu. */
+static inline __m512 relu_gradient_16(const uint16_t *g, relu_bf16 relu, const uint16_t *in,
+                                      int64_t at, __mmask16 mask) {
+    __m512 z;
+    if (relu.output) {
+        z = widen_16(relu.output + at, mask);
+    } else if (relu.scale) {
+        __m256i rounded = (__m256i)_mm512_cvtneps_pbh(
+            norm_relu_16(in + at, relu.scale + at, relu.shift + at, mask));
+        if (relu.written) _mm256_mask_storeu_epi16(relu.written + at, mask, rounded);
+        z = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(rounded), 16));
+    } else {
+        return widen_16(g + at, mask);
+    }
+    mask = _mm512_mask_cmp_ps_mask(mask, z, _mm512_setzero_ps(), _CMP_NLE_UQ);
+    return widen_16(g + at, mask);
 }
 
 static inline void norm_input_gradient_pixel_bf16(uint16_t *dst, const uint16_t *g,
-                                                  const uint16_t *z, const uint16_t *in,
+                                                  relu_bf16 relu, const uint16_t *in,
                                                   int64_t channels, const float *scale_grad,
                                                   const float *scale_x, const float *shift,
                                                   int accumulate) {
@@ -678,7 +718,7 @@ static inline void norm_input_gradient_pixel_bf16(uint16_t *dst, const uint16_t 
                                             widen_16(in + at, mask),
                                             _mm512_maskz_loadu_ps(mask, shift + at));
             __m512 factor = _mm512_maskz_loadu_ps(mask, scale_grad + at);
-            __m512 grad = relu_gradient_16(g + at, z ? z + at : NULL, mask);
+            __m512 grad = relu_gradient_16(g, relu, in, at, mask);
             if (accumulate)
                 half[h] = _mm512_add_ps(_mm512_fmadd_ps(factor, grad, widen_16(dst + at, mask)),
                                         from_x);
@@ -689,12 +729,12 @@ static inline void norm_input_gradient_pixel_bf16(uint16_t *dst, const uint16_t 
     }
 }
 
-static inline void norm_sums_pixel_bf16(const uint16_t *g, const uint16_t *z, const uint16_t *in,
+static inline void norm_sums_pixel_bf16(const uint16_t *g, relu_bf16 relu, const uint16_t *in,
                                         int64_t channels, const float *mean, float *sum_grad,
                                         float *sum_grad_centred) {
     for (int64_t c = 0; c < channels; c += 16) {
         __mmask16 mask = first_lanes(channels - c);
-        __m512 grad = relu_gradient_16(g + c, z ? z + c : NULL, mask);
+        __m512 grad = relu_gradient_16(g, relu, in, c, mask);
         __m512 centred =
             _mm512_sub_ps(widen_16(in + c, mask), _mm512_maskz_loadu_ps(mask, mean + c));
         __m512 sum = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, sum_grad + c), grad);
@@ -715,15 +755,16 @@ static inline void norm_sums_pixel_bf16(const uint16_t *g, const uint16_t *z, co
  *   out's are dense.
  * - norm_input_gradient: target = [target +] scale_grad * grad + scale_x * x + shift, batch
  *   norm's input gradient in training mode, added to a gradient accumulator when `accumulate` is
- *   set, else written (target may then be grad itself). With relu_out (BN-ReLU's output z), grad
- *   is z's gradient, taken through the ReLU first. target's and x's pixels are target_stride and
- *   x_stride apart (channel slices of a block's gradient and of its tensor); grad's and
- *   relu_out's are dense.
+ *   set, else written (target may then be grad itself). With a ReLU (relu_out, BN-ReLU's output
+ *   z, or relu_scale and relu_shift to recompute it: see RELU_SOURCE), grad is z's gradient,
+ *   taken through the ReLU first. target's and x's pixels are target_stride and x_stride apart
+ *   (channel slices of a block's gradient and of its tensor); grad's and relu_out's are dense.
  * - norm_sums: batch norm's backward sums, of the gradient g of its output (grad taken through
- *   the ReLU whose output is relu_out) and of g * (x - mean): its bias's gradient and, times
- *   1 / std, its weight's. Thread t sums the t-th of `threads` equal runs of pixels in blocks of
- *   SUM_BLOCK_PIXELS into partial[t] ([threads][2][channels]); sums ([2][channels]) is their
- *   total, added in order: the same result every time for a given thread count. */
+ *   the ReLU, as in norm_input_gradient; a recomputed z also goes to relu_written if given) and
+ *   of g * (x - mean): its bias's gradient and, times 1 / std, its weight's. Thread t sums the
+ *   t-th of `threads` equal runs of pixels in blocks of SUM_BLOCK_PIXELS into partial[t]
+ *   ([threads][2][channels]); sums ([2][channels]) is their total, added in order: the same
+ *   result every time for a given thread count. */
 #define NORM_PASSES(SUFFIX, T)                                                                   \
     void norm_relu_##SUFFIX(const T *restrict x, int64_t x_stride, T *restrict out,             \
                             int64_t rows, int64_t channels, const float *restrict scale,        \
@@ -733,21 +774,32 @@ static inline void norm_sums_pixel_bf16(const uint16_t *g, const uint16_t *z, co
             norm_relu_pixel_##SUFFIX(x + r * x_stride, out + r * channels, channels, scale,     \
                                      shift);                                                    \
     }                                                                                           \
+    /* The ReLU at pixel r: z's dense pixels offset, its factors as they are. */                \
+    static inline relu_##SUFFIX relu_pixel_##SUFFIX(relu_##SUFFIX relu, int64_t r,              \
+                                                    int64_t channels) {                         \
+        if (relu.output) relu.output += r * channels;                                           \
+        if (relu.written) relu.written += r * channels;                                         \
+        return relu;                                                                            \
+    }                                                                                           \
     void norm_input_gradient_##SUFFIX(T *target, int64_t target_stride, const T *grad,          \
-                                      const T *relu_out, const T *x, int64_t x_stride,          \
+                                      const T *relu_out, const float *relu_scale,               \
+                                      const float *relu_shift, const T *x, int64_t x_stride,    \
                                       int64_t rows, int64_t channels, const float *scale_grad,  \
                                       const float *scale_x, const float *shift, int accumulate, \
                                       int threads) {                                            \
+        relu_##SUFFIX relu = {relu_out, relu_scale, relu_shift, NULL};                          \
         PARALLEL_ROWS                                                                           \
         for (int64_t r = 0; r < rows; r++)                                                      \
             norm_input_gradient_pixel_##SUFFIX(                                                 \
                 target + r * target_stride, grad + r * channels,                                \
-                relu_out ? relu_out + r * channels : NULL, x + r * x_stride, channels,          \
-                scale_grad, scale_x, shift, accumulate);                                        \
+                relu_pixel_##SUFFIX(relu, r, channels), x + r * x_stride, channels, scale_grad, \
+                scale_x, shift, accumulate);                                                    \
     }                                                                                           \
-    void norm_sums_##SUFFIX(const T *grad, const T *relu_out, const T *x, int64_t x_stride,     \
-                            int64_t rows, int64_t channels, const float *mean, float *partial,  \
-                            float *sums, int threads) {                                         \
+    void norm_sums_##SUFFIX(const T *grad, const T *relu_out, const float *relu_scale,          \
+                            const float *relu_shift, T *relu_written, const T *x,               \
+                            int64_t x_stride, int64_t rows, int64_t channels, const float *mean, \
+                            float *partial, float *sums, int threads) {                         \
+        relu_##SUFFIX relu = {relu_out, relu_scale, relu_shift, relu_written};                  \
         PARALLEL_ROWS                                                                           \
         for (int t = 0; t < threads; t++) {                                                     \
             float *total = partial + t * 2 * channels, block[2 * channels];                     \
@@ -758,7 +810,7 @@ static inline void norm_sums_pixel_bf16(const uint16_t *g, const uint16_t *z, co
                 int64_t last = first + SUM_BLOCK_PIXELS < end ? first + SUM_BLOCK_PIXELS : end; \
                 for (int64_t r = first; r < last; r++)                                          \
                     norm_sums_pixel_##SUFFIX(grad + r * channels,                               \
-                                             relu_out ? relu_out + r * channels : NULL,         \
+                                             relu_pixel_##SUFFIX(relu, r, channels),            \
                                              x + r * x_stride, channels, mean, block,           \
                                              block + channels);                                 \
                 for (int64_t c = 0; c < 2 * channels; c++) total[c] += block[c];                \

@@ -36,7 +36,7 @@ within float32 rounding of them (the same error against float64), and the networ
 faster in bf16 and 1.45x in float32 at batch 1 than with oneDNN's convolutions (medians of 15
 alternating in-process rounds; see docs/inference.md).
 
-Memory-efficient training (:mod:`densenet.models.efficient`) uses four more, in bf16 and float32,
+Memory-efficient training (:mod:`densenet.models.efficient`) uses five more, in bf16 and float32,
 each computing in float (and rounding once to bf16):
 
 - :func:`norm_relu`, BN with given statistics and ReLU in one pass that reads a layer's input
@@ -50,6 +50,9 @@ each computing in float (and rounding once to bf16):
 - :func:`norm_sums`, BN's two per-channel backward sums, with the ReLU's backward folded in:
   one pass over the gradient, the ReLU's output and the input slice, where ATen first writes the
   ReLU's gradient and copies the slice to a dense tensor;
+- :func:`norm_relu_sums`, the same sums with the ReLU's output recomputed from the input slice
+  (and written for the convolution's weight gradient) in the same pass, which reads x once for
+  both; :func:`norm_input_gradient` can take the ReLU from x the same way;
 - :func:`norm_stats`, a new feature map's batch mean and variance in two read-only passes, where
   BN's training kernel also writes a normalised copy (and, in bf16, rounds the statistics to bf16).
 
@@ -182,22 +185,26 @@ def norm_input_gradient(
     shift: Tensor,
     accumulate: bool,
     relu_output: Tensor | None = None,
+    relu_norm: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """``scale_grad * grad + scale_x * x + shift`` with float32 per-channel factors (shape
     ``[C]``), computed in float (and rounded once in bf16), added to ``target`` if
     ``accumulate`` else written to it (``target`` may be ``grad``), for tensors that
     :func:`supports_norm_input_gradient`; returns target. With ``relu_output`` (``z =
     relu(norm(x))``), ``grad`` is z's gradient and goes through the ReLU's backward first, as in
-    ``threshold_backward(grad, z, 0)``."""
+    ``threshold_backward(grad, z, 0)``; with ``relu_norm`` instead, the (scale, shift) that
+    :func:`norm_relu` took, z is recomputed from x as norm_relu computes it, not read."""
     library = _checked(supports_norm_input_gradient(target, grad, x, relu_output))
     n, channels, height, width = target.shape
     factors = [f.float().contiguous() for f in (scale_grad, scale_x, shift)]
+    relu_factors = _relu_factors(relu_norm)
     rows = n * height * width
     getattr(library, f"norm_input_gradient_{KERNEL_DTYPES[x.dtype]}")(
         _at(target),
         ctypes.c_int64(target.stride(3)),
         _at(grad),
-        None if relu_output is None else _at(relu_output),
+        _optional_at(relu_output),
+        *(_optional_at(f) for f in relu_factors),
         _at(x),
         ctypes.c_int64(x.stride(3)),
         *(ctypes.c_int64(v) for v in (rows, channels)),
@@ -213,16 +220,41 @@ def norm_sums(grad: Tensor, x: Tensor, mean: Tensor, relu_output: Tensor | None 
     ``[2, C]``, float32, summed in float), for tensors that :func:`supports_norm_input_gradient`
     (x as its target). With ``relu_output``, grad is taken through the ReLU's backward first, as
     in :func:`norm_input_gradient`. The same result every time for a given thread count."""
+    return _norm_sums(grad, x, mean, relu_output, None)
+
+
+def norm_relu_sums(
+    grad: Tensor, x: Tensor, mean: Tensor, scale: Tensor, shift: Tensor, out: Tensor
+) -> Tensor:
+    """:func:`norm_sums` through the ReLU whose output is ``z = relu(x * scale + shift)``, z
+    computed as :func:`norm_relu` computes it and written to ``out`` in the same pass: x is read
+    once for both. For tensors that :func:`supports_norm_input_gradient` (x as its target, out
+    as relu_output)."""
+    return _norm_sums(grad, x, mean, out, (scale, shift))
+
+
+def _norm_sums(
+    grad: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    relu_output: Tensor | None,
+    relu_norm: tuple[Tensor, Tensor] | None,
+) -> Tensor:
+    """norm_sums; with relu_norm, z computed from x and written to relu_output (norm_relu_sums)."""
     library = _checked(supports_norm_input_gradient(x, grad, x, relu_output))
     n, channels, height, width = x.shape
     rows = n * height * width
     threads = _threads(rows * channels)
     mean = mean.float().contiguous()  # held: the C call reads it
+    relu_factors = _relu_factors(relu_norm)
     partial = torch.empty(threads.value, 2, channels)
     sums = torch.empty(2, channels)
+    read, written = (None, relu_output) if relu_norm is not None else (relu_output, None)
     getattr(library, f"norm_sums_{KERNEL_DTYPES[x.dtype]}")(
         _at(grad),
-        None if relu_output is None else _at(relu_output),
+        _optional_at(read),
+        *(_optional_at(f) for f in relu_factors),
+        _optional_at(written),
         _at(x),
         ctypes.c_int64(x.stride(3)),
         *(ctypes.c_int64(v) for v in (rows, channels)),
@@ -232,6 +264,18 @@ def norm_sums(grad: Tensor, x: Tensor, mean: Tensor, relu_output: Tensor | None 
         threads,
     )
     return sums
+
+
+def _relu_factors(relu_norm: tuple[Tensor, Tensor] | None) -> list[Tensor | None]:
+    """A ReLU's BN factors (scale, shift) as the C kernels read them, or none; held by the
+    caller until the C call returns."""
+    if relu_norm is None:
+        return [None, None]
+    return [f.float().contiguous() for f in relu_norm]
+
+
+def _optional_at(tensor: Tensor | None) -> ctypes.c_void_p | None:
+    return None if tensor is None else _at(tensor)
 
 
 def supports_norm_stats(x: Tensor) -> bool:

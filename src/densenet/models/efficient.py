@@ -23,7 +23,9 @@ the same function in training mode with these changes:
   both dtypes, take the gradient through the ReLU's backward as they read it), and a 1x1
   convolution's input gradient is a matrix product into reused workspace: apart from the block
   tensor and its gradient, backward allocates nothing whose size changes from layer to layer, so
-  the heap is not left full of holes that no later tensor fits.
+  the heap is not left full of holes that no later tensor fits. There, a layer's first BN-ReLU is
+  recomputed by the C kernel pass that sums BN's backward, which reads x once for both (the 1x1
+  convolution's input gradient, which needs only z's shape, goes first).
 * A transition average-pools before its 1x1 convolution (both are linear and per-pixel, so they
   commute exactly): its convolution does a quarter of the work and nothing but its input is kept.
 
@@ -214,6 +216,45 @@ class _Statistics:
         grad_x = self._input_gradient(sums, weight, mean, invstd, count, grad, x, accumulate)
         return grad_x, grad_weight, grad_bias
 
+    def norm_relu_backward(
+        self,
+        grad: Tensor,
+        x: Tensor,
+        mean: Tensor,
+        var: Tensor,
+        count: int,
+        eps: float,
+        weight: Tensor,
+        bias: Tensor,
+        accumulate: Tensor | None,
+        relu_output: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """z = relu(batch_norm(x)) (training mode) recomputed into ``relu_output``, and the
+        gradients for x, weight and bias given z's (grad), for tensors that
+        :meth:`norm_relu_backward_runs_natively`.
+
+        The C kernel computes z and BN's backward sums in one read of x; x's gradient (added to
+        ``accumulate`` if given, else in grad's memory) takes the ReLU from x again. Only z's
+        consumer, a convolution's weight gradient, reads z: the gradient for z comes first.
+        """
+        invstd = torch.rsqrt(var + eps)
+        scale, shift = _norm_factors(mean, var, eps, weight, bias)
+        sum_grad, sum_grad_centred = native.norm_relu_sums(grad, x, mean, scale, shift, relu_output)
+        sums = torch.cat([sum_grad, sum_grad_centred * invstd])
+        grad_bias, grad_weight = sums.to(weight.dtype, copy=True).chunk(2)
+        grad_x = self._input_gradient(
+            sums, weight, mean, invstd, count, grad, x, accumulate, relu_norm=(scale, shift)
+        )
+        return grad_x, grad_weight, grad_bias
+
+    @staticmethod
+    def norm_relu_backward_runs_natively(
+        target: Tensor, grad: Tensor, x: Tensor, relu_output: Tensor
+    ) -> bool:
+        """Whether :meth:`norm_relu_backward` takes these (bf16 or float32 channels_last on the
+        CPU, ``target`` the accumulator or grad itself)."""
+        return _NormInputGradient.runs_natively(target, grad, x, relu_output)
+
     def _input_gradient(
         self,
         sums: Tensor,
@@ -225,17 +266,19 @@ class _Statistics:
         x: Tensor,
         accumulate: Tensor | None,
         relu_output: Tensor | None = None,
+        relu_norm: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         """x's gradient from BN's backward sums (the bias's gradient, then the weight's), added to
-        ``accumulate`` if given, else in grad's memory."""
+        ``accumulate`` if given, else in grad's memory; grad goes through the ReLU whose output
+        is ``relu_output`` or is recomputed from x with ``relu_norm`` (C kernel only)."""
         if self.synchronized:
             # x's gradient needs the sums over the global batch, as SyncBatchNorm's backward does;
             # the weight's and the bias's stay this process's, for DDP to average.
             dist.all_reduce(sums)
         input_gradient = _NormInputGradient.of(weight, mean, invstd, *sums.chunk(2), count)
         if accumulate is None:
-            return input_gradient.in_place(grad, x, relu_output)
-        return input_gradient.add_to(accumulate, grad, x, relu_output)
+            return input_gradient.in_place(grad, x, relu_output, relu_norm)
+        return input_gradient.add_to(accumulate, grad, x, relu_output, relu_norm)
 
 
 @dataclass(frozen=True)
@@ -275,19 +318,38 @@ class _NormInputGradient:
         return supported and native.available()
 
     def add_to(
-        self, target: Tensor, grad: Tensor, x: Tensor, relu_output: Tensor | None = None
+        self,
+        target: Tensor,
+        grad: Tensor,
+        x: Tensor,
+        relu_output: Tensor | None = None,
+        relu_norm: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
-        """target + the input gradient, in target's memory (``relu_output``: the C kernel only)."""
+        """target + the input gradient, in target's memory (``relu_output`` or ``relu_norm``, see
+        :func:`native.norm_input_gradient`: the C kernel only)."""
         if self.runs_natively(target, grad, x, relu_output):
             factors = self._factors()
-            return native.norm_input_gradient(target, grad, x, *factors, True, relu_output)
+            return native.norm_input_gradient(
+                target, grad, x, *factors, True, relu_output, relu_norm
+            )
+        assert relu_output is None and relu_norm is None, "the ReLU's backward: C kernel only"
         return target.addcmul_(grad, self.scale_grad).addcmul_(x, self.scale_x).add_(self.shift)
 
-    def in_place(self, grad: Tensor, x: Tensor, relu_output: Tensor | None = None) -> Tensor:
-        """The input gradient, in grad's memory (``relu_output``: the C kernel only)."""
+    def in_place(
+        self,
+        grad: Tensor,
+        x: Tensor,
+        relu_output: Tensor | None = None,
+        relu_norm: tuple[Tensor, Tensor] | None = None,
+    ) -> Tensor:
+        """The input gradient, in grad's memory (``relu_output`` or ``relu_norm``: the C kernel
+        only)."""
         if self.runs_natively(grad, grad, x, relu_output):
             factors = self._factors()
-            return native.norm_input_gradient(grad, grad, x, *factors, False, relu_output)
+            return native.norm_input_gradient(
+                grad, grad, x, *factors, False, relu_output, relu_norm
+            )
+        assert relu_output is None and relu_norm is None, "the ReLU's backward: C kernel only"
         return grad.mul_(self.scale_grad).addcmul_(x, self.scale_x).add_(self.shift)
 
     def _factors(self) -> tuple[Tensor, Tensor, Tensor]:
@@ -330,8 +392,7 @@ def _norm_relu(
         # With given statistics BN is x * scale + shift per channel. As one addcmul (or the C
         # kernel, which also does the ReLU) it reads a strided slice of the block tensor as fast
         # as a dense tensor; BN's kernel does not.
-        scale = weight * torch.rsqrt(var + eps)
-        shift = bias - mean * scale
+        scale, shift = _norm_factors(mean, var, eps, weight, bias)
         if natively:
             return native.norm_relu(x, scale, shift, out)
         shape = (1, -1, 1, 1)
@@ -344,6 +405,14 @@ def _norm_relu(
             save_invstd=unused,
         )  # fmt: skip
     return out.relu_()
+
+
+def _norm_factors(
+    mean: Tensor, var: Tensor, eps: float, weight: Tensor, bias: Tensor
+) -> tuple[Tensor, Tensor]:
+    """batch_norm(x) with given statistics as x * scale + shift per channel: (scale, shift)."""
+    scale = weight * torch.rsqrt(var + eps)
+    return scale, bias - mean * scale
 
 
 def _norm_relu_runs_natively(x: Tensor, out: Tensor) -> bool:
@@ -390,34 +459,54 @@ def _conv_backward(
     (dense, z's shape, layout and dtype) when given, and the products are done by matmul: on the
     CPU that is faster than the convolution's backward, and it allocates nothing activation-sized.
     """
-    weight_z = weight.to(z.dtype)
-    grad_out = grad_out.to(z.dtype)
     if weight.shape[-1] != 1 or grad_input is None:
-        padding = weight.shape[-1] // 2
-        grad_z, grad_weight, _ = torch.ops.aten.convolution_backward(
-            grad_out, z, weight_z, None, [1, 1], [padding, padding], [1, 1], False, [0, 0], 1,
-            [True, True, False],
-        )  # fmt: skip
+        grad_z, grad_weight = _convolution_backward(grad_out, z, weight, (True, True))
         return grad_z, grad_weight.to(weight.dtype)
+    grad_input = _conv_input_gradient(grad_out, weight, grad_input)
+    return grad_input, _conv_weight_gradient(grad_out, z, weight)
+
+
+def _conv_input_gradient(grad_out: Tensor, weight: Tensor, grad_input: Tensor) -> Tensor:
+    """The gradient of a 1x1 :func:`_conv` of z for z, into ``grad_input`` (dense, z's shape,
+    layout and dtype): it needs only z's shape, not its values."""
+    weight = weight.to(grad_input.dtype)
+    grad_out = grad_out.to(grad_input.dtype)
     out_channels, in_channels = weight.shape[:2]
-    matrix = weight_z.view(out_channels, in_channels)
-    if _layout(z) == torch.channels_last:
-        # Rows are pixels: (N*H*W, C) matrices, views of the channels_last tensors.
-        grad_rows = _pixel_rows(grad_out)
-        # The weight read as the transpose of a (C_in, C_out) copy: the same speed in float32 and
-        # three times faster in bfloat16 on the CPU than reading it as stored.
+    matrix = weight.view(out_channels, in_channels)
+    if _layout(grad_input) == torch.channels_last:
+        # Rows are pixels: (N*H*W, C) matrices, views of the channels_last tensors. The weight
+        # read as the transpose of a (C_in, C_out) copy: the same speed in float32 and three
+        # times faster in bfloat16 on the CPU than reading it as stored.
         rows_out = grad_input.permute(0, 2, 3, 1).view(-1, in_channels)  # a view, or an error
-        torch.mm(grad_rows, matrix.t().contiguous().t(), out=rows_out)
-        grad_weight = torch.mm(grad_rows.t(), _pixel_rows(z))
+        torch.mm(_pixel_rows(grad_out), matrix.t().contiguous().t(), out=rows_out)
     else:
-        n, _, h, w = z.shape
+        n, _, h, w = grad_input.shape
         grad_columns = grad_out.reshape(n, out_channels, h * w)
         torch.matmul(matrix.t(), grad_columns, out=grad_input.view(n, in_channels, h * w))
-        grad_weight = torch.ops.aten.convolution_backward(
-            grad_out, z, weight_z, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
-            [False, True, False],
-        )[1].view(out_channels, in_channels)  # fmt: skip
-    return grad_input, grad_weight.view_as(weight).to(weight.dtype)
+    return grad_input
+
+
+def _conv_weight_gradient(grad_out: Tensor, z: Tensor, weight: Tensor) -> Tensor:
+    """The gradient of a 1x1 :func:`_conv` of z for its weight (in the weight's dtype)."""
+    grad_out = grad_out.to(z.dtype)
+    if _layout(z) == torch.channels_last:
+        grad_weight = torch.mm(_pixel_rows(grad_out).t(), _pixel_rows(z))
+    else:
+        grad_weight = _convolution_backward(grad_out, z, weight, (False, True))[1]
+    return grad_weight.view_as(weight).to(weight.dtype)
+
+
+def _convolution_backward(
+    grad_out: Tensor, z: Tensor, weight: Tensor, wanted: tuple[bool, bool]
+) -> tuple[Tensor | None, Tensor | None]:
+    """ATen's backward of :func:`_conv`: the gradients for z and for the weight (in z's dtype)
+    that ``wanted`` asks for."""
+    padding = weight.shape[-1] // 2
+    grad_z, grad_weight, _ = torch.ops.aten.convolution_backward(
+        grad_out.to(z.dtype), z, weight.to(z.dtype), None, [1, 1], [padding, padding], [1, 1],
+        False, [0, 0], 1, [*wanted, False],
+    )  # fmt: skip
+    return grad_z, grad_weight
 
 
 def _pixel_rows(x: Tensor) -> Tensor:
@@ -624,6 +713,8 @@ class _DenseBlock(torch.autograd.Function):
             grads2: list[Tensor] = []
             if layer.bottleneck:
                 # The 4k-channel tensors here have the same size in every layer of the block.
+                # (Recomputing z in the pass that sums BN's backward, as for the first BN below,
+                # would split the 3x3 convolution's backward in two oneDNN calls: no faster.)
                 grad_new = grad_new if noise2 is None else grad_new * noise2
                 z = _norm_relu(bottleneck, b_mean, b_var, layer.norm2.eps, *second[:2])
                 grad_z, grad_conv2 = _conv_backward(grad_new, z.to(dtype), second[2])
@@ -634,24 +725,40 @@ class _DenseBlock(torch.autograd.Function):
                 grads2.append(grad_conv2)
                 del z, grad_z
             grad_new = grad_new if noise1 is None else grad_new * noise1
-            z = _norm_relu(
-                memory.norm_input(channels), mean[:channels], var[:channels], layer.norm1.eps,
-                norm_weight, norm_bias, out=memory.activations(channels),
-            )  # fmt: skip
             # A 1x1 convolution's input gradient goes into the input workspace.
             spare = memory.spare(channels) if memory.features.dtype == dtype else None
-            grad_input, grad_conv1 = _conv_backward(grad_new, z.to(dtype), conv_weight, spare)
-            x, relu_output = memory.features[:, :channels], z
-            if not _NormInputGradient.runs_natively(grad[:, :channels], grad_input, x, z):
-                # BN's backward sums are many times faster over a dense x than over the strided
-                # slice. The copy overwrites the spare workspace: the ReLU's backward goes first.
-                grad_input, relu_output = _relu_backward(grad_input, z), None
-                x = memory.dense_input(channels)
-            del spare
-            _, *grads1 = statistics.norm_backward(
-                grad_input, x, mean[:channels], var[:channels], count, layer.norm1.eps,
-                norm_weight, grad[:, :channels], relu_output,
-            )  # fmt: skip
+            x, z = memory.features[:, :channels], memory.activations(channels)
+            accumulate = grad[:, :channels]
+            bottleneck_input = conv_weight.shape[-1] == 1 and spare is not None
+            if bottleneck_input and statistics.norm_relu_backward_runs_natively(
+                accumulate, spare, x, z
+            ):
+                # z is recomputed in the pass that sums BN's backward, which reads x for both:
+                # the convolution's gradient for z, which needs only z's shape, goes first.
+                grad_input = _conv_input_gradient(grad_new, conv_weight, spare)
+                _, *grads1 = statistics.norm_relu_backward(
+                    grad_input, x, mean[:channels], var[:channels], count, layer.norm1.eps,
+                    norm_weight, norm_bias, accumulate, z,
+                )  # fmt: skip
+                grad_conv1 = _conv_weight_gradient(grad_new, z, conv_weight)
+            else:
+                z = _norm_relu(
+                    memory.norm_input(channels), mean[:channels], var[:channels],
+                    layer.norm1.eps, norm_weight, norm_bias, out=z,
+                )  # fmt: skip
+                grad_input, grad_conv1 = _conv_backward(grad_new, z.to(dtype), conv_weight, spare)
+                relu_output = z
+                if not _NormInputGradient.runs_natively(accumulate, grad_input, x, z):
+                    # BN's backward sums are many times faster over a dense x than over the
+                    # strided slice. The copy overwrites the spare workspace: the ReLU's backward
+                    # goes first.
+                    grad_input, relu_output = _relu_backward(grad_input, z), None
+                    x = memory.dense_input(channels)
+                del spare
+                _, *grads1 = statistics.norm_backward(
+                    grad_input, x, mean[:channels], var[:channels], count, layer.norm1.eps,
+                    norm_weight, accumulate, relu_output,
+                )  # fmt: skip
             param_grads = [*grads1, grad_conv1, *grads2, *param_grads]
         in_channels = plan.layers[0].norm1.num_features
         return None, grad[:, :in_channels], *param_grads
