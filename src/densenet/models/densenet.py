@@ -343,14 +343,10 @@ class DenseBlock(nn.ModuleDict):
             layer = DenseLayer(in_channels + i * growth_rate, growth_rate, bn_size, drop_rate)
             self.add_module(f"denselayer{i + 1}", layer)
         self.out_channels = in_channels + num_layers * growth_rate
-        # Memory-efficient training's block tensor and bottleneck store, reused between steps.
-        self.kept_memory = efficient.KeptMemory()
 
     def forward(self, x: Tensor) -> Tensor:
         if self.memory_efficient and self.training:
-            return efficient.dense_block_forward(
-                list(self.values()), x, self.out_channels, self.kept_memory
-            )
+            return efficient.dense_block_forward(list(self.values()), x, self.out_channels)
         features = [x]
         for layer in self.values():
             features.append(layer(features))

@@ -60,13 +60,10 @@ _SAVED_PER_LAYER = 5  # dropout noise 1, bottleneck output, its mean and varianc
 # block whose compile time grows with depth (minutes at DenseNet-BC-100), and functionalization
 # would give up the preallocated buffers and in-place accumulation this path exists for.
 @torch.compiler.disable
-def dense_block_forward(
-    layers: Sequence[nn.Module], x: Tensor, out_channels: int, kept: KeptMemory | None = None
-) -> Tensor:
-    """The output of a dense block (``torch.cat`` of its input and every layer's output), its
-    block tensor and bottleneck store taken from ``kept`` where they are free."""
+def dense_block_forward(layers: Sequence[nn.Module], x: Tensor, out_channels: int) -> Tensor:
+    """The output of a dense block (``torch.cat`` of its input and every layer's output)."""
     statistics = _Statistics.for_norms([norm for layer in layers for norm in _norms(layer)])
-    plan = _BlockPlan(tuple(layers), out_channels, statistics, kept or KeptMemory())
+    plan = _BlockPlan(tuple(layers), out_channels, statistics)
     _check_batch(x)
     params = [p for layer in layers for p in _layer_parameters(layer)]
     return _DenseBlock.apply(plan, x, *params)
@@ -359,70 +356,11 @@ class _NormInputGradient:
         return self.scale_grad.view(-1), self.scale_x.view(-1), self.shift.view(-1)
 
 
-class KeptMemory:
-    """A dense block's tensor and store of bottleneck outputs, kept from one training step for
-    the next.
-
-    Both are above glibc's mmap threshold: allocated afresh, each step maps them from the system
-    again, whose kernel zeroes every new page (a DenseNet-121 bf16 step at batch 32 faulted in
-    265,000 pages, 190,000 with these kept, and ran 1.09x as fast on Zen 4). A kept tensor is
-    reused only when nothing else holds its memory: autograd has freed what it saved, and no
-    caller keeps the block's output or a view of it; otherwise a new one is made, and kept
-    instead. On the CPU only (CUDA's caching allocator already reuses memory). The block holds
-    them between steps, in evaluation too, until it is freed or trains on another shape; copies
-    and pickles of a model start without them.
-    """
-
-    def __init__(self) -> None:
-        self._tensors: dict[str, Tensor] = {}
-
-    def take(
-        self,
-        role: str,
-        shape: tuple[int, ...],
-        dtype: torch.dtype,
-        device: torch.device,
-        memory_format: torch.memory_format = torch.contiguous_format,
-    ) -> Tensor:
-        """The tensor kept for ``role`` if it is free and of this shape, dtype, device and
-        layout (its content undefined), else a new one."""
-        kept = self._tensors.get(role)
-        if (
-            kept is not None
-            and kept.shape == shape
-            and kept.dtype == dtype
-            and kept.device == device
-            and kept.is_contiguous(memory_format=memory_format)
-            and _held_only_by(kept)
-        ):
-            return kept
-        fresh = torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
-        if fresh.device.type == "cpu":
-            self._tensors[role] = fresh
-        else:
-            self._tensors.pop(role, None)
-        return fresh
-
-    def __reduce__(self):
-        # Copied (copy.deepcopy, e.g. for an EMA model) or pickled: a new, empty one.
-        return type(self), ()
-
-
-def _held_only_by(tensor: Tensor) -> bool:
-    """Whether nothing but ``tensor`` itself holds its memory (no view, no autograd save)."""
-    use_count = getattr(torch._C, "_storage_Use_Count", None)
-    if use_count is None:  # not in this torch: never reuse
-        return False
-    # The references to its storage: the tensor's own, and the storage object asked for it here.
-    return use_count(tensor.untyped_storage()._cdata) == 2
-
-
 @dataclass(frozen=True)
 class _BlockPlan:
     layers: tuple[nn.Module, ...]
     out_channels: int
     statistics: _Statistics
-    kept: KeptMemory
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -614,20 +552,18 @@ def _workspace(layers: Sequence[nn.Module], features: Tensor) -> Tensor:
     return torch.empty(n * widest * h * w, dtype=features.dtype, device=features.device)
 
 
-def _bottleneck_store(
-    layers: Sequence[nn.Module], x: Tensor, dtype: torch.dtype, kept: KeptMemory
-) -> Tensor | None:
+def _bottleneck_store(layers: Sequence[nn.Module], x: Tensor, dtype: torch.dtype) -> Tensor | None:
     """Room for every bottleneck output of a block, kept for backward: one allocation per block.
 
     Kept one by one, these tensors stay alive among the forward and backward passes' short-lived
     ones and pin the heap: glibc can neither reuse nor return the holes between them. One
-    block-sized allocation does not, and ``kept`` holds it for the next step.
+    block-sized allocation is above glibc's mmap threshold and goes back to the system whole.
     """
     if not layers[0].bottleneck:
         return None
     n, _, h, w = x.shape
     width = layers[0].norm2.num_features
-    return kept.take("bottlenecks", (len(layers), n * width * h * w), dtype, x.device)
+    return torch.empty((len(layers), n * width * h * w), dtype=dtype, device=x.device)
 
 
 def _norms(layer: nn.Module) -> list[nn.BatchNorm2d]:
@@ -637,19 +573,19 @@ def _norms(layer: nn.Module) -> list[nn.BatchNorm2d]:
 class _BlockMemory:
     """The block tensor, its per-channel statistics, and workspace for one layer's BN in and out."""
 
-    def __init__(
-        self, layers: Sequence[nn.Module], x: Tensor, out_channels: int, kept: KeptMemory
-    ) -> None:
+    def __init__(self, layers: Sequence[nn.Module], x: Tensor, out_channels: int) -> None:
         n, _, h, w = x.shape
         self.layout = _layout(x)
         # torch.cat would promote, e.g. a float32 block input under bfloat16 autocast.
         dtype = torch.promote_types(x.dtype, _compute_dtype(x))
-        self.features = kept.take("features", (n, out_channels, h, w), dtype, x.device, self.layout)
+        self.features = torch.empty(
+            (n, out_channels, h, w), dtype=dtype, device=x.device, memory_format=self.layout
+        )
         self.mean = torch.empty(out_channels, dtype=torch.float32, device=x.device)
         self.var = torch.empty_like(self.mean)
         self.inputs = _workspace(layers, self.features)
         self.outputs = _workspace(layers, self.features)
-        self.bottlenecks = _bottleneck_store(layers, x, _compute_dtype(x), kept)
+        self.bottlenecks = _bottleneck_store(layers, x, _compute_dtype(x))
         self.filled = 0
 
     @classmethod
@@ -721,7 +657,7 @@ class _DenseBlock(torch.autograd.Function):
     @staticmethod
     def forward(ctx, plan: _BlockPlan, x: Tensor, *params: Tensor) -> Tensor:  # type: ignore[override]
         statistics, dtype = plan.statistics, _compute_dtype(x)
-        memory = _BlockMemory(plan.layers, x, plan.out_channels, plan.kept)
+        memory = _BlockMemory(plan.layers, x, plan.out_channels)
         mean, var, count = statistics.of(x)  # count: values per channel, global when synchronized
         memory.append(x, mean, var)
         saved: list[Tensor | None] = []
