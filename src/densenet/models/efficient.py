@@ -729,10 +729,8 @@ class _DenseBlock(torch.autograd.Function):
             spare = memory.spare(channels) if memory.features.dtype == dtype else None
             x, z = memory.features[:, :channels], memory.activations(channels)
             accumulate = grad[:, :channels]
-            bottleneck_input = conv_weight.shape[-1] == 1 and spare is not None
-            if bottleneck_input and statistics.norm_relu_backward_runs_natively(
-                accumulate, spare, x, z
-            ):
+            into_spare = conv_weight.shape[-1] == 1 and spare is not None  # a matmul there
+            if into_spare and statistics.norm_relu_backward_runs_natively(accumulate, spare, x, z):
                 # z is recomputed in the pass that sums BN's backward, which reads x for both:
                 # the convolution's gradient for z, which needs only z's shape, goes first.
                 grad_input = _conv_input_gradient(grad_new, conv_weight, spare)
