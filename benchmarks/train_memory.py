@@ -344,12 +344,14 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
     parser.add_argument("--cap-gb", type=float, default=7.0, help="per-process RSS cap (GiB)")
-    parser.add_argument(
+    # With mmap off, glibc has no mmap threshold to set: one setting or the other.
+    malloc = parser.add_mutually_exclusive_group()
+    malloc.add_argument(
         "--mmap-threshold",
         type=int,
         help="bytes: glibc's MALLOC_MMAP_THRESHOLD_ for every configuration (default: glibc's own)",
     )
-    parser.add_argument(
+    malloc.add_argument(
         "--keep-freed-memory",
         action="store_true",
         help="glibc keeps freed memory for reuse (MALLOC_MMAP_MAX_=0, no trimming) in every "
