@@ -191,13 +191,10 @@ class _Statistics:
         if relu_output is not None:
             assert _NormInputGradient.runs_natively(target, grad, x, relu_output)
             sum_grad, sum_grad_centred = native.norm_sums(grad, x, mean, relu_output)
-            sums = torch.cat([sum_grad, sum_grad_centred * invstd])
-            # A copy: with synchronized statistics the sums become the global batch's below.
-            grad_bias, grad_weight = sums.to(weight.dtype, copy=True).chunk(2)
-            grad_x = self._input_gradient(
-                sums, weight, mean, invstd, count, grad, x, accumulate, relu_output
-            )
-            return grad_x, grad_weight, grad_bias
+            return self._from_kernel_sums(
+                sum_grad, sum_grad_centred, weight, mean, invstd, count, grad, x, accumulate,
+                relu_output=relu_output,
+            )  # fmt: skip
         # float32, or bf16 where the C kernel takes it: only BN's per-channel sums, and x's
         # gradient formed from them where it is needed, without an activation-sized tensor of its
         # own. Otherwise in reduced precision: BN's own kernel, which rounds once (mixed-precision
@@ -231,7 +228,7 @@ class _Statistics:
     ) -> tuple[Tensor, Tensor, Tensor]:
         """z = relu(batch_norm(x)) (training mode) recomputed into ``relu_output``, and the
         gradients for x, weight and bias given z's (grad), for tensors that
-        :meth:`norm_relu_backward_runs_natively`.
+        :meth:`_NormInputGradient.runs_natively` takes (target: ``accumulate``, or grad itself).
 
         The C kernel computes z and BN's backward sums in one read of x; x's gradient (added to
         ``accumulate`` if given, else in grad's memory) takes the ReLU from x again. Only z's
@@ -240,20 +237,34 @@ class _Statistics:
         invstd = torch.rsqrt(var + eps)
         scale, shift = _norm_factors(mean, var, eps, weight, bias)
         sum_grad, sum_grad_centred = native.norm_relu_sums(grad, x, mean, scale, shift, relu_output)
+        return self._from_kernel_sums(
+            sum_grad, sum_grad_centred, weight, mean, invstd, count, grad, x, accumulate,
+            relu_norm=(scale, shift),
+        )  # fmt: skip
+
+    def _from_kernel_sums(
+        self,
+        sum_grad: Tensor,
+        sum_grad_centred: Tensor,
+        weight: Tensor,
+        mean: Tensor,
+        invstd: Tensor,
+        count: int,
+        grad: Tensor,
+        x: Tensor,
+        accumulate: Tensor | None,
+        relu_output: Tensor | None = None,
+        relu_norm: tuple[Tensor, Tensor] | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The gradients for x, weight and bias from the C kernels' sums of grad and of
+        grad * (x - mean), grad taken through the ReLU as :meth:`_input_gradient` says."""
         sums = torch.cat([sum_grad, sum_grad_centred * invstd])
+        # A copy: with synchronized statistics the sums become the global batch's below.
         grad_bias, grad_weight = sums.to(weight.dtype, copy=True).chunk(2)
         grad_x = self._input_gradient(
-            sums, weight, mean, invstd, count, grad, x, accumulate, relu_norm=(scale, shift)
+            sums, weight, mean, invstd, count, grad, x, accumulate, relu_output, relu_norm
         )
         return grad_x, grad_weight, grad_bias
-
-    @staticmethod
-    def norm_relu_backward_runs_natively(
-        target: Tensor, grad: Tensor, x: Tensor, relu_output: Tensor
-    ) -> bool:
-        """Whether :meth:`norm_relu_backward` takes these (bf16 or float32 channels_last on the
-        CPU, ``target`` the accumulator or grad itself)."""
-        return _NormInputGradient.runs_natively(target, grad, x, relu_output)
 
     def _input_gradient(
         self,
@@ -730,7 +741,7 @@ class _DenseBlock(torch.autograd.Function):
             x, z = memory.features[:, :channels], memory.activations(channels)
             accumulate = grad[:, :channels]
             into_spare = conv_weight.shape[-1] == 1 and spare is not None  # a matmul there
-            if into_spare and statistics.norm_relu_backward_runs_natively(accumulate, spare, x, z):
+            if into_spare and _NormInputGradient.runs_natively(accumulate, spare, x, z):
                 # z is recomputed in the pass that sums BN's backward, which reads x for both:
                 # the convolution's gradient for z, which needs only z's shape, goes first.
                 grad_input = _conv_input_gradient(grad_new, conv_weight, spare)
