@@ -1,5 +1,6 @@
 """The memory-efficient training path computes exactly what the standard path computes."""
 
+import copy
 import os
 import socket
 
@@ -12,6 +13,8 @@ import densenet.models.efficient as efficient_functions
 from architectures import short_bc
 from conftest import randomize_batchnorm
 from densenet import ConfigError, DenseNet, DenseNetConfig, create_model, native
+from densenet.models import buffer_pool
+from densenet.models.buffer_pool import BufferPool
 from densenet.models.densenet import EfficientParts
 from densenet.models.efficient import stem_forward
 
@@ -348,7 +351,7 @@ def test_imagenet_stem_keeps_only_the_convolution_output():
     x = torch.randn(2, 8, 20, 20, requires_grad=True)  # conv0's output
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        out = stem_forward(stem.norm0, stem.pool0, x)
+        out = stem_forward(stem.norm0, stem.pool0, x, BufferPool())
     assert type(out.grad_fn).__name__ == "_NormReluMaxPoolBackward"
     assert [t.data_ptr() for t in saved if t.dim() == 4] == [x.data_ptr()]  # no ReLU out, indices
 
@@ -390,3 +393,100 @@ def test_float32_block_input_under_autocast_is_as_accurate_as_the_standard_block
     assert results["efficient"][0].dtype == results["standard"][0].dtype == torch.float32
     errors = {name: relative_error(values, reference) for name, values in results.items()}
     assert errors["efficient"] <= 1.5 * errors["standard"] + 0.005, errors
+
+
+@pytest.fixture
+def pool_everything(monkeypatch):
+    """Every tensor the memory-efficient path takes from its pool is pooled, however small, and
+    comes filled with NaN (or -1): whatever reads memory it did not write fails the test."""
+    monkeypatch.setattr(buffer_pool, "MIN_BYTES", 0)
+    take = BufferPool._take
+
+    def poisoned(self, like, device):
+        return take(self, like, device).fill_(float("nan") if like.is_floating_point() else -1)
+
+    monkeypatch.setattr(BufferPool, "_take", poisoned)
+
+
+def train_steps(model: nn.Module, inputs: list[tuple[Tensor, Tensor]]) -> list[list[Tensor]]:
+    """Outputs, input gradients and parameter gradients of SGD steps on ``inputs``."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    results = []
+    for step, (x, weights) in enumerate(inputs):
+        optimizer.zero_grad()
+        out, grad_x = run_step(model, x, weights, seed=step)
+        results.append([out, grad_x, *(p.grad.clone() for p in model.parameters())])
+        optimizer.step()
+    return results
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("name", ["bottleneck", "plain", "imagenet_three_blocks", "dropout"])
+def test_steps_on_reused_memory_equal_the_standard_path(name, layout, pool_everything):
+    standard, efficient = make_pair(CONFIGS[name])
+    standard.to(memory_format=layout)
+    efficient.to(memory_format=layout)
+    size = INPUT_SIZE.get(name, 16)
+    optimizer = torch.optim.SGD(efficient.parameters(), lr=0.1, momentum=0.9)
+    pooled = []
+    for step in range(3):
+        x = torch.randn(4, 3, size, size).contiguous(memory_format=layout)
+        weights = torch.randn(4, 7)
+        # The standard path from the same parameters: compared over several steps, the two would
+        # drift apart where a 1e-6 change of a parameter moves a max-pool's or a ReLU's choice.
+        standard.load_state_dict(efficient.state_dict())
+        standard.zero_grad()
+        optimizer.zero_grad()
+        expected = [*run_step(standard, x, weights, seed=step), *gradients(standard).values()]
+        results = [*run_step(efficient, x, weights, seed=step), *gradients(efficient).values()]
+        for result, reference in zip(results, expected, strict=True):
+            assert max_diff(result, reference) <= 1e-5 * max(1.0, reference.abs().max().item())
+        optimizer.step()
+        pooled.append({buffer.memory.data_ptr() for buffer in efficient.buffer_pool._buffers})
+    assert pooled[0]
+    assert pooled[2] <= pooled[1]  # the last step took all its memory from the one before
+
+
+def test_reused_memory_changes_no_bit_of_a_bf16_step(monkeypatch):
+    # Reused buffers hold the last step's values where fresh memory is mostly zeros: an operation
+    # that reads its output before writing it would differ here.
+    config = DenseNetConfig(
+        num_classes=7, memory_efficient=True, **CONFIGS["imagenet_three_blocks"]
+    )
+    model = randomize_batchnorm(DenseNet(config)).train().to(memory_format=torch.channels_last)
+    inputs = [
+        (torch.randn(4, 3, 40, 40).contiguous(memory_format=torch.channels_last), torch.randn(4, 7))
+        for _ in range(3)
+    ]
+    runs = []
+    for min_bytes in (2**62, 0):
+        monkeypatch.setattr(buffer_pool, "MIN_BYTES", min_bytes)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            runs.append(train_steps(copy.deepcopy(model), inputs))
+    for fresh, reused in zip(*runs, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(fresh, reused, strict=True))
+
+
+def test_a_block_output_still_held_is_not_overwritten_by_the_next_step(pool_everything):
+    standard, efficient = make_pair(CONFIGS["bottleneck"])
+    block, reference = efficient.features.denseblock1, standard.features.denseblock1
+    first, second = (torch.randn(2, 8, 6, 6, requires_grad=True) for _ in range(2))
+    out = block(first)
+    kept = out.detach().clone()
+    block(second).sum().backward()  # a whole step on memory the pool holds
+    assert torch.equal(out, kept)
+    weights = torch.randn_like(out)
+    (out * weights).sum().backward()  # the first graph's saved tensors are intact too
+    first_reference = first.detach().clone().requires_grad_()
+    (reference(first_reference) * weights).sum().backward()
+    assert max_diff(first.grad, first_reference.grad) <= 1e-5
+
+
+def test_evaluation_lets_go_of_the_pooled_memory(pool_everything):
+    _, efficient = make_pair(CONFIGS["imagenet_three_blocks"])
+    run_step(efficient, torch.randn(2, 3, 40, 40), torch.randn(2, 7))
+    assert efficient.buffer_pool.nbytes > 0
+    efficient.eval()
+    assert efficient.buffer_pool.nbytes == 0
+    shared = {id(m.buffer_pool) for m in efficient.modules() if hasattr(m, "buffer_pool")}
+    assert shared == {id(efficient.buffer_pool)}  # one pool for the stem, blocks and transitions

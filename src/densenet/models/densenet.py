@@ -17,6 +17,7 @@ from torch.nn.modules import module as _module_hooks
 
 from densenet.errors import ConfigError, brief
 from densenet.models import efficient
+from densenet.models.buffer_pool import BufferPool
 
 Stem = Literal["imagenet", "cifar"]
 # The ImageNet stem's layers, in order; the CIFAR stem is conv0 alone.
@@ -325,7 +326,20 @@ class DenseLayer(nn.Module):
         return out
 
 
-class DenseBlock(nn.ModuleDict):
+class _PooledTraining(nn.Module):
+    """A module whose memory-efficient training takes its large CPU tensors from
+    ``buffer_pool``, which keeps them for the next step (shared by a network's modules); switched
+    to evaluation, it lets go of them."""
+
+    buffer_pool: BufferPool
+
+    def train(self, mode: bool = True):
+        if not mode:
+            self.buffer_pool.release()
+        return super().train(mode)
+
+
+class DenseBlock(_PooledTraining, nn.ModuleDict):
     """Layer l receives [x_0, x_1, ..., x_{l-1}] concatenated along channels."""
 
     def __init__(
@@ -336,9 +350,11 @@ class DenseBlock(nn.ModuleDict):
         bn_size: int,
         drop_rate: float,
         memory_efficient: bool = False,
+        buffer_pool: BufferPool | None = None,
     ) -> None:
         super().__init__()
         self.memory_efficient = memory_efficient
+        self.buffer_pool = buffer_pool or BufferPool()
         for i in range(num_layers):
             layer = DenseLayer(in_channels + i * growth_rate, growth_rate, bn_size, drop_rate)
             self.add_module(f"denselayer{i + 1}", layer)
@@ -346,25 +362,33 @@ class DenseBlock(nn.ModuleDict):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.memory_efficient and self.training:
-            return efficient.dense_block_forward(list(self.values()), x, self.out_channels)
+            return efficient.dense_block_forward(
+                list(self.values()), x, self.out_channels, self.buffer_pool
+            )
         features = [x]
         for layer in self.values():
             features.append(layer(features))
         return torch.cat(features, 1)
 
 
-class Transition(nn.Module):
+class Transition(_PooledTraining):
     """BN-ReLU-Conv1x1-AvgPool2x2 between dense blocks, compressing m channels to floor(theta*m).
 
     ``memory_efficient`` needs ``drop_rate`` 0 (see :attr:`DenseNetConfig.efficient_parts`).
     """
 
     def __init__(
-        self, in_channels: int, out_channels: int, drop_rate: float, memory_efficient: bool = False
+        self,
+        in_channels: int,
+        out_channels: int,
+        drop_rate: float,
+        memory_efficient: bool = False,
+        buffer_pool: BufferPool | None = None,
     ) -> None:
         super().__init__()
         self.drop_rate = drop_rate
         self.memory_efficient = memory_efficient
+        self.buffer_pool = buffer_pool or BufferPool()
         self.norm = nn.BatchNorm2d(in_channels)
         self.relu = nn.ReLU()
         self.conv = _conv(in_channels, out_channels, 1)
@@ -372,7 +396,7 @@ class Transition(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.memory_efficient and self.training:
-            return efficient.transition_forward(self, x)
+            return efficient.transition_forward(self, x, self.buffer_pool)
         x = self.conv(norm_relu(self.norm, self.relu, x))
         if self.drop_rate > 0:
             x = F.dropout(x, self.drop_rate, self.training)
@@ -406,6 +430,9 @@ class DenseNet(nn.Module):
             self.features.add_module(name, module)
 
         efficient_parts = config.efficient_parts
+        # Memory-efficient training's large tensors, shared by the stem, blocks and transitions:
+        # one step's free buffers serve the next step's tensors of any of them.
+        self.buffer_pool = BufferPool()
         channels = stem_channels
         for i, num_layers in enumerate(config.block_config):
             block = DenseBlock(
@@ -415,13 +442,18 @@ class DenseNet(nn.Module):
                 config.bn_size,
                 config.drop_rate,
                 efficient_parts.blocks,
+                self.buffer_pool,
             )
             self.features.add_module(f"denseblock{i + 1}", block)
             channels = block.out_channels
             if i != len(config.block_config) - 1:
                 out_channels = int(channels * config.compression)
                 transition = Transition(
-                    channels, out_channels, config.drop_rate, efficient_parts.transitions
+                    channels,
+                    out_channels,
+                    config.drop_rate,
+                    efficient_parts.transitions,
+                    self.buffer_pool,
                 )
                 self.features.add_module(f"transition{i + 1}", transition)
                 channels = out_channels
@@ -453,10 +485,14 @@ class DenseNet(nn.Module):
         """The final feature map, after the last BN-ReLU and before pooling."""
         if not torch.jit.is_scripting() and not torch.compiler.is_compiling():
             self.config.check_input(x)
+            if self.training and self.config.memory_efficient:
+                self.buffer_pool.next_step()
         if not (self.training and self.config.efficient_parts.stem):
             return self.features(x)
         features = self.features
-        x = efficient.stem_forward(features.norm0, features.pool0, features.conv0(x))
+        x = efficient.stem_forward(
+            features.norm0, features.pool0, features.conv0(x), self.buffer_pool
+        )
         rest = [layer for name, layer in features.named_children() if name not in IMAGENET_STEM]
         return run_layers(rest, x)
 

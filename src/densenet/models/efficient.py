@@ -12,8 +12,12 @@ the same function in training mode with these changes:
 * Each BN-ReLU-Conv keeps only its input and per-channel statistics; backward recomputes the cheap
   BN-ReLU, never a convolution. What the block keeps is linear in depth: the block tensor, and for
   each bottleneck layer its 4k-channel 1x1 output (plus dropout masks when dropout is on). The
-  bottleneck outputs share one allocation per block, which glibc returns whole when it is freed;
-  in channels_last the 1x1 convolution writes its output there directly, as a matrix product.
+  bottleneck outputs share one allocation per block; in channels_last the 1x1 convolution writes
+  its output there directly, as a matrix product.
+* Tensors of 16 MiB or more that this path allocates itself (block tensors, workspace, bottleneck
+  stores, the stem's and transitions' activations and gradients) come from the network's
+  :class:`~densenet.models.buffer_pool.BufferPool`: the next step takes the same memory again
+  instead of mapping fresh pages from the system, whose kernel zeroes each one.
 * In training mode BN normalises with batch statistics, and a channel's statistics are the same in
   every later layer that reads it: they are computed once, when the channel is produced (by a C
   kernel that only reads it on channels_last CPU tensors).
@@ -51,6 +55,7 @@ from torch.autograd.function import once_differentiable
 from densenet import native
 from densenet.errors import ConfigError
 from densenet.models.batchnorm import SyncBatchNorm2d, combine_batch_stats, update_running_stats
+from densenet.models.buffer_pool import BufferPool
 
 _SAVED_PER_LAYER = 5  # dropout noise 1, bottleneck output, its mean and variance, dropout noise 2
 
@@ -60,28 +65,37 @@ _SAVED_PER_LAYER = 5  # dropout noise 1, bottleneck output, its mean and varianc
 # block whose compile time grows with depth (minutes at DenseNet-BC-100), and functionalization
 # would give up the preallocated buffers and in-place accumulation this path exists for.
 @torch.compiler.disable
-def dense_block_forward(layers: Sequence[nn.Module], x: Tensor, out_channels: int) -> Tensor:
-    """The output of a dense block (``torch.cat`` of its input and every layer's output)."""
+def dense_block_forward(
+    layers: Sequence[nn.Module], x: Tensor, out_channels: int, buffers: BufferPool
+) -> Tensor:
+    """The output of a dense block (``torch.cat`` of its input and every layer's output); large
+    tensors come from ``buffers``."""
     statistics = _Statistics.for_norms([norm for layer in layers for norm in _norms(layer)])
-    plan = _BlockPlan(tuple(layers), out_channels, statistics)
+    plan = _BlockPlan(tuple(layers), out_channels, statistics, buffers)
     _check_batch(x)
     params = [p for layer in layers for p in _layer_parameters(layer)]
     return _DenseBlock.apply(plan, x, *params)
 
 
 @torch.compiler.disable
-def transition_forward(transition: nn.Module, x: Tensor) -> Tensor:
+def transition_forward(transition: nn.Module, x: Tensor, buffers: BufferPool) -> Tensor:
     """BN-ReLU-Conv1x1-AvgPool2x2 of a transition without dropout, as BN-ReLU-AvgPool-Conv1x1."""
     norm, conv = transition.norm, transition.conv
     statistics, stats = _training_statistics(norm, x)
-    return _Transition.apply(statistics, stats, norm.eps, x, norm.weight, norm.bias, conv.weight)
+    return _Transition.apply(
+        statistics, buffers, stats, norm.eps, x, norm.weight, norm.bias, conv.weight
+    )
 
 
 @torch.compiler.disable
-def stem_forward(norm: nn.BatchNorm2d, pool: nn.MaxPool2d, x: Tensor) -> Tensor:
+def stem_forward(
+    norm: nn.BatchNorm2d, pool: nn.MaxPool2d, x: Tensor, buffers: BufferPool
+) -> Tensor:
     """MaxPool(ReLU(BN(x))) of the ImageNet stem, keeping only x (which BN keeps anyway)."""
     statistics, stats = _training_statistics(norm, x)
-    return _NormReluMaxPool.apply(statistics, stats, pool, norm.eps, x, norm.weight, norm.bias)
+    return _NormReluMaxPool.apply(
+        statistics, buffers, stats, pool, norm.eps, x, norm.weight, norm.bias
+    )
 
 
 def _training_statistics(
@@ -155,13 +169,14 @@ class _Statistics:
         return combine_batch_stats(torch.stack(gathered), x.shape[1])
 
     def norm_relu(
-        self, x: Tensor, eps: float, weight: Tensor, bias: Tensor
+        self, x: Tensor, eps: float, weight: Tensor, bias: Tensor, buffers: BufferPool
     ) -> tuple[Tensor, Tensor, Tensor]:
         """relu(batch_norm(x)) in training mode (running statistics untouched), x's mean and
         variance."""
         if self.synchronized or _statistics_run_natively(x):
             mean, var, _ = self.of(x)
-            return _norm_relu(x, mean, var, eps, weight, bias), mean, var
+            out = buffers.empty_like(x)
+            return _norm_relu(x, mean, var, eps, weight, bias, out), mean, var
         # One pass for the statistics and the normalisation instead of two.
         out, mean, invstd = torch.ops.aten._native_batch_norm_legit.no_stats(
             x, weight, bias, True, 0.0, eps
@@ -372,6 +387,7 @@ class _BlockPlan:
     layers: tuple[nn.Module, ...]
     out_channels: int
     statistics: _Statistics
+    buffers: BufferPool
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -393,11 +409,9 @@ def _norm_relu(
     eps: float,
     weight: Tensor,
     bias: Tensor,
-    out: Tensor | None = None,
+    out: Tensor,
 ) -> Tensor:
-    """relu(batch_norm(x)) with given batch statistics, in ``out``."""
-    if out is None:
-        out = torch.empty_like(x)
+    """relu(batch_norm(x)) with given batch statistics, in ``out`` (x's shape and dtype)."""
     natively = _norm_relu_runs_natively(x, out)
     if natively or x.dtype == torch.float32:
         # With given statistics BN is x * scale + shift per channel. As one addcmul (or the C
@@ -552,7 +566,7 @@ def _relu_backward(grad_z: Tensor, z: Tensor) -> Tensor:
     return torch.ops.aten.threshold_backward.grad_input(grad_z.to(z.dtype), z, 0, grad_input=z)
 
 
-def _workspace(layers: Sequence[nn.Module], features: Tensor) -> Tensor:
+def _workspace(layers: Sequence[nn.Module], features: Tensor, buffers: BufferPool) -> Tensor:
     """Room for the widest BN input of a block's layers, freed with the forward or backward pass.
 
     Per-layer tensors that grow with every layer would leave holes in the heap that the next, wider
@@ -560,21 +574,23 @@ def _workspace(layers: Sequence[nn.Module], features: Tensor) -> Tensor:
     """
     n, _, h, w = features.shape
     widest = max(norm.num_features for layer in layers for norm in _norms(layer))
-    return torch.empty(n * widest * h * w, dtype=features.dtype, device=features.device)
+    return buffers.empty((n * widest * h * w,), features.dtype, features.device)
 
 
-def _bottleneck_store(layers: Sequence[nn.Module], x: Tensor, dtype: torch.dtype) -> Tensor | None:
+def _bottleneck_store(
+    layers: Sequence[nn.Module], x: Tensor, dtype: torch.dtype, buffers: BufferPool
+) -> Tensor | None:
     """Room for every bottleneck output of a block, kept for backward: one allocation per block.
 
     Kept one by one, these tensors stay alive among the forward and backward passes' short-lived
     ones and pin the heap: glibc can neither reuse nor return the holes between them. One
-    block-sized allocation is above glibc's mmap threshold and goes back to the system whole.
+    block-sized allocation is above glibc's mmap threshold: it comes from ``buffers`` whole.
     """
     if not layers[0].bottleneck:
         return None
     n, _, h, w = x.shape
     width = layers[0].norm2.num_features
-    return torch.empty((len(layers), n * width * h * w), dtype=dtype, device=x.device)
+    return buffers.empty((len(layers), n * width * h * w), dtype, x.device)
 
 
 def _norms(layer: nn.Module) -> list[nn.BatchNorm2d]:
@@ -584,30 +600,36 @@ def _norms(layer: nn.Module) -> list[nn.BatchNorm2d]:
 class _BlockMemory:
     """The block tensor, its per-channel statistics, and workspace for one layer's BN in and out."""
 
-    def __init__(self, layers: Sequence[nn.Module], x: Tensor, out_channels: int) -> None:
+    def __init__(
+        self, layers: Sequence[nn.Module], x: Tensor, out_channels: int, buffers: BufferPool
+    ) -> None:
         n, _, h, w = x.shape
         self.layout = _layout(x)
         # torch.cat would promote, e.g. a float32 block input under bfloat16 autocast.
         dtype = torch.promote_types(x.dtype, _compute_dtype(x))
-        self.features = torch.empty(
-            (n, out_channels, h, w), dtype=dtype, device=x.device, memory_format=self.layout
-        )
+        self.features = buffers.empty((n, out_channels, h, w), dtype, x.device, self.layout)
         self.mean = torch.empty(out_channels, dtype=torch.float32, device=x.device)
         self.var = torch.empty_like(self.mean)
-        self.inputs = _workspace(layers, self.features)
-        self.outputs = _workspace(layers, self.features)
-        self.bottlenecks = _bottleneck_store(layers, x, _compute_dtype(x))
+        self.inputs = _workspace(layers, self.features, buffers)
+        self.outputs = _workspace(layers, self.features, buffers)
+        self.bottlenecks = _bottleneck_store(layers, x, _compute_dtype(x), buffers)
         self.filled = 0
 
     @classmethod
     def restore(
-        cls, layers: Sequence[nn.Module], features: Tensor, mean: Tensor, var: Tensor
+        cls,
+        layers: Sequence[nn.Module],
+        features: Tensor,
+        mean: Tensor,
+        var: Tensor,
+        buffers: BufferPool,
     ) -> _BlockMemory:
         """The memory of a block whose forward pass is done, with new workspace."""
         memory = cls.__new__(cls)
         memory.features, memory.mean, memory.var = features, mean, var
         memory.layout = _layout(features)
-        memory.inputs, memory.outputs = _workspace(layers, features), _workspace(layers, features)
+        memory.inputs = _workspace(layers, features, buffers)
+        memory.outputs = _workspace(layers, features, buffers)
         memory.bottlenecks = None
         memory.filled = features.shape[1]
         return memory
@@ -668,7 +690,7 @@ class _DenseBlock(torch.autograd.Function):
     @staticmethod
     def forward(ctx, plan: _BlockPlan, x: Tensor, *params: Tensor) -> Tensor:  # type: ignore[override]
         statistics, dtype = plan.statistics, _compute_dtype(x)
-        memory = _BlockMemory(plan.layers, x, plan.out_channels)
+        memory = _BlockMemory(plan.layers, x, plan.out_channels, plan.buffers)
         mean, var, count = statistics.of(x)  # count: values per channel, global when synchronized
         memory.append(x, mean, var)
         saved: list[Tensor | None] = []
@@ -689,7 +711,7 @@ class _DenseBlock(torch.autograd.Function):
                 bottleneck = out
                 norm_weight, norm_bias, conv_weight = layer_params[3:]
                 z, b_mean, b_var = statistics.norm_relu(
-                    bottleneck, layer.norm2.eps, norm_weight, norm_bias
+                    bottleneck, layer.norm2.eps, norm_weight, norm_bias, plan.buffers
                 )
                 update_running_stats(layer.norm2, b_mean, b_var, count)
                 out, noise2 = _dropout(_conv(z.to(dtype), conv_weight), layer.drop_rate)
@@ -708,9 +730,9 @@ class _DenseBlock(torch.autograd.Function):
         params, saved = rest[: ctx.num_params], rest[ctx.num_params :]
         # The gradient of every feature map, accumulated in place as later layers are undone.
         grad_out = grads.pop() if isinstance(grads, list) else grads
-        grad = torch.empty_like(features).copy_(grad_out)
+        grad = plan.buffers.empty_like(features).copy_(grad_out)
         del grad_out
-        memory = _BlockMemory.restore(plan.layers, features, mean, var)
+        memory = _BlockMemory.restore(plan.layers, features, mean, var, plan.buffers)
         param_grads: list[Tensor] = []
         per_layer = list(_per_layer(plan.layers, params))
         for index in reversed(range(len(plan.layers))):
@@ -727,7 +749,10 @@ class _DenseBlock(torch.autograd.Function):
                 # (Recomputing z in the pass that sums BN's backward, as for the first BN below,
                 # would split the 3x3 convolution's backward in two oneDNN calls: no faster.)
                 grad_new = grad_new if noise2 is None else grad_new * noise2
-                z = _norm_relu(bottleneck, b_mean, b_var, layer.norm2.eps, *second[:2])
+                z = _norm_relu(
+                    bottleneck, b_mean, b_var, layer.norm2.eps, *second[:2],
+                    plan.buffers.empty_like(bottleneck),
+                )  # fmt: skip
                 grad_z, grad_conv2 = _conv_backward(grad_new, z.to(dtype), second[2])
                 grad_new, *grads2 = _norm_relu_backward(
                     statistics, grad_z, z, bottleneck, b_mean, b_var, count, layer.norm2.eps,
@@ -789,6 +814,7 @@ class _Transition(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx,
         statistics: _Statistics,
+        buffers: BufferPool,
         stats: tuple[Tensor, Tensor, int],
         eps: float,
         x: Tensor,
@@ -798,30 +824,33 @@ class _Transition(torch.autograd.Function):
     ) -> Tensor:
         mean, var, count = stats
         dtype = _compute_dtype(x)
-        ctx.statistics, ctx.eps, ctx.dtype, ctx.count = statistics, eps, dtype, count
+        ctx.statistics, ctx.buffers, ctx.eps, ctx.dtype = statistics, buffers, eps, dtype
+        ctx.count = count
         ctx.save_for_backward(x, mean, var, norm_weight, norm_bias, conv_weight)
-        z = _norm_relu(x, mean, var, eps, norm_weight, norm_bias).to(dtype)
-        return _conv(F.avg_pool2d(z, 2), conv_weight)
+        z = _norm_relu(x, mean, var, eps, norm_weight, norm_bias, buffers.empty_like(x))
+        return _conv(F.avg_pool2d(z.to(dtype), 2), conv_weight)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         x, mean, var, norm_weight, norm_bias, conv_weight = ctx.saved_tensors
-        z = _norm_relu(x, mean, var, ctx.eps, norm_weight, norm_bias)
+        buffers = ctx.buffers
+        z = _norm_relu(x, mean, var, ctx.eps, norm_weight, norm_bias, buffers.empty_like(x))
         conv_input = z.to(ctx.dtype)
         pooled = F.avg_pool2d(conv_input, 2)
         grad_pooled, grad_conv = _conv_backward(
-            grad_out, pooled, conv_weight, torch.empty_like(pooled)
+            grad_out, pooled, conv_weight, buffers.empty_like(pooled)
         )
         del pooled
-        grad_z = torch.ops.aten.avg_pool2d_backward(
-            grad_pooled, conv_input, [2, 2], [2, 2], [0, 0], False, True, None
-        )
+        grad_z = torch.ops.aten.avg_pool2d_backward.grad_input(
+            grad_pooled, conv_input, [2, 2], [2, 2], [0, 0], False, True, None,
+            grad_input=buffers.empty_like(conv_input),
+        )  # fmt: skip
         del grad_pooled, conv_input
         grads = _norm_relu_backward(
             ctx.statistics, grad_z, z, x, mean, var, ctx.count, ctx.eps, norm_weight
         )
-        return None, None, None, *grads, grad_conv
+        return None, None, None, None, *grads, grad_conv
 
 
 class _NormReluMaxPool(torch.autograd.Function):
@@ -831,6 +860,7 @@ class _NormReluMaxPool(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx,
         statistics: _Statistics,
+        buffers: BufferPool,
         stats: tuple[Tensor, Tensor, int],
         pool: nn.MaxPool2d,
         eps: float,
@@ -839,25 +869,27 @@ class _NormReluMaxPool(torch.autograd.Function):
         norm_bias: Tensor,
     ) -> Tensor:
         mean, var, count = stats
-        ctx.statistics, ctx.pool, ctx.eps, ctx.count = statistics, pool, eps, count
+        ctx.statistics, ctx.buffers, ctx.pool, ctx.eps = statistics, buffers, pool, eps
+        ctx.count = count
         ctx.save_for_backward(x, mean, var, norm_weight, norm_bias)
-        return _max_pool(pool, _norm_relu(x, mean, var, eps, norm_weight, norm_bias))[0]
+        z = _norm_relu(x, mean, var, eps, norm_weight, norm_bias, buffers.empty_like(x))
+        return _max_pool(pool, z, buffers)[0]
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         x, mean, var, norm_weight, norm_bias = ctx.saved_tensors
-        pool = ctx.pool
-        z = _norm_relu(x, mean, var, ctx.eps, norm_weight, norm_bias)
-        _, indices = _max_pool(pool, z)
-        grad_z = torch.ops.aten.max_pool2d_with_indices_backward(
-            grad_out, z, *_pool_arguments(pool), indices
+        pool, buffers = ctx.pool, ctx.buffers
+        z = _norm_relu(x, mean, var, ctx.eps, norm_weight, norm_bias, buffers.empty_like(x))
+        _, indices = _max_pool(pool, z, buffers)
+        grad_z = torch.ops.aten.max_pool2d_with_indices_backward.grad_input(
+            grad_out, z, *_pool_arguments(pool), indices, grad_input=buffers.empty_like(z)
         )
         del indices
         grads = _norm_relu_backward(
             ctx.statistics, grad_z, z, x, mean, var, ctx.count, ctx.eps, norm_weight
         )
-        return None, None, None, None, *grads
+        return None, None, None, None, None, *grads
 
 
 def _pool_arguments(pool: nn.MaxPool2d) -> tuple[list[int], list[int], list[int], list[int], bool]:
@@ -869,5 +901,12 @@ def _pool_arguments(pool: nn.MaxPool2d) -> tuple[list[int], list[int], list[int]
     )  # fmt: skip
 
 
-def _max_pool(pool: nn.MaxPool2d, z: Tensor) -> tuple[Tensor, Tensor]:
-    return torch.ops.aten.max_pool2d_with_indices(z, *_pool_arguments(pool))
+def _max_pool(pool: nn.MaxPool2d, z: Tensor, buffers: BufferPool) -> tuple[Tensor, Tensor]:
+    """max_pool(z) and its indices, which are as large as z in bf16: from ``buffers``."""
+    arguments = _pool_arguments(pool)
+    like_out, like_indices = torch.ops.aten.max_pool2d_with_indices(
+        torch.empty_like(z, device="meta"), *arguments
+    )
+    out = torch.empty_like(like_out, device=z.device)
+    indices = buffers.empty(like_indices.shape, like_indices.dtype, z.device, _layout(like_indices))
+    return torch.ops.aten.max_pool2d_with_indices.out(z, *arguments, out=out, indices=indices)
