@@ -125,3 +125,13 @@ def test_copies_and_pickles_start_empty():
     assert copied["a"] is copied["b"]  # still one pool for both
     assert copied["a"].nbytes == 0
     assert pickle.loads(pickle.dumps(pool)).nbytes == 0
+
+
+def test_held_only_by_sees_every_other_reference():
+    pool = BufferPool()
+    for tensor in (pool.empty((1000,), torch.float32, CPU), torch.empty(1000)):
+        assert pool.held_only_by(tensor)
+        view = tensor[:10]
+        assert not pool.held_only_by(tensor)
+        del view
+        assert pool.held_only_by(tensor)

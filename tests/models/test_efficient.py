@@ -490,3 +490,18 @@ def test_evaluation_lets_go_of_the_pooled_memory(pool_everything):
     assert efficient.buffer_pool.nbytes == 0
     shared = {id(m.buffer_pool) for m in efficient.modules() if hasattr(m, "buffer_pool")}
     assert shared == {id(efficient.buffer_pool)}  # one pool for the stem, blocks and transitions
+
+
+def test_a_block_accumulates_into_its_output_gradient_when_nothing_else_holds_it(pool_everything):
+    # The block tensor's gradient is the largest tensor of backward: a copy of it would be one
+    # more at the peak. (torch < 2.14 hands backward a gradient it still holds: copied there.)
+    _, efficient = make_pair(CONFIGS["imagenet_three_blocks"])
+    block = efficient.features.denseblock2
+    memory = {}
+    x = torch.randn(2, block.denselayer1.norm1.num_features, 6, 6, requires_grad=True)
+    x.register_hook(lambda grad: memory.__setitem__("input", grad.untyped_storage().data_ptr()))
+    out = block(x)
+    out.register_hook(lambda grad: memory.__setitem__("output", grad.untyped_storage().data_ptr()))
+    (out * 2).sum().backward()  # the gradient MulBackward makes is held by nothing else
+    boxed = torch.torch_version.TorchVersion(torch.__version__) >= (2, 14)
+    assert (memory["input"] == memory["output"]) == boxed

@@ -70,6 +70,19 @@ class BufferPool:
             return self._take(like, tensor.device)
         return torch.empty_like(tensor)
 
+    def held_only_by(self, tensor: Tensor) -> bool:
+        """Whether nothing but ``tensor`` (and this pool, if the memory is the pool's) holds
+        ``tensor``'s memory: writing it changes no other tensor."""
+        if _storage_use_count is None:
+            return False
+        storage = tensor.untyped_storage()
+        # The references: the tensor's, the storage object's made here, and the pool's buffer.
+        references = 2 + self._owns(storage)
+        return _storage_use_count(storage._cdata) == references
+
+    def _owns(self, storage: torch.UntypedStorage) -> bool:
+        return any(buffer.memory.data_ptr() == storage.data_ptr() for buffer in self._buffers)
+
     def next_step(self) -> None:
         """Forget the buffers the step that ends did not take (those still held are kept)."""
         self._buffers = [

@@ -683,8 +683,9 @@ class _BlockMemory:
 class _DenseBlock(torch.autograd.Function):
     """A whole dense block: the block tensor and linear-size per-layer state kept for backward."""
 
-    # torch >= 2.14 hands backward its output gradient in a list it may empty, so the block-sized
-    # gradient is freed once copied; older versions pass the tensor and ignore this.
+    # torch >= 2.14 hands backward its output gradient in a list it may empty: taken from it, the
+    # block-sized gradient becomes the block's own (or is freed once copied); older versions pass
+    # the tensor and ignore this.
     boxed_grads_call = True
 
     @staticmethod
@@ -730,7 +731,10 @@ class _DenseBlock(torch.autograd.Function):
         params, saved = rest[: ctx.num_params], rest[ctx.num_params :]
         # The gradient of every feature map, accumulated in place as later layers are undone.
         grad_out = grads.pop() if isinstance(grads, list) else grads
-        grad = plan.buffers.empty_like(features).copy_(grad_out)
+        if plan.buffers.held_only_by(grad_out) and _same_layout(grad_out, features):
+            grad = grad_out  # nothing else reads it: accumulated in place, without a copy
+        else:
+            grad = plan.buffers.empty_like(features).copy_(grad_out)
         del grad_out
         memory = _BlockMemory.restore(plan.layers, features, mean, var, plan.buffers)
         param_grads: list[Tensor] = []
@@ -796,6 +800,10 @@ class _DenseBlock(torch.autograd.Function):
             param_grads = [*grads1, grad_conv1, *grads2, *param_grads]
         in_channels = plan.layers[0].norm1.num_features
         return None, grad[:, :in_channels], *param_grads
+
+
+def _same_layout(a: Tensor, b: Tensor) -> bool:
+    return (a.shape, a.stride(), a.dtype, a.device) == (b.shape, b.stride(), b.dtype, b.device)
 
 
 def _per_layer(layers: Sequence[nn.Module], params: Sequence[Tensor]):
