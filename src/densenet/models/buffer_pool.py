@@ -118,7 +118,10 @@ class BufferPool:
         else:
             buffer = _Buffer(torch.empty(nbytes, dtype=torch.uint8, device=device))
             self._buffers.append(buffer)
-        return buffer.memory[:nbytes].view(like.dtype).as_strided(like.shape, like.stride())
+        # A tensor on the buffer's storage, not a view of it: a view would hold a reference to
+        # the intermediate views it was made from.
+        tensor = torch.empty(0, dtype=like.dtype, device=device)
+        return tensor.set_(buffer.memory.untyped_storage(), 0, like.shape, like.stride())
 
     def __reduce__(self):
         # Copied (copy.deepcopy, e.g. for an EMA model) or pickled: a new, empty pool.
