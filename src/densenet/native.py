@@ -224,12 +224,12 @@ def norm_sums(grad: Tensor, x: Tensor, mean: Tensor, relu_output: Tensor | None 
 
 
 def norm_relu_sums(
-    grad: Tensor, x: Tensor, mean: Tensor, scale: Tensor, shift: Tensor, out: Tensor
+    grad: Tensor, x: Tensor, mean: Tensor, scale: Tensor, shift: Tensor, out: Tensor | None
 ) -> Tensor:
     """:func:`norm_sums` through the ReLU whose output is ``z = relu(x * scale + shift)``, z
-    computed as :func:`norm_relu` computes it and written to ``out`` in the same pass: x is read
-    once for both. For tensors that :func:`supports_norm_input_gradient` (x as its target, out
-    as relu_output)."""
+    computed as :func:`norm_relu` computes it (and written to ``out`` if given) in the same pass:
+    x is read once for both. For tensors that :func:`supports_norm_input_gradient` (x as its
+    target, out as relu_output)."""
     return _norm_sums(grad, x, mean, out, (scale, shift))
 
 

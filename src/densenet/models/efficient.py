@@ -239,15 +239,17 @@ class _Statistics:
         weight: Tensor,
         bias: Tensor,
         accumulate: Tensor | None,
-        relu_output: Tensor,
+        relu_output: Tensor | None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """z = relu(batch_norm(x)) (training mode) recomputed into ``relu_output``, and the
-        gradients for x, weight and bias given z's (grad), for tensors that
-        :meth:`_NormInputGradient.runs_natively` takes (target: ``accumulate``, or grad itself).
+        """The gradients of z = relu(batch_norm(x)) (training mode) for x, weight and bias
+        given z's (grad), z recomputed from x (and written into ``relu_output`` if given), for
+        tensors that :meth:`_NormInputGradient.runs_natively` takes (target: ``accumulate``, or
+        grad itself).
 
         The C kernel computes z and BN's backward sums in one read of x; x's gradient (added to
-        ``accumulate`` if given, else in grad's memory) takes the ReLU from x again. Only z's
-        consumer, a convolution's weight gradient, reads z: the gradient for z comes first.
+        ``accumulate`` if given, else in grad's memory) takes the ReLU from x again. z's memory
+        can thus hold its own gradient, or z be written for a convolution's weight gradient
+        while the gradient for z, which needs only its shape, comes first.
         """
         invstd = torch.rsqrt(var + eps)
         scale, shift = _norm_factors(mean, var, eps, weight, bias)
@@ -542,18 +544,25 @@ def _pixel_rows(x: Tensor) -> Tensor:
 def _norm_relu_backward(
     statistics: _Statistics,
     grad_z: Tensor,
-    z: Tensor,
+    z: Tensor | None,
     x: Tensor,
     mean: Tensor,
     var: Tensor,
     count: int,
     eps: float,
     norm_weight: Tensor,
+    norm_bias: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of z = relu(batch_norm(x)) for x, the norm's weight and its bias, given z's.
+    """Gradients of z = relu(batch_norm(x)) for x, the norm's weight and its bias, given z's;
+    z recomputed from x where it is not given (tensors that :meth:`_NormInputGradient.runs_natively`
+    takes only).
 
     z and grad_z are spent: the memory of one of them holds x's gradient.
     """
+    if z is None:
+        return statistics.norm_relu_backward(
+            grad_z, x, mean, var, count, eps, norm_weight, norm_bias, None, None
+        )
     if _NormInputGradient.runs_natively(grad_z, grad_z, x, z):
         return statistics.norm_backward(grad_z, x, mean, var, count, eps, norm_weight, None, z)
     grad_relu_input = _relu_backward(grad_z, z)
@@ -760,7 +769,7 @@ class _DenseBlock(torch.autograd.Function):
                 grad_z, grad_conv2 = _conv_backward(grad_new, z.to(dtype), second[2])
                 grad_new, *grads2 = _norm_relu_backward(
                     statistics, grad_z, z, bottleneck, b_mean, b_var, count, layer.norm2.eps,
-                    second[0],
+                    *second[:2],
                 )  # fmt: skip
                 grads2.append(grad_conv2)
                 del z, grad_z
@@ -850,14 +859,18 @@ class _Transition(torch.autograd.Function):
             grad_out, pooled, conv_weight, buffers.empty_like(pooled)
         )
         del pooled
+        # Where the ReLU can be recomputed from x, z's values are spent: its memory takes the
+        # pooling's gradient (x gives the shape).
+        spent = conv_input is z and _NormInputGradient.runs_natively(z, z, x)
         grad_z = torch.ops.aten.avg_pool2d_backward.grad_input(
-            grad_pooled, conv_input, [2, 2], [2, 2], [0, 0], False, True, None,
-            grad_input=buffers.empty_like(conv_input),
+            grad_pooled, x if spent else conv_input, [2, 2], [2, 2], [0, 0], False, True, None,
+            grad_input=z if spent else buffers.empty_like(conv_input),
         )  # fmt: skip
         del grad_pooled, conv_input
         grads = _norm_relu_backward(
-            ctx.statistics, grad_z, z, x, mean, var, ctx.count, ctx.eps, norm_weight
-        )
+            ctx.statistics, grad_z, None if spent else z, x, mean, var, ctx.count, ctx.eps,
+            norm_weight, norm_bias,
+        )  # fmt: skip
         return None, None, None, None, *grads, grad_conv
 
 
@@ -890,13 +903,17 @@ class _NormReluMaxPool(torch.autograd.Function):
         pool, buffers = ctx.pool, ctx.buffers
         z = _norm_relu(x, mean, var, ctx.eps, norm_weight, norm_bias, buffers.empty_like(x))
         _, indices = _max_pool(pool, z, buffers)
+        # As in a transition: once the indices are known, z's memory can take its gradient.
+        spent = _NormInputGradient.runs_natively(z, z, x)
         grad_z = torch.ops.aten.max_pool2d_with_indices_backward.grad_input(
-            grad_out, z, *_pool_arguments(pool), indices, grad_input=buffers.empty_like(z)
-        )
+            grad_out, x if spent else z, *_pool_arguments(pool), indices,
+            grad_input=z if spent else buffers.empty_like(z),
+        )  # fmt: skip
         del indices
         grads = _norm_relu_backward(
-            ctx.statistics, grad_z, z, x, mean, var, ctx.count, ctx.eps, norm_weight
-        )
+            ctx.statistics, grad_z, None if spent else z, x, mean, var, ctx.count, ctx.eps,
+            norm_weight, norm_bias,
+        )  # fmt: skip
         return None, None, None, None, None, *grads
 
 
