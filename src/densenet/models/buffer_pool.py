@@ -25,6 +25,13 @@ _MAX_SLACK = 2
 _storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
 
 
+def _holders(storage: torch.UntypedStorage) -> int:
+    """How many tensors (or other owners) hold ``storage``'s memory, not counting ``storage``
+    itself, the object made to ask."""
+    assert _storage_use_count is not None
+    return _storage_use_count(storage._cdata) - 1
+
+
 @dataclass
 class _Buffer:
     memory: Tensor  # uint8
@@ -33,9 +40,7 @@ class _Buffer:
     @property
     def free(self) -> bool:
         """Whether nothing but the pool holds this memory."""
-        assert _storage_use_count is not None
-        # The references: the pool's tensor and the storage object made here to ask.
-        return _storage_use_count(self.memory.untyped_storage()._cdata) == 2
+        return _holders(self.memory.untyped_storage()) == 1
 
 
 class BufferPool:
@@ -76,9 +81,7 @@ class BufferPool:
         if _storage_use_count is None:
             return False
         storage = tensor.untyped_storage()
-        # The references: the tensor's, the storage object's made here, and the pool's buffer.
-        references = 2 + self._owns(storage)
-        return _storage_use_count(storage._cdata) == references
+        return _holders(storage) == 1 + self._owns(storage)
 
     def _owns(self, storage: torch.UntypedStorage) -> bool:
         return any(buffer.memory.data_ptr() == storage.data_ptr() for buffer in self._buffers)
